@@ -1,0 +1,111 @@
+"""Devices, processes and meshes: everything that knows about more than one.
+
+The training system is data parallel: a 1-D `Mesh` with one axis, `data`,
+over every device of every process. Parameters and optimizer state are
+replicated (`P()`), batches are split along their leading axis (`P('data')`).
+Each process produces only its own slice of a global batch and
+`jax.make_array_from_process_local_data` stitches the slices together; on a
+single process that is simply a device_put with the batch sharding.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> None:
+  """Starts `jax.distributed` when asked to, or when the environment says so.
+
+  Explicit arguments win; otherwise the standard variables
+  `NC_JAX_COORDINATOR`, `NC_JAX_NUM_PROCESSES` and `NC_JAX_PROCESS_ID` are
+  read. With neither, a single-process run is assumed and nothing happens
+  (on Cloud TPU pods and SLURM clusters `jax.distributed.initialize()` with
+  no arguments auto-detects; pass `coordinator_address="auto"` for that).
+  """
+  coordinator_address = coordinator_address or os.environ.get(
+      "NC_JAX_COORDINATOR")
+  if not coordinator_address:
+    return
+  if jax.distributed.is_initialized():
+    return
+  if num_processes is None and "NC_JAX_NUM_PROCESSES" in os.environ:
+    num_processes = int(os.environ["NC_JAX_NUM_PROCESSES"])
+  if process_id is None and "NC_JAX_PROCESS_ID" in os.environ:
+    process_id = int(os.environ["NC_JAX_PROCESS_ID"])
+  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+    # CPU processes need a collectives implementation to talk to each other.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes,
+                               process_id=process_id)
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D data-parallel mesh over `devices` (default: all global devices)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over the data axis, the rest replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  """Raises a ValueError naming the fix if the batch cannot be split evenly."""
+  n = mesh.devices.size
+  if global_batch_size % n:
+    lower = global_batch_size - global_batch_size % n
+    raise ValueError(
+        f"batch_size={global_batch_size} is not divisible by the {n} devices "
+        f"of the mesh ({jax.process_count()} process(es)). Set "
+        f"--config.batch_size to a multiple of {n}, e.g. {max(lower, n)} or "
+        f"{lower + n}.")
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """This process's share of a global batch (processes own equal slices)."""
+  check_batch_size(global_batch_size, mesh)
+  return global_batch_size // jax.process_count()
+
+
+def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays split over the data axis.
+
+  Args:
+    batch: dict of arrays whose leading axis is this process's slice
+      (`global_batch / process_count` rows).
+    mesh: the data-parallel mesh.
+
+  Returns:
+    dict of global `jax.Array`s with leading axis `global_batch`.
+  """
+  sharding = batch_sharding(mesh)
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in batch.items()
+  }
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a host pytree (same on every process) replicated on the mesh."""
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(
+          np.shape(x), sharding, lambda idx, x=x: np.asarray(x)[idx]), tree)
