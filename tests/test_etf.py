@@ -1,0 +1,71 @@
+"""Properties of the fixed simplex ETF."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from nc_jax import etf as etf_lib
+
+SIZES = [(2, 1), (3, 2), (10, 9), (10, 64), (100, 99), (100, 128), (10, 512)]
+
+
+def _check_etf(m: np.ndarray, k: int, d: int, atol: float) -> None:
+  assert m.shape == (d, k)
+  m = m.astype(np.float64)
+  np.testing.assert_allclose(np.linalg.norm(m, axis=0), 1.0, atol=atol)
+  gram = m.T @ m
+  off = gram[~np.eye(k, dtype=bool)]
+  np.testing.assert_allclose(off, -1.0 / (k - 1), atol=atol)
+  np.testing.assert_allclose(m.sum(axis=1), 0.0, atol=atol * np.sqrt(k))
+  assert np.linalg.matrix_rank(m, tol=1e-4) == k - 1
+
+
+@pytest.mark.parametrize("k,d", SIZES)
+def test_etf_properties(k, d):
+  m = np.asarray(etf_lib.simplex_etf(k, d, seed=3))
+  _check_etf(m, k, d, atol=2e-6)
+
+
+def test_etf_large_imagenet_size():
+  k, d = 1000, 4096
+  m = np.asarray(etf_lib.simplex_etf(k, d, seed=0))
+  _check_etf(m, k, d, atol=2e-6)
+
+
+def test_float64_precision_and_gram_helper():
+  with jax.enable_x64(True):
+    m = np.asarray(etf_lib.simplex_etf(7, 6, seed=1, dtype=np.float64))
+    assert m.dtype == np.float64
+    _check_etf(m, 7, 6, atol=1e-12)
+    np.testing.assert_allclose(m.T @ m, np.asarray(etf_lib.etf_gram(7, np.float64)),
+                               atol=1e-12)
+
+
+def test_deterministic_in_seed_and_different_across_seeds():
+  a = etf_lib.simplex_etf(10, 64, seed=5)
+  b = etf_lib.simplex_etf(10, 64, seed=5)
+  c = etf_lib.simplex_etf(10, 64, seed=6)
+  chex.assert_trees_all_equal(a, b)
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 0.1
+  # Also for the d = K - 1 construction.
+  assert not np.allclose(etf_lib.simplex_etf(10, 9, seed=0),
+                         etf_lib.simplex_etf(10, 9, seed=1))
+
+
+def test_dtype():
+  assert etf_lib.simplex_etf(4, 8, dtype=np.float16).dtype == np.float16
+
+
+@pytest.mark.parametrize("k,d", [(10, 8), (100, 64), (1000, 512)])
+def test_too_small_feature_dim_raises(k, d):
+  with pytest.raises(ValueError) as e:
+    etf_lib.simplex_etf(k, d)
+  msg = str(e.value)
+  assert f"num_classes={k}" in msg and f"feature_dim={d}" in msg
+  assert f">= {k - 1}" in msg
+
+
+def test_too_few_classes_raises():
+  with pytest.raises(ValueError, match="num_classes >= 2"):
+    etf_lib.simplex_etf(1, 8)
