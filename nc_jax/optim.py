@@ -1,0 +1,135 @@
+"""Optimiser, learning-rate schedules and the one duration helper.
+
+The reference recipe is PyTorch's SGD: momentum 0.9 (no dampening, no
+Nesterov) with weight decay *added to the gradient* of every parameter
+(`g <- g + wd * p`, then the momentum buffer), which is
+`optax.chain(add_decayed_weights(wd), sgd(lr, momentum))`. The learning rate
+follows MiSLAS's per-epoch schedule: linear warm-up over the first epochs
+(epoch e in 1..W gets `lr * e / W`), then steps of x0.1 after given epochs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+
+def duration_steps(config: ConfigDict,
+                   name: str,
+                   steps_per_epoch: int,
+                   *,
+                   default: int | None = None) -> int | None:
+  """Reads `{name}_epochs` or `{name}_steps` from `config` as a step count.
+
+  Every duration in the configs (training length, warm-up, evaluation and
+  checkpoint periods) goes through here, so any of them can be given in
+  epochs (fractions allowed) or in steps. Setting both is an error.
+
+  Args:
+    config: the config holding the fields.
+    name: prefix, e.g. "num" reads `num_epochs` / `num_steps`.
+    steps_per_epoch: steps in one pass over the training set.
+    default: returned when neither field is set.
+
+  Returns:
+    The duration in steps (at least 1 when set), or `default`.
+  """
+  epochs = config.get(f"{name}_epochs")
+  steps = config.get(f"{name}_steps")
+  if epochs is not None and steps is not None:
+    raise ValueError(
+        f"Both {name}_epochs={epochs} and {name}_steps={steps} are set; set "
+        f"only one (e.g. --config.{name}_steps=None).")
+  if steps is not None:
+    return int(steps)
+  if epochs is not None:
+    return max(1, int(round(float(epochs) * steps_per_epoch)))
+  return default
+
+
+def step_schedule(base_lr: float,
+                  steps_per_epoch: int,
+                  *,
+                  warmup_epochs: int,
+                  decay_epochs: Sequence[int],
+                  decay_factor: float) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """The reference's piecewise-constant per-epoch schedule.
+
+  With `e = step // steps_per_epoch + 1` (1-based epoch): `base_lr * e / W`
+  for `e <= W` (W = warmup_epochs), then `base_lr * decay_factor ** j`
+  where j counts the entries of `decay_epochs` strictly below `e`
+  (defaults 160, 180: x0.1 from epoch 161, x0.01 from epoch 181).
+  """
+  decay = jnp.asarray(sorted(decay_epochs) or [10 ** 9], jnp.int32)
+  has_decay = bool(decay_epochs)
+
+  def schedule(step):
+    epoch = step // steps_per_epoch + 1
+    lr = base_lr * jnp.power(
+        decay_factor, jnp.sum(epoch > decay) if has_decay else 0)
+    if warmup_epochs > 0:
+      lr = jnp.where(epoch <= warmup_epochs,
+                     base_lr * epoch / warmup_epochs, lr)
+    return jnp.asarray(lr, jnp.float32)
+
+  return schedule
+
+
+def cosine_schedule(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
+                    end_lr: float = 0.0) -> optax.Schedule:
+  """Per-step cosine decay to `end_lr`, after an optional linear warm-up."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup_steps else base_lr,
+      peak_value=base_lr,
+      warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1),
+      end_value=end_lr)
+
+
+SCHEDULES = ("step", "cosine")
+
+
+def make_schedule(config: ConfigDict, steps_per_epoch: int,
+                  total_steps: int) -> optax.Schedule:
+  """Builds the schedule named by `config.schedule` from `config`."""
+  warmup = duration_steps(config, "warmup", steps_per_epoch, default=0)
+  if config.schedule == "step":
+    warmup_epochs = config.get("warmup_epochs") or 0
+    if config.get("warmup_steps") is not None:
+      raise ValueError(
+          "The step schedule warms up per epoch, as the reference; give "
+          "optim.warmup_epochs, not optim.warmup_steps.")
+    return step_schedule(config.lr, steps_per_epoch,
+                         warmup_epochs=int(warmup_epochs),
+                         decay_epochs=tuple(config.decay_epochs),
+                         decay_factor=config.decay_factor)
+  if config.schedule == "cosine":
+    return cosine_schedule(config.lr, total_steps, warmup_steps=warmup)
+  raise ValueError(
+      f"Unknown optim.schedule {config.schedule!r}; choose one of {SCHEDULES}.")
+
+
+def make_optimizer(config: ConfigDict, steps_per_epoch: int,
+                   total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """SGD with momentum and PyTorch-style (coupled) weight decay.
+
+  Args:
+    config: the `optim` sub-config (lr, momentum, weight_decay, nesterov,
+      schedule, warmup_epochs, decay_epochs, decay_factor).
+    steps_per_epoch: steps in one epoch.
+    total_steps: steps of the whole run (for the cosine schedule).
+
+  Returns:
+    (optimizer, schedule).
+  """
+  schedule = make_schedule(config, steps_per_epoch, total_steps)
+  tx = optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(schedule, momentum=config.momentum or None,
+                nesterov=bool(config.get("nesterov", False))),
+  )
+  return tx, schedule
