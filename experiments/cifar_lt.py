@@ -1,0 +1,61 @@
+r"""Train on a long-tailed image dataset with a fixed-ETF or learnable head.
+
+    python -m experiments.cifar_lt \
+      --config experiments/configs/cifar_lt.py:dataset=cifar10,imb=0.01,method=etf_dr \
+      --config.data_dir=/path/to/cifar10_jpeg --workdir runs/c10_etf_dr
+
+Restarting the same command resumes from the newest checkpoint in --workdir.
+Several hosts: start the same command on each with --coordinator_address,
+--num_processes and --process_id (or nothing on Cloud TPU pods / SLURM, with
+--coordinator_address=auto).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import xla_defaults
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. experiments/configs/cifar_lt.py:quick.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and results.json; an "
+    "existing one is resumed.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for multi-host runs ('auto' on TPU pods/SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  # Import after flag parsing: the XLA defaults must be in the environment
+  # before jax initialises its backends.
+  xla_defaults.apply()
+  from nc_jax import sharding
+  from nc_jax import train
+  sharding.maybe_initialize_distributed(_COORDINATOR.value,
+                                        _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    # Configuration and input mistakes: one clear message, no traceback.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main)

@@ -1,0 +1,125 @@
+"""Checkpoints and the work directory: resume, config checks, safe writes.
+
+A work directory holds `config.json` (the run's config, written at start and
+compared on every restart), `checkpoints/` (orbax, one folder per step),
+`metrics.jsonl`, TensorBoard event files and, once finished, `results.json`.
+
+Rules that protect finished work:
+- A restart with a different config stops with the differing keys named.
+- A directory with `results.json` is finished: a rerun reports it and exits
+  without touching anything.
+- An unreadable checkpoint stops the run with its path; it is never deleted
+  or overwritten, and nothing older is silently used instead.
+- Files are written to a temporary name and renamed, so a kill never leaves
+  a half-written `results.json` or `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+# Fields that may differ between a run and its resumption: they change how
+# progress is shown, not what is computed.
+RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir"})
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used; the message names the fix."""
+
+
+def write_json_atomic(path: os.PathLike | str, obj: Any) -> None:
+  """Writes JSON to `path` via a temporary file and an atomic rename."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float))
+  os.replace(tmp, path)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: d}
+
+
+def config_to_dict(config: ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON data (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def check_or_write_config(workdir: pathlib.Path, config: ConfigDict) -> None:
+  """Writes `config.json`, or checks the existing one matches `config`."""
+  path = workdir / "config.json"
+  new = config_to_dict(config)
+  if not path.exists():
+    if jax.process_index() == 0:
+      write_json_atomic(path, new)
+    return
+  old = json.loads(path.read_text())
+  a, b = _flatten(old), _flatten(new)
+  diff = sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+  if diff:
+    lines = [f"  {k}: {a.get(k)!r} in the workdir, {b.get(k)!r} now"
+             for k in diff]
+    raise ValueError(
+        f"{workdir} holds a run with a different config:\n" + "\n".join(lines)
+        + "\nResume it with the same config, or start the new run in another "
+        "--workdir.")
+
+
+class Checkpointer:
+  """Orbax `CheckpointManager` for the train state plus a small JSON record.
+
+  The JSON record carries what the metrics history needs to survive a
+  restart (the evaluations so far, for the best-epoch numbers).
+  """
+
+  def __init__(self, directory: pathlib.Path, *, keep: int):
+    self.directory = directory
+    self._manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=False))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
+    if step in self._manager.all_steps():
+      return  # already saved (e.g. the final step of a resumed, finished run)
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                record=ocp.args.JsonSave(record)))
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores `step` into the shardings and shapes of `abstract_state`."""
+    try:
+      out = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              record=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for damaged files
+      raise CheckpointError(
+          f"The checkpoint at step {step} in {self.directory} cannot be "
+          f"restored ({type(e).__name__}: {str(e)[:300]}). It was left as it "
+          "is. If it is damaged, move that step's folder out of the "
+          "directory to resume from the previous checkpoint; if the model or "
+          "config changed, use a new --workdir.") from e
+    return out["state"], dict(out["record"])
+
+  def close(self) -> None:
+    self._manager.close()

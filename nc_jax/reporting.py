@@ -1,0 +1,108 @@
+"""What a run shows and writes: progress lines, JSON lines, TensorBoard.
+
+Only process 0 prints and writes; the other processes of a multi-host job
+stay silent, so logs read the same on one host or many.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+
+
+def is_chief() -> bool:
+  return jax.process_index() == 0
+
+
+def say(msg: str) -> None:
+  """Prints a line from process 0, flushed (progress must show up live)."""
+  if is_chief():
+    print(msg, file=sys.stdout, flush=True)
+
+
+def _fmt_seconds(s: float) -> str:
+  s = int(max(s, 0))
+  h, rem = divmod(s, 3600)
+  m, sec = divmod(rem, 60)
+  return f"{h:d}:{m:02d}:{sec:02d}" if h else f"{m:d}:{sec:02d}"
+
+
+class MetricWriter:
+  """Appends scalars to `metrics.jsonl` and TensorBoard event files."""
+
+  def __init__(self, workdir: pathlib.Path, *, tensorboard: bool = True):
+    self._active = is_chief()
+    self._jsonl = workdir / "metrics.jsonl"
+    self._tb = None
+    if self._active and tensorboard:
+      import tensorflow as tf  # the input pipelines need TF already
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+  def write(self, step: int, kind: str, scalars: Mapping[str, Any]) -> None:
+    if not self._active:
+      return
+    record = {"step": int(step), "kind": kind}
+    record.update({k: v for k, v in scalars.items()})
+    with self._jsonl.open("a") as f:
+      f.write(json.dumps(record, default=float) + "\n")
+    if self._tb is not None:
+      with self._tb.as_default(step=int(step)):
+        for k, v in scalars.items():
+          if isinstance(v, (int, float)) and v is not None:
+            self._tf.summary.scalar(f"{kind}/{k}", float(v))
+      self._tb.flush()
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step` (they are redone after a resume)."""
+    if not self._active or not self._jsonl.exists():
+      return
+    keep = [line for line in self._jsonl.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step]
+    self._jsonl.write_text("".join(line + "\n" for line in keep))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """Per-interval throughput and ETA for the training loop."""
+
+  def __init__(self, *, total_steps: int, steps_per_epoch: int,
+               batch_size: int, start_step: int):
+    self.total = total_steps
+    self.spe = steps_per_epoch
+    self.batch = batch_size
+    self._t0 = time.perf_counter()
+    self._step0 = start_step
+    self._first_interval = True
+
+  def line(self, step: int, scalars: Mapping[str, float]) -> tuple[str, float]:
+    """Returns a progress line for `step` (done steps) and the images/s."""
+    now = time.perf_counter()
+    dt = max(now - self._t0, 1e-9)
+    ips = (step - self._step0) * self.batch / dt
+    # The first interval includes compilation; its rate says little.
+    rate_txt = "compiling" if self._first_interval else f"{ips:,.0f} img/s"
+    eta = (self.total - step) * self.batch / ips if ips > 0 else 0.0
+    self._t0, self._step0, self._first_interval = now, step, False
+    epoch = step / self.spe
+    pct = 100.0 * step / self.total
+    fields = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+    return (f"[{pct:5.1f}%] epoch {epoch:6.2f} step {step}/{self.total} "
+            f"{fields} | {rate_txt} | ETA {_fmt_seconds(eta)}", ips)
+
+
+def eval_line(epoch: float, split: str, m: Mapping[str, Any]) -> str:
+  def f(key):
+    v = m.get(key)
+    return "  n/a" if v is None else f"{v:5.2f}"
+  return (f"eval {split} @ epoch {epoch:g}: top1 {f('top1')} top5 {f('top5')} "
+          f"| head {f('head')} medium {f('medium')} tail {f('tail')} "
+          f"| ece {f('ece')} loss {m.get('loss', float('nan')):.4f}")

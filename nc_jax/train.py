@@ -1,0 +1,364 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+One call builds the long-tailed data, the model and the compiled steps,
+resumes from the newest checkpoint in `workdir` if there is one, trains,
+evaluates every `eval_every` and at the end, and writes `results.json`.
+Everything it computes is a pure function of the config (data order, mixup
+draws and initialisation all derive from `config.seed`; the ETF from
+`config.etf_seed`), so a run killed at any moment and started again with the
+same command ends with the same numbers as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from nc_jax import checkpoint as ckpt_lib
+from nc_jax import data as data_lib
+from nc_jax import etf as etf_lib
+from nc_jax import metrics as metrics_lib
+from nc_jax import models
+from nc_jax import nc_metrics
+from nc_jax import optim
+from nc_jax import reporting
+from nc_jax import sharding
+from nc_jax import steps as steps_lib
+from nc_jax.reporting import say
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SCALAR_KEYS = ("top1", "top5", "head", "medium", "tail", "ece", "loss")
+
+
+def validate_config(config: ConfigDict) -> None:
+  """Stops a bad config before any work, with one message naming the fix."""
+  steps_lib.get_method(config.method)
+  data_lib.dataset_info(config.dataset)  # raises for unknown datasets
+  r = config.imb_factor
+  if not (isinstance(r, (int, float)) and 0 < r <= 1) or math.isnan(r):
+    raise ValueError(
+        f"imb_factor={r} is outside (0, 1]: it is n_min / n_max (0.01 means "
+        "a 100:1 imbalance, 1 means balanced). Pass e.g. imb=0.01.")
+  if config.compute_dtype not in DTYPES:
+    raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got "
+                     f"{config.compute_dtype!r}.")
+  if config.loss.dr_form not in ("reference", "paper"):
+    raise ValueError("loss.dr_form must be 'reference' or 'paper', got "
+                     f"{config.loss.dr_form!r}.")
+  if config.loss.dr_form == "paper" and config.loss.given_ew:
+    raise ValueError(
+        "loss.dr_form='paper' uses fixed lengths e_w, e_h; the per-batch "
+        "class lengths belong to the reference form. Set "
+        "--config.loss.given_ew=False (or keep dr_form='reference').")
+  if config.mixup_alpha < 0:
+    raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got "
+                     f"{config.mixup_alpha}.")
+  if config.num_seeds < 1:
+    raise ValueError(f"num_seeds must be >= 1, got {config.num_seeds}.")
+  if config.pipeline not in data_lib.PIPELINES:
+    raise ValueError(f"pipeline must be one of {data_lib.PIPELINES}, got "
+                     f"{config.pipeline!r}.")
+  for name in ("num", "eval_every", "checkpoint_every"):
+    optim.duration_steps(config, name, 1)  # both-set conflicts
+  data_lib.check_data_dir(config.dataset, config.data_dir)
+
+
+def _etf_constants(config: ConfigDict, model, num_replicas: int) -> jax.Array:
+  """The fixed classifier of each replica, `(d, K)` or `(S, d, K)`."""
+  if model.feature_dim < etf_lib.min_feature_dim(model.num_classes):
+    etf_lib.simplex_etf(model.num_classes, model.feature_dim)  # raises
+  if steps_lib.get_method(config.method).head != "etf":
+    m = jnp.zeros((model.feature_dim, model.num_classes), jnp.float32)
+    return m if num_replicas == 1 else jnp.stack([m] * num_replicas)
+  mats = [etf_lib.simplex_etf(model.num_classes, model.feature_dim,
+                              seed=config.etf_seed + r)
+          for r in range(num_replicas)]
+  return mats[0] if num_replicas == 1 else jnp.stack(mats)
+
+
+def _summaries(per_replica_totals: list[dict], groups) -> list[dict]:
+  return [metrics_lib.summarize(t, groups) for t in per_replica_totals]
+
+
+def _aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
+  """Mean and std over seeds of each metric (per-class lists elementwise)."""
+  mean, std = {}, {}
+  for key in per_seed[0]:
+    vals = [m[key] for m in per_seed]
+    if key == "per_class":
+      arr = np.array([[np.nan if v is None else v for v in row] for row in vals])
+      mean[key] = [None if np.isnan(v) else float(v) for v in arr.mean(0)]
+      std[key] = [None if np.isnan(v) else float(v) for v in arr.std(0)]
+    elif all(isinstance(v, (int, float)) for v in vals):
+      mean[key] = float(np.mean(vals))
+      std[key] = float(np.std(vals))
+    else:
+      mean[key] = vals[0]
+  return mean, std
+
+
+class _Evaluator:
+  """Runs the eval step over an `EvalInput`, per replica."""
+
+  def __init__(self, eval_fn, eval_input, *, num_replicas, num_classes,
+               groups, classifier_fn, with_nc: bool):
+    self.fn, self.input = eval_fn, eval_input
+    self.s, self.k, self.groups = num_replicas, num_classes, groups
+    self.classifier_fn, self.with_nc = classifier_fn, with_nc
+    self._nc_update = jax.jit(nc_metrics.update_stats)
+
+  def __call__(self, state, etf) -> list[dict]:
+    accs = [metrics_lib.EvalAccumulator() for _ in range(self.s)]
+    nc_stats = None
+    for batch in self.input.iterate():
+      out = self.fn(state, batch, etf)
+      feats = out.pop("features", None)
+      for r in range(self.s):
+        accs[r].add({k: (v if self.s == 1 else v[r]) for k, v in out.items()})
+      if self.with_nc:
+        if nc_stats is None:
+          d = feats.shape[-1]
+          nc_stats = [nc_metrics.init_stats(self.k, d) for _ in range(self.s)]
+        for r in range(self.s):
+          f = feats if self.s == 1 else feats[r]
+          nc_stats[r] = self._nc_update(nc_stats[r], f, batch["label"],
+                                        batch["mask"])
+    results = _summaries([a.totals for a in accs], self.groups)
+    if self.with_nc:
+      classifiers = self.classifier_fn(state, etf)
+      tail = tuple(self.groups.get("tail", ())) or None
+      for r in range(self.s):
+        w = classifiers if self.s == 1 else classifiers[r]
+        nc = nc_metrics.finalize(nc_stats[r], np.asarray(w), tail_classes=tail)
+        results[r]["nc"] = {k: float(v) for k, v in nc.items()}
+    return results
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
+                       ) -> dict[str, Any]:
+  """Trains and evaluates per `config` in `workdir`; returns results.json."""
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  results_path = workdir / "results.json"
+  if results_path.exists():
+    say(f"{workdir} already holds a finished run ({results_path}); nothing to "
+        "do. Use another --workdir to train again.")
+    import json
+    return json.loads(results_path.read_text())
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpt_lib.check_or_write_config(workdir, config)
+
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh)
+  method = steps_lib.get_method(config.method)
+  s = int(config.num_seeds)
+
+  # ---------------------------------------------------------------- data
+  t0 = time.perf_counter()
+  train_input = data_lib.make_train_input(
+      config.dataset, data_dir=config.data_dir, imb_factor=config.imb_factor,
+      profile=config.imb_profile, selection_seed=config.selection_seed,
+      batch_size=config.batch_size, seed=config.seed, mesh=mesh,
+      pipeline=config.pipeline,
+      imagenet_lt_train_list=config.imagenet_lt_train_list)
+  eval_input = data_lib.make_eval_input(
+      config.dataset, data_dir=config.data_dir,
+      batch_size=config.eval_batch_size, mesh=mesh)
+  info = train_input.info
+  groups = dict(info.class_groups)
+  say(f"data: {config.dataset}-LT r={config.imb_factor} ({config.imb_profile}) "
+      f"{train_input.num_examples} train images, per class "
+      f"{list(train_input.counts)}; {eval_input.num_examples} test images "
+      f"[{time.perf_counter() - t0:.1f}s, pipeline={config.pipeline}]")
+
+  spe = train_input.steps_per_epoch
+  total = optim.duration_steps(config, "num", spe)
+  eval_every = optim.duration_steps(config, "eval_every", spe, default=total)
+  ckpt_every = optim.duration_steps(config, "checkpoint_every", spe,
+                                    default=total)
+
+  # --------------------------------------------------------------- model
+  model = models.create_model(
+      config.backbone, num_classes=info.num_classes, head=method.head,
+      **_model_options(config, method))
+  etf = _etf_constants(config, model, s)
+  tx, schedule = optim.make_optimizer(config.optim, spe, total)
+  cfg = steps_lib.StepConfig(
+      method=method, num_classes=info.num_classes, mean=tuple(info.mean),
+      std=tuple(info.std), mixup_alpha=float(config.mixup_alpha),
+      given_ew=bool(config.loss.given_ew), dr_form=config.loss.dr_form,
+      e_w=float(config.loss.e_w), e_h=float(config.loss.e_h),
+      reg_lam=float(config.loss.reg_lam),
+      compute_dtype=DTYPES[config.compute_dtype])
+  train_step, eval_step = steps_lib.compile_steps(
+      steps_lib.make_train_step(model, tx, schedule, cfg),
+      steps_lib.make_eval_step(model, cfg, with_features=config.nc_metrics),
+      mesh, num_replicas=s)
+
+  keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
+                    for r in range(s)])
+  init = jax.jit(
+      (lambda k: steps_lib.init_state(model, tx, k, info.image_shape))
+      if s == 1 else jax.vmap(
+          lambda k: steps_lib.init_state(model, tx, k, info.image_shape)),
+      out_shardings=sharding.replicated(mesh))
+  state = init(keys[0] if s == 1 else keys)
+  etf = jax.device_put(etf, sharding.replicated(mesh))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params)) // s
+  say(f"model: {config.backbone} + {method.head} head ({config.method}), "
+      f"{n_params:,} trainable parameters, feature dim {model.feature_dim}; "
+      f"{s} replica(s); mesh {mesh.devices.size} device(s) over "
+      f"{jax.process_count()} process(es), backend {jax.default_backend()}")
+
+  # ---------------------------------------------------------- resume
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
+                                       keep=config.keep_checkpoints)
+  writer = reporting.MetricWriter(workdir)
+  history: list[dict] = []
+  start = checkpointer.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        state)
+    state, record = checkpointer.restore(start, abstract)
+    history = record.get("history", [])
+    writer.truncate_after(start)
+    say(f"resumed from the checkpoint at step {start} "
+        f"(epoch {start / spe:.2f}) in {checkpointer.directory}")
+  start = int(start or 0)
+
+  classifier_fn = _classifier_fn(model, method, s)
+  evaluator = _Evaluator(eval_step, eval_input, num_replicas=s,
+                         num_classes=info.num_classes, groups=groups,
+                         classifier_fn=classifier_fn,
+                         with_nc=bool(config.nc_metrics))
+  train_evaluator = None
+  if config.nc_metrics and config.nc_train_metrics:
+    train_eval_input = data_lib.make_eval_input(
+        config.dataset, data_dir=config.data_dir,
+        batch_size=config.eval_batch_size, mesh=mesh, split="train_lt",
+        imb_factor=config.imb_factor, profile=config.imb_profile,
+        selection_seed=config.selection_seed)
+    train_evaluator = _Evaluator(eval_step, train_eval_input, num_replicas=s,
+                                 num_classes=info.num_classes, groups=groups,
+                                 classifier_fn=classifier_fn, with_nc=True)
+
+  def run_eval(step: int) -> None:
+    epoch = step / spe
+    per_seed = evaluator(state, etf)
+    entry = {"step": step, "epoch": epoch, "test": per_seed}
+    if train_evaluator is not None:
+      entry["train"] = train_evaluator(state, etf)
+    history.append(entry)
+    mean, _ = _aggregate(per_seed)
+    say(reporting.eval_line(round(epoch, 2), "test", mean))
+    scalars = {k: mean[k] for k in SCALAR_KEYS if mean.get(k) is not None}
+    for split in ("test", "train"):
+      if split in entry and "nc" in entry[split][0]:
+        nc_mean, _ = _aggregate([m["nc"] for m in entry[split]])
+        scalars.update({f"nc_{split}/{k}": v for k, v in nc_mean.items()})
+        say(f"  nc {split}: " + " ".join(
+            f"{k} {v:.4f}" for k, v in nc_mean.items()
+            if k in ("nc1", "cos_mean_h", "self_duality", "minority_cos_w",
+                     "minority_cos_h")))
+    writer.write(step, "eval", scalars)
+
+  # ------------------------------------------------------------ train
+  progress = reporting.Progress(total_steps=total, steps_per_epoch=spe,
+                                batch_size=config.batch_size, start_step=start)
+  say(f"training {total} steps ({total / spe:g} epochs of {spe} steps, batch "
+      f"{config.batch_size}) from step {start}; workdir {workdir}")
+  step = start
+  batches = train_input.iterate(start)
+  pending = None
+  while step < total:
+    batch = next(batches)
+    state, out = train_step(state, batch, etf)
+    step += 1
+    pending = out
+    if step % config.log_every_steps == 0 or step == total:
+      scalars = {k: float(np.mean(jax.device_get(v))) for k, v in
+                 pending.items()}
+      if not all(np.isfinite(v) for v in scalars.values()):
+        raise FloatingPointError(
+            f"Non-finite training metrics at step {step}: {scalars}. The last "
+            "good checkpoint is kept; lower optim.lr or check the data.")
+      line, ips = progress.line(step, {k: scalars[k] for k in
+                                       ("loss", "lr", "train_acc")})
+      say(line)
+      writer.write(step, "train", dict(scalars, images_per_sec=ips))
+    if step % eval_every == 0 or step == total:
+      run_eval(step)
+    if step % ckpt_every == 0 or step == total:
+      checkpointer.save(step, state, {"history": history})
+
+  # ----------------------------------------------------------- results
+  if start == total and not history:
+    run_eval(step)
+  results = _results(config, train_input, history, s)
+  if reporting.is_chief():
+    ckpt_lib.write_json_atomic(results_path, results)
+  f = results["final"]
+  say(f"done: final top1 {f['top1']:.2f} (head {f['head']:.2f} / medium "
+      f"{f['medium']:.2f} / tail {f['tail']:.2f}), best top1 "
+      f"{results['best']['top1']:.2f} at epoch {results['best']['epoch']:g}; "
+      f"{results_path}")
+  writer.close()
+  checkpointer.close()
+  return results
+
+
+def _model_options(config: ConfigDict, method: steps_lib.Method) -> dict:
+  opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype]}
+  if method.head == "etf":
+    opts.update(etf_seed=config.etf_seed, l2_normalize=config.l2_normalize)
+  else:
+    opts.update(freeze_classifier=method.freeze_classifier)
+  return opts
+
+
+def _classifier_fn(model, method, num_replicas):
+  """(state, etf) -> the `(d, K)` (or `(S, d, K)`) classifier in use."""
+  def fn(state, etf):
+    if method.head == "etf":
+      return np.asarray(jax.device_get(etf))
+    def one(params, model_state):
+      return models.classifier_weights(model, {"params": params, **model_state})
+    if num_replicas == 1:
+      return np.asarray(one(state.params, state.model_state))
+    return np.asarray(jax.vmap(one)(state.params, state.model_state))
+  return fn
+
+
+def _results(config, train_input, history, num_replicas) -> dict[str, Any]:
+  """The `results.json` record: final and best blocks (mean over seeds)."""
+  per_seed = []
+  for r in range(num_replicas):
+    evals = [(h["epoch"], h["test"][r]) for h in history]
+    final_epoch, final = evals[-1]
+    best_epoch, best = max(evals, key=lambda e: e[1]["top1"])
+    per_seed.append({"final": dict(final, epoch=final_epoch),
+                     "best": dict(best, epoch=best_epoch)})
+  final, final_std = _aggregate([p["final"] for p in per_seed])
+  best, best_std = _aggregate([p["best"] for p in per_seed])
+  out = {
+      "config": ckpt_lib.config_to_dict(config),
+      "train_counts": [int(c) for c in train_input.counts],
+      "num_train_examples": int(train_input.num_examples),
+      "num_seeds": num_replicas,
+      "final": final,
+      "best": best,
+      "history": [{"epoch": h["epoch"], "step": h["step"],
+                   "top1": [m["top1"] for m in h["test"]]} for h in history],
+  }
+  if num_replicas > 1:
+    out.update(final_std=final_std, best_std=best_std, per_seed=per_seed)
+  return out
