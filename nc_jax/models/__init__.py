@@ -1,0 +1,180 @@
+"""Backbones and heads, assembled by name: `create_model(name, ...)`.
+
+A model is an `ImageClassifier`: a backbone (images -> pooled features) and a
+head (features -> logits). Both are looked up in explicit registries:
+
+  BACKBONES  resnet32 (64-d), resnet32_c100 (128-d), densenet_bc (510-d),
+             resnet50 (4096-d; `wide_layer4=False` for 2048-d)
+  HEADS      linear (learnable, or frozen with `freeze_classifier=True`),
+             etf (fixed simplex ETF; options `etf_seed`, `l2_normalize`)
+
+Usage:
+  model = create_model("resnet32", num_classes=10, head="etf")
+  variables = model.init(key, images, train=False)   # params, batch_stats
+  logits, feats = model.apply(variables, images, train=False)
+  (logits, feats), updates = model.apply(
+      variables, images, train=True, mutable=["batch_stats"])
+
+References:
+  Yang, Chen, Li, Xie, Lin, Tao. Inducing Neural Collapse in Imbalanced
+  Learning: Do We Really Need a Learnable Classifier at the End of Deep Neural
+  Network? NeurIPS 2022. arXiv:2203.09081.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nc_jax.models import densenet, heads, resnet, resnet_cifar
+from nc_jax.models.heads import ETFHead, LinearHead
+
+# name -> factory(*, **backbone_options) returning a backbone Module with a
+# `feature_dim` property. Keyword-only parameters of the factory are the
+# backbone's options.
+BACKBONES: Mapping[str, Callable[..., nn.Module]] = {
+    "resnet32": resnet_cifar.resnet32,
+    "resnet32_c100": resnet_cifar.resnet32_c100,
+    "densenet_bc": densenet.densenet_bc,
+    "resnet50": resnet.resnet50,
+}
+
+# name -> factory(num_classes, feature_dim, *, **head_options).
+HEADS: Mapping[str, Callable[..., nn.Module]] = {
+    "linear": heads.linear_head,
+    "etf": heads.etf_head,
+}
+
+
+class ImageClassifier(nn.Module):
+  """Backbone followed by a classifier head.
+
+  Attributes:
+    backbone: images `(B, H, W, 3)` -> features `(B, d)`; has `feature_dim`.
+    head: a `LinearHead` or `ETFHead` built for `(d, num_classes)`.
+
+  Variables: `params/{backbone,head}/...`, `batch_stats/{backbone,head}/...`
+  and, for a frozen linear head, `frozen/head/{kernel,bias}`.
+  """
+  backbone: nn.Module
+  head: nn.Module
+
+  @property
+  def num_classes(self) -> int:
+    return self.head.num_classes
+
+  @property
+  def feature_dim(self) -> int:
+    """d, the width of the features that enter the classifier."""
+    return self.backbone.feature_dim
+
+  @property
+  def head_name(self) -> str:
+    return self.head.head_name
+
+  def __call__(self, images: jax.Array,
+               train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Classifies a batch of images.
+
+    Args:
+      images: `(B, H, W, 3)` NHWC float images (normalised by the caller).
+      train: BatchNorm uses batch statistics and updates `batch_stats`
+        (pass `mutable=['batch_stats']` to `apply`); eval uses running ones.
+
+    Returns:
+      `(logits, features)`: `(B, num_classes)` and `(B, feature_dim)`, both
+      float32. `features` are what the classifier sees: for `etf`, after
+      BatchNorm and L2 normalisation; for `linear`, the pooled backbone
+      output.
+    """
+    return self.head(self.backbone(images, train=train), train=train)
+
+
+def _keyword_options(factory: Callable[..., Any]) -> dict[str, Any]:
+  """Keyword-only parameters of a registry factory and their defaults."""
+  return {p.name: p.default
+          for p in inspect.signature(factory).parameters.values()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def create_model(name: str, *, num_classes: int, head: str,
+                 **options: Any) -> ImageClassifier:
+  """Builds a classifier from the registries.
+
+  Args:
+    name: backbone name, a key of `BACKBONES`.
+    num_classes: K.
+    head: head name, a key of `HEADS` (`linear` or `etf`).
+    **options: backbone options (`dtype` for all, the compute dtype, e.g.
+      `jnp.bfloat16`; parameters stay float32 and outputs are float32;
+      `wide_layer4` for `resnet50`) and head options (`freeze_classifier`
+      for `linear`; `etf_seed` and `l2_normalize` for `etf`). An option that
+      belongs to the other head is accepted and ignored (so one config can
+      drive both heads; none of them changes the chosen head's meaning).
+
+  Returns:
+    An unbound `ImageClassifier` with `num_classes`, `feature_dim` and
+    `head_name` attributes.
+
+  Raises:
+    ValueError: for an unknown backbone, head or option (listing the valid
+      ones), or (from `nc_jax.etf`) when the etf head's feature dimension is
+      below `num_classes - 1`.
+  """
+  if name not in BACKBONES:
+    raise ValueError(f"Unknown backbone {name!r}; valid names: "
+                     f"{', '.join(sorted(BACKBONES))}.")
+  if head not in HEADS:
+    raise ValueError(f"Unknown head {head!r}; valid heads: "
+                     f"{', '.join(sorted(HEADS))}.")
+  backbone_factory, head_factory = BACKBONES[name], HEADS[head]
+  backbone_keys = _keyword_options(backbone_factory)
+  head_keys = _keyword_options(head_factory)
+  other_head_keys = {k for f in HEADS.values() for k in _keyword_options(f)}
+  backbone_opts, head_opts = {}, {}
+  for key, value in options.items():
+    if key in backbone_keys:
+      backbone_opts[key] = value
+    elif key in head_keys:
+      head_opts[key] = value
+    elif key not in other_head_keys:
+      valid = sorted(set(backbone_keys) | set(head_keys))
+      raise ValueError(
+          f"Unknown option {key!r} for backbone {name!r} with head {head!r};"
+          f" valid options: {', '.join(valid)}.")
+  backbone = backbone_factory(**backbone_opts)
+  return ImageClassifier(
+      backbone=backbone,
+      head=head_factory(num_classes, backbone.feature_dim, **head_opts))
+
+
+def classifier_weights(module: ImageClassifier,
+                       variables: Mapping[str, Any]) -> jax.Array:
+  """The classifier matrix `(d, K)` that the logits are computed with.
+
+  Args:
+    module: a model from `create_model`.
+    variables: its variables (as returned by `init`, or a train state's).
+
+  Returns:
+    For `etf`, the fixed ETF (rebuilt from the seed, independent of
+    `variables`); for `linear`, the kernel from `params` or, when frozen,
+    from `frozen`. Float32.
+  """
+  head = module.head
+  if isinstance(head, ETFHead):
+    return head.etf()
+  if isinstance(head, LinearHead):
+    collection = "frozen" if head.freeze else "params"
+    return jnp.asarray(variables[collection]["head"]["kernel"], jnp.float32)
+  raise TypeError(f"No classifier weights for head {type(head).__name__}.")
+
+
+__all__ = [
+    "BACKBONES", "HEADS", "ImageClassifier", "create_model",
+    "classifier_weights",
+]
