@@ -1,0 +1,41 @@
+"""Long-tailed input pipelines (issue 4). Data knows nothing of models.
+
+Public API:
+
+- `long_tail_counts(num_per_class, imb_factor, *, num_classes, profile)`:
+  the reference's per-class counts.
+- `dataset_info(name) -> DatasetInfo`, `REGISTRY`, `check_data_dir`.
+- `make_train_input(name, *, data_dir, imb_factor, profile, selection_seed,
+  batch_size, seed, mesh, pipeline, imagenet_lt_train_list) -> TrainInput`
+  (`.iterate(start_step)` yields global sharded uint8 batches).
+- `make_eval_input(name, *, data_dir, batch_size, mesh, split, ...)
+  -> EvalInput` (`.iterate()` covers every image once, with a mask).
+"""
+
+from nc_jax.data.long_tail import PROFILES
+from nc_jax.data.long_tail import check_imb_factor
+from nc_jax.data.long_tail import long_tail_counts
+from nc_jax.data.long_tail import select_long_tail
+from nc_jax.data.pipeline import EVAL_SPLITS
+from nc_jax.data.pipeline import EvalInput
+from nc_jax.data.pipeline import PIPELINES
+from nc_jax.data.pipeline import TrainInput
+from nc_jax.data.pipeline import make_eval_input
+from nc_jax.data.pipeline import make_train_input
+from nc_jax.data.sources import REGISTRY
+from nc_jax.data.sources import DatasetInfo
+from nc_jax.data.sources import dataset_info
+
+
+def check_data_dir(name: str, data_dir) -> None:
+  """Raises a ValueError/FileNotFoundError naming what `data_dir` should be."""
+  from nc_jax.data import sources  # pylint: disable=g-import-not-at-top
+  sources.check_data_dir(name, data_dir)
+
+
+__all__ = [
+    "PROFILES", "PIPELINES", "EVAL_SPLITS", "REGISTRY", "DatasetInfo",
+    "TrainInput", "EvalInput", "check_data_dir", "check_imb_factor",
+    "dataset_info", "long_tail_counts", "make_eval_input", "make_train_input",
+    "select_long_tail",
+]
