@@ -17,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from experiments import xla_defaults
@@ -43,6 +44,9 @@ def main(argv: list[str]) -> None:
   # Import after flag parsing: the XLA defaults must be in the environment
   # before jax initialises its backends.
   xla_defaults.apply()
+  if not flags.FLAGS["verbosity"].present:
+    # Library INFO chatter (orbax, tfds) would drown the progress lines.
+    logging.set_verbosity(logging.WARNING)
   from nc_jax import sharding
   from nc_jax import train
   sharding.maybe_initialize_distributed(_COORDINATOR.value,

@@ -42,7 +42,9 @@ def duration_steps(config: ConfigDict,
   if epochs is not None and steps is not None:
     raise ValueError(
         f"Both {name}_epochs={epochs} and {name}_steps={steps} are set; set "
-        f"only one (e.g. --config.{name}_steps=None).")
+        f"only one. For the training length pass epochs=N or steps=N in the "
+        f"config argument (e.g. experiments/configs/cifar_lt.py:quick,steps=500"
+        f"), which clears the other.")
   if steps is not None:
     return int(steps)
   if epochs is not None:

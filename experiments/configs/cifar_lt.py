@@ -10,7 +10,8 @@ list of `key=value` and bare variant names, e.g.
     imagenet_lt                   (the ImageNet-LT recipe)
 
 Recognised keys: dataset, imb, method, backbone, mixup (alpha; 0 = off),
-seed, profile, pipeline. Every field can then be overridden with
+seed, profile, pipeline, epochs, steps (the training length; giving one
+clears the other). Every field can then be overridden with
 `--config.FIELD=VALUE`; the returned config is locked, so a misspelt field
 stops the run before any work.
 
@@ -35,7 +36,7 @@ DATASET_BACKBONE = {
 METHODS = ("etf_dr", "etf_ce", "ce", "ce_frozen")
 VARIANTS = ("quick", "imagenet_lt", "tiny")
 KEYS = ("dataset", "imb", "method", "backbone", "mixup", "seed", "profile",
-        "pipeline")
+        "pipeline", "epochs", "steps")
 
 
 def _parse(arg: str | None) -> tuple[dict[str, str], list[str]]:
@@ -150,6 +151,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.reg_lam = 0.01
     c.eval_every_epochs = 5.0
     c.checkpoint_every_epochs = 1.0
+
+  # The training length from the argument wins over the variants' defaults.
+  if "epochs" in kv and "steps" in kv:
+    raise ValueError("Give epochs= or steps=, not both.")
+  if "epochs" in kv:
+    c.num_epochs, c.num_steps = float(kv["epochs"]), None
+  if "steps" in kv:
+    c.num_epochs, c.num_steps = None, int(kv["steps"])
 
   c.lock()
   return c
