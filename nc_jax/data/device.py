@@ -23,6 +23,7 @@ accelerator never waits for the host.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import jax
@@ -36,14 +37,15 @@ PAD = 4  # CIFAR's RandomCrop(32, padding=4)
 _PERM_STREAM, _AUG_STREAM = 0, 1
 
 
-def epoch_permutation(seed: int, epoch: jax.Array | int, n: int) -> jax.Array:
+def epoch_permutation(seed: jax.Array | int, epoch: jax.Array | int,
+                      n: int) -> jax.Array:
   """`(n,)` int32 order of the train set in `epoch` (jit-friendly in epoch)."""
   key = jax.random.fold_in(jax.random.key(seed), _PERM_STREAM)
   return jax.random.permutation(jax.random.fold_in(key, epoch),
                                 n).astype(jnp.int32)
 
 
-def augment_draws(seed: int, step: jax.Array | int, rows: jax.Array,
+def augment_draws(seed: jax.Array | int, step: jax.Array | int, rows: jax.Array,
                   *, pad: int = PAD) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Crop offsets and flips of the given rows of global step `step`.
 
@@ -97,6 +99,27 @@ def crop_flip_gather(images: jax.Array, idx: jax.Array, dy: jax.Array,
   return jnp.where(valid[..., None], out, jnp.zeros((), out.dtype))
 
 
+def _make_batch(images: jax.Array, labels: jax.Array, perm: jax.Array,
+                seed: jax.Array, step: jax.Array, *, batch_size: int,
+                steps_per_epoch: int, augment: str) -> dict[str, jax.Array]:
+  """Global batch `step` of the plan: gather (+ crop and flip) on device."""
+  b = batch_size
+  idx = jax.lax.dynamic_slice(perm, ((step % steps_per_epoch) * b,), (b,))
+  if augment == "crop_flip":
+    dy, dx, flip = augment_draws(seed, step, jnp.arange(b))
+    image = crop_flip_gather(images, idx, dy, dx, flip)
+  else:
+    image = images[idx]
+  return {"image": image, "label": labels[idx]}
+
+
+# Host-side (CPU) versions for the tf.data pipelines, compiled once per
+# shape: seed, epoch and steps are traced.
+host_permutation = jax.jit(lambda seed, epoch, n: epoch_permutation(
+    seed, epoch, n), static_argnums=2)
+host_augment_draws = jax.jit(jax.vmap(augment_draws, in_axes=(None, 0, None)))
+
+
 class DeviceTrainPipeline:
   """Train batches built on the accelerators from a replicated uint8 array.
 
@@ -124,22 +147,17 @@ class DeviceTrainPipeline:
     self.steps_per_epoch = n // self.batch_size
     self._images = sharding.replicate(np.asarray(images, np.uint8), mesh)
     self._labels = sharding.replicate(np.asarray(labels, np.int32), mesh)
+    self._seed = np.uint32(seed)
     repl, out = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    self._perm = jax.jit(lambda e: epoch_permutation(seed, e, n),
+    # Jitted per instance (the shardings are the mesh's); the seed, epoch and
+    # step are traced, so a run compiles each function once.
+    self._perm = jax.jit(functools.partial(epoch_permutation, n=n),
                          out_shardings=repl)
-    b, spe = self.batch_size, self.steps_per_epoch
-
-    def make_batch(images, labels, perm, step):
-      idx = jax.lax.dynamic_slice(perm, ((step % spe) * b,), (b,))
-      if augment == "crop_flip":
-        dy, dx, flip = augment_draws(seed, step, jnp.arange(b))
-        image = crop_flip_gather(images, idx, dy, dx, flip)
-      else:
-        image = images[idx]
-      return {"image": image, "label": labels[idx]}
-
-    self._batch = jax.jit(make_batch, out_shardings={"image": out,
-                                                      "label": out})
+    self._batch = jax.jit(
+        functools.partial(_make_batch, batch_size=self.batch_size,
+                          steps_per_epoch=self.steps_per_epoch,
+                          augment=augment),
+        out_shardings={"image": out, "label": out})
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Endless global batches {'image': uint8 (B,H,W,C), 'label': int32 (B,)}
@@ -148,6 +166,7 @@ class DeviceTrainPipeline:
     while True:
       if step // self.steps_per_epoch != epoch:
         epoch = step // self.steps_per_epoch
-        perm = self._perm(jnp.int32(epoch))
-      yield self._batch(self._images, self._labels, perm, jnp.int32(step))
+        perm = self._perm(self._seed, np.int32(epoch))
+      yield self._batch(self._images, self._labels, perm, self._seed,
+                        np.int32(step))
       step += 1

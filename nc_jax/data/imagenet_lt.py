@@ -236,11 +236,11 @@ def _host_permutation(seed: int, n: int) -> Callable[[int], np.ndarray]:
   """`epoch -> (n,)` numpy permutation of the shared plan, on the host CPU."""
   import jax  # pylint: disable=g-import-not-at-top
   cpu = jax.local_devices(backend="cpu")[0]
-  fn = jax.jit(lambda e: device_lib.epoch_permutation(seed, e, n))
 
   def perm(epoch: int) -> np.ndarray:
     with jax.default_device(cpu):
-      return np.asarray(fn(np.int32(epoch)))
+      return np.asarray(device_lib.host_permutation(
+          np.uint32(seed), np.int32(epoch), n))
   return perm
 
 

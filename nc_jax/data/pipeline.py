@@ -133,19 +133,19 @@ def _host_plan(seed: int, n: int, rows: np.ndarray, augment: str
   R = len(rows).
   """
   cpu = jax.local_devices(backend="cpu")[0]
-  perm_fn = jax.jit(lambda e: device_lib.epoch_permutation(seed, e, n))
   rows_j = np.asarray(rows, np.int32)
-  draws_fn = jax.jit(jax.vmap(
-      lambda s: device_lib.augment_draws(seed, s, rows_j)))
+  seed_u = np.uint32(seed)
 
   def plan(epoch: int, spe: int, b: int, first: int, stop: int):
     with jax.default_device(cpu):
-      perm = np.asarray(perm_fn(np.int32(epoch)))
+      perm = np.asarray(device_lib.host_permutation(seed_u, np.int32(epoch),
+                                                    n))
       steps = np.arange(epoch * spe + first, epoch * spe + stop,
                         dtype=np.int32)
       idx = perm[:spe * b].reshape(spe, b)[first:stop][:, rows_j]
       if augment == "crop_flip":
-        dy, dx, flip = (np.asarray(a) for a in draws_fn(steps))
+        dy, dx, flip = (np.asarray(a) for a in device_lib.host_augment_draws(
+            seed_u, steps, rows_j))
       else:
         dy = dx = flip = np.zeros_like(idx)
     return idx, dy, dx, flip, steps
@@ -246,7 +246,8 @@ def make_train_input(name: str, *,
   if pipeline not in PIPELINES:
     raise ValueError(f"pipeline must be one of {PIPELINES}, got "
                      f"{pipeline!r}.")
-  sharding.check_batch_size(batch_size, mesh)
+  if not 0 <= int(seed) < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
   rows = local_rows(batch_size, mesh, _process)
   data_dir = os.fspath(data_dir) if data_dir is not None else None
 
