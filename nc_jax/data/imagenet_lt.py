@@ -56,10 +56,11 @@ def read_split_list(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
   paths, labels = [], []
   with open(path) as f:
     for lineno, line in enumerate(f, 1):
-      parts = line.split()
+      # rsplit: the label is the last field; keep any spaces in the path.
+      parts = line.strip().rsplit(maxsplit=1)
       if not parts:
         continue
-      if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+      if len(parts) != 2 or not parts[1].isdigit():
         raise ValueError(f"{path}:{lineno}: expected 'path label', got "
                          f"{line.strip()!r}.")
       paths.append(parts[0])
@@ -213,7 +214,8 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
           lambda img, y: y >= 0)
 
   def epoch_ds(epoch):
-    def shuffle_block(i, imgs, ys):
+    def shuffle_block(i, block):
+      imgs, ys = block
       order = tf.random.experimental.stateless_shuffle(
           tf.range(tf.shape(ys)[0]),
           seed=tf.stack([tf.cast(seed, tf.int64), epoch * 1_000_003 + i]))
