@@ -195,6 +195,9 @@ def run(cfg: Config) -> dict[str, Any]:
   ratios = np.asarray(cfg.ratios, np.float32)
   ones = np.ones_like(ratios)
   records, curves = [], {}
+  # Curves are kept for one ratio: curve_ratio if swept, else the largest.
+  curve_ratio = (cfg.curve_ratio if any(
+      math.isclose(r, cfg.curve_ratio) for r in cfg.ratios) else max(cfg.ratios))
   for setting in SETTINGS:
     out = jax.device_get(_sweep(setting, cfg, cfg.steps, ratios,
                                 cfg.e_w * ones, cfg.e_h * ones,
@@ -219,12 +222,12 @@ def run(cfg: Config) -> dict[str, Any]:
           "final_min_cos_hw": float(out["min_cos"][i][-1]),
           "nc_metrics": nc,
       })
-      if math.isclose(ratio, cfg.curve_ratio):
+      if math.isclose(ratio, curve_ratio):
         curves[setting] = {key: out[key][i].tolist()
                            for key in ("loss", "min_cos", "nc1")}
   convergence = _convergence_study(cfg)
   return {"records": records, "convergence": convergence, "curves": curves,
-          "config": dataclasses.asdict(cfg)}
+          "curve_ratio": curve_ratio, "config": dataclasses.asdict(cfg)}
 
 
 def _convergence_study(cfg: Config) -> list[dict[str, Any]]:
@@ -296,7 +299,7 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     a.set_xscale("log")
     a.set_yscale("log")
     a.set_xlabel("step")
-    a.set_title(f"R = {cfg['curve_ratio']:g}", fontsize=9)
+    a.set_title(f"R = {results['curve_ratio']:g}", fontsize=9)
     a.legend(fontsize=7)
   grid = convergence_grid(results["convergence"])
   for j, lr in enumerate(cfg["conv_lrs"]):
@@ -332,16 +335,29 @@ def format_table(results: dict[str, Any]) -> str:
   lines.append("(* = criterion never met; steps = cos(h_i, w_y) >= "
                f"{results['config']['cos_tol']} for all i)")
   cfg = results["config"]
-  lines.append("fixed ETF, any R: steps to converge as etf_ce/etf_dr, "
-               f"capped at {cfg['conv_steps']}")
+  lines.append("fixed ETF, any R: steps to converge as etf_ce/etf_dr "
+               f"(* = not within {cfg['conv_steps']})")
   lines.append(f"{'E_W=E_H':>8}" + "".join(f"{'lr=' + format(lr, 'g'):>12}"
                                            for lr in cfg["conv_lrs"]))
   grid = convergence_grid(results["convergence"])
   for e in cfg["conv_e"]:
-    cells = ["/".join(str(grid[(s, e, lr)]["steps_to_converge"])
-                      for s in ("etf_ce", "etf_dr")) for lr in cfg["conv_lrs"]]
+    cells = ["/".join(
+        str(grid[(s, e, lr)]["steps_to_converge"]) +
+        ("" if grid[(s, e, lr)]["converged"] else "*")
+        for s in ("etf_ce", "etf_dr")) for lr in cfg["conv_lrs"]]
     lines.append(f"{e:>8g}" + "".join(f"{c:>12}" for c in cells))
   return "\n".join(lines)
+
+
+def _json_safe(x: Any) -> Any:
+  """NaN (e.g. a statistic over fewer than two classes) becomes null."""
+  if isinstance(x, float) and math.isnan(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  return x
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[Config, pathlib.Path]:
@@ -370,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   results = run(cfg)
   results["seconds"] = time.time() - start
   with open(out / "layer_peeled.json", "w") as f:
-    json.dump(results, f, indent=1)
+    json.dump(_json_safe(results), f, indent=1)
   paths = plot(results, out)
   print(format_table(results))
   print(f"wrote {out / 'layer_peeled.json'}, "
