@@ -23,6 +23,7 @@ from ml_collections import ConfigDict
 
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
+from nc_jax.data.archive import resolve_data_dir
 from nc_jax import etf as etf_lib
 from nc_jax import metrics as metrics_lib
 from nc_jax import models
@@ -67,7 +68,7 @@ def validate_config(config: ConfigDict) -> None:
                      f"{config.pipeline!r}.")
   for name in ("num", "eval_every", "checkpoint_every"):
     optim.duration_steps(config, name, 1)  # both-set conflicts
-  data_lib.check_data_dir(config.dataset, config.data_dir)
+  data_lib.check_data_dir(config.dataset, resolve_data_dir(config.data_dir))
 
 
 def _etf_constants(config: ConfigDict, model, num_replicas: int) -> jax.Array:
@@ -163,14 +164,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
 
   # ---------------------------------------------------------------- data
   t0 = time.perf_counter()
+  data_dir = resolve_data_dir(config.data_dir)
   train_input = data_lib.make_train_input(
-      config.dataset, data_dir=config.data_dir, imb_factor=config.imb_factor,
+      config.dataset, data_dir=data_dir, imb_factor=config.imb_factor,
       profile=config.imb_profile, selection_seed=config.selection_seed,
       batch_size=config.batch_size, seed=config.seed, mesh=mesh,
       pipeline=config.pipeline,
       imagenet_lt_train_list=config.imagenet_lt_train_list)
   eval_input = data_lib.make_eval_input(
-      config.dataset, data_dir=config.data_dir,
+      config.dataset, data_dir=data_dir,
       batch_size=config.eval_batch_size, mesh=mesh)
   info = train_input.info
   groups = dict(info.class_groups)
@@ -243,7 +245,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   train_evaluator = None
   if config.nc_metrics and config.nc_train_metrics:
     train_eval_input = data_lib.make_eval_input(
-        config.dataset, data_dir=config.data_dir,
+        config.dataset, data_dir=data_dir,
         batch_size=config.eval_batch_size, mesh=mesh, split="train_lt",
         imb_factor=config.imb_factor, profile=config.imb_profile,
         selection_seed=config.selection_seed)

@@ -38,3 +38,32 @@ def cifar10_dir(tmp_path_factory) -> pathlib.Path:
   assert (root / "train").is_dir() and (root / "test").is_dir(), (
       f"{archive} did not contain cifar10_jpeg/train and cifar10_jpeg/test")
   return root
+
+
+def write_image_folder(root: pathlib.Path, *, num_classes: int = 10,
+                       train_per_class: int = 40, test_per_class: int = 6,
+                       size: int = 32, seed: int = 0) -> pathlib.Path:
+  """Writes a small learnable class-folder tree (PNG) under `root`.
+
+  Each class has its own mean colour plus noise, so a network can learn it in
+  a few steps.
+  """
+  import numpy as np
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  colours = rng.uniform(30, 225, size=(num_classes, 3))
+  for split, n in (("train", train_per_class), ("test", test_per_class)):
+    for c in range(num_classes):
+      d = root / split / f"class_{c:02d}"
+      d.mkdir(parents=True, exist_ok=True)
+      for i in range(n):
+        img = colours[c] + rng.normal(0, 25, size=(size, size, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+            d / f"{i:04d}.png")
+  return root
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folder(tmp_path_factory) -> pathlib.Path:
+  """A 10-class image-folder tree: 40 train and 6 test images per class."""
+  return write_image_folder(tmp_path_factory.mktemp("tiny_folder"))

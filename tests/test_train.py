@@ -1,0 +1,241 @@
+"""End-to-end training: methods, resume, bad configs, loss on real data.
+
+Small backbone (`resnet8`, the CIFAR ResNet family at depth 8) and a tiny
+image folder keep each run to seconds; the real-size recipe is exercised by
+experiments and benchmarks, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from experiments.configs import cifar_lt as cfg_lib
+from nc_jax import checkpoint as ckpt_lib
+from nc_jax import data as data_lib
+from nc_jax import train
+
+BACKBONE = "resnet8"
+
+
+def tiny_config(data_dir, *, arg: str = "", **overrides):
+  c = cfg_lib.get_config("tiny" + ("," + arg if arg else ""))
+  c.unlock()
+  c.data_dir = str(data_dir)
+  c.backbone = BACKBONE
+  c.imb_factor = 0.1
+  c.pipeline = "device"
+  for k, v in overrides.items():
+    target = c
+    *path, last = k.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = v
+  c.lock()
+  return c
+
+
+@pytest.mark.parametrize("method", ["etf_dr", "etf_ce", "ce", "ce_frozen"])
+def test_each_method_trains_one_epoch(method, tiny_image_folder, tmp_path):
+  config = tiny_config(tiny_image_folder, arg=f"method={method}")
+  res = train.train_and_evaluate(config, tmp_path)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["final"] == res["final"]
+  want_counts = data_lib.long_tail_counts(40, 0.1, num_classes=10)
+  assert saved["train_counts"] == want_counts
+  for block in ("final", "best"):
+    for key in ("top1", "top5", "head", "medium", "tail", "ece"):
+      assert 0.0 <= saved[block][key] <= 100.0, (block, key)
+    assert len(saved[block]["per_class"]) == 10
+  assert saved["final"]["num_examples"] == 60  # every test image once
+  assert saved["config"]["method"] == method
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  kinds = {json.loads(l)["kind"] for l in lines}
+  assert kinds == {"train", "eval"}
+  assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_tfdata_pipeline_and_nc_metrics(tiny_image_folder, tmp_path):
+  config = tiny_config(tiny_image_folder, pipeline="tfdata", nc_metrics=True,
+                       nc_train_metrics=True)
+  res = train.train_and_evaluate(config, tmp_path)
+  nc = res["final"]["nc"]
+  for key in ("nc1", "cos_mean_h", "minority_cos_w", "self_duality"):
+    assert np.isfinite(nc[key]), key
+  # The classifier is the fixed ETF: its cosines are exactly -1/(K-1).
+  np.testing.assert_allclose(nc["cos_mean_w"], -1 / 9, atol=1e-5)
+  evals = [json.loads(l) for l in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if json.loads(l)["kind"] == "eval"]
+  assert "nc_train/nc1" in evals[-1] and "nc_test/nc1" in evals[-1]
+
+
+def test_loss_decreases_on_real_cifar10(cifar10_dir, tmp_path):
+  config = tiny_config(cifar10_dir, arg="steps=40,mixup=0", batch_size=64,
+                       eval_batch_size=1000, imb_factor=0.01)
+  config.unlock()
+  config.optim.lr = 0.05
+  config.lock()
+  train.train_and_evaluate(config, tmp_path)
+  losses = [json.loads(l)["loss"] for l in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if json.loads(l)["kind"] == "train"]
+  assert len(losses) == 40
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert last < 0.8 * first, (first, last)
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["final"]["num_examples"] == 10000
+  assert res["num_train_examples"] == 12406
+
+
+class _Crash(RuntimeError):
+  pass
+
+
+def _crash_after(monkeypatch, n_batches: int):
+  """Makes the train input raise after `n_batches` batches (a 'kill')."""
+  real = data_lib.make_train_input
+
+  def make(*args, **kwargs):
+    inp = real(*args, **kwargs)
+    orig = inp.iterate
+
+    def iterate(start_step=0):
+      for i, b in enumerate(orig(start_step)):
+        if i == n_batches:
+          raise _Crash(f"simulated kill after {n_batches} batches")
+        yield b
+
+    inp.iterate = iterate
+    return inp
+
+  monkeypatch.setattr(data_lib, "make_train_input", make)
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_image_folder, tmp_path,
+                                              monkeypatch):
+  kw = dict(checkpoint_every_steps=4, checkpoint_every_epochs=None,
+            eval_every_steps=6, eval_every_epochs=None)
+  config = tiny_config(tiny_image_folder, arg="steps=12", **kw)
+  full = train.train_and_evaluate(config, tmp_path / "full")
+
+  with monkeypatch.context() as m:
+    _crash_after(m, 7)  # dies after step 7: checkpoint 4 exists, 8 does not
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, tmp_path / "resumed")
+  assert (tmp_path / "resumed" / "checkpoints" / "4").is_dir()
+  assert not (tmp_path / "resumed" / "results.json").exists()
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+  for block in ("final", "best"):
+    assert resumed[block] == full[block], block
+  # History (eval at step 6, before the crash) survived the restart.
+  assert [h["step"] for h in resumed["history"]] == [6, 12]
+
+
+def test_finished_run_is_not_overwritten(tiny_image_folder, tmp_path, capsys):
+  config = tiny_config(tiny_image_folder, arg="steps=3")
+  train.train_and_evaluate(config, tmp_path)
+  before = (tmp_path / "results.json").read_bytes()
+  again = train.train_and_evaluate(config, tmp_path)
+  assert "already holds a finished run" in capsys.readouterr().out
+  assert (tmp_path / "results.json").read_bytes() == before
+  assert again["final"] == json.loads(before)["final"]
+
+
+def test_resume_with_other_config_is_refused(tiny_image_folder, tmp_path,
+                                             monkeypatch):
+  config = tiny_config(tiny_image_folder, arg="steps=6",
+                       checkpoint_every_steps=2, checkpoint_every_epochs=None)
+  with monkeypatch.context() as m:
+    _crash_after(m, 3)
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, tmp_path)
+  other = tiny_config(tiny_image_folder, arg="steps=6,method=ce",
+                      checkpoint_every_steps=2, checkpoint_every_epochs=None)
+  with pytest.raises(ValueError, match=r"method: 'etf_dr' in the workdir"):
+    train.train_and_evaluate(other, tmp_path)
+
+
+def test_corrupt_checkpoint_stops_and_is_kept(tiny_image_folder, tmp_path,
+                                              monkeypatch):
+  config = tiny_config(tiny_image_folder, arg="steps=6",
+                       checkpoint_every_steps=2, checkpoint_every_epochs=None)
+  with monkeypatch.context() as m:
+    _crash_after(m, 5)
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, tmp_path)
+  step_dir = tmp_path / "checkpoints" / "4"
+  assert step_dir.is_dir()
+  damaged = 0
+  for f in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+    f.write_bytes(b"garbage")
+    damaged += 1
+  assert damaged
+  snapshot = sorted((p.relative_to(tmp_path), p.read_bytes())
+                    for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
+  with pytest.raises(ckpt_lib.CheckpointError, match="step 4"):
+    train.train_and_evaluate(config, tmp_path)
+  after = sorted((p.relative_to(tmp_path), p.read_bytes())
+                 for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
+  assert after == snapshot
+
+
+# ------------------------------------------------------------- bad configs
+@pytest.mark.parametrize("override,match", [
+    (dict(dataset="cifar11"), "cifar11"),
+    (dict(method="etf_mse"), "Unknown method 'etf_mse'"),
+    (dict(imb_factor=0.0), r"outside \(0, 1\]"),
+    (dict(imb_factor=1.5), r"outside \(0, 1\]"),
+    (dict(imb_factor=-0.01), r"outside \(0, 1\]"),
+    (dict(**{"loss.dr_form": "paper"}), "given_ew=False"),
+    (dict(num_seeds=0), "num_seeds"),
+])
+def test_bad_config_values(tiny_image_folder, tmp_path, override, match):
+  config = tiny_config(tiny_image_folder, **override)
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists()  # stopped before any work
+
+
+def test_missing_data_dir(tmp_path):
+  config = tiny_config(tmp_path / "nowhere")
+  with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
+    train.train_and_evaluate(config, tmp_path / "w")
+  config = tiny_config(tmp_path)
+  config.unlock()
+  config.data_dir = None
+  config.lock()
+  with pytest.raises((ValueError, FileNotFoundError), match="data_dir"):
+    train.train_and_evaluate(config, tmp_path / "w")
+
+
+def test_unknown_config_keys_fail():
+  c = cfg_lib.get_config("quick")
+  with pytest.raises(AttributeError):
+    c.num_epoch = 3  # typo of num_epochs: locked configs refuse new fields
+  with pytest.raises(ValueError, match="Unknown config argument 'datset'"):
+    cfg_lib.get_config("datset=cifar10")
+  with pytest.raises(ValueError, match="Unknown config variant 'quik'"):
+    cfg_lib.get_config("quik")
+
+
+def test_both_durations_is_an_error(tiny_image_folder, tmp_path):
+  config = tiny_config(tiny_image_folder, num_steps=5)  # num_epochs=1 too
+  with pytest.raises(ValueError, match="Both num_epochs"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_presets_cover_the_reference_configs():
+  presets = cfg_lib.presets()
+  assert len(presets) == 25
+  for name, arg in presets.items():
+    c = cfg_lib.get_config(arg)
+    data_lib.dataset_info(c.dataset)
+    assert 0 < c.imb_factor <= 1
+  assert cfg_lib.get_config("dataset=cifar100").backbone == "resnet32_c100"
+  c = cfg_lib.get_config("imagenet_lt")
+  assert (c.batch_size, c.optim.schedule, c.loss.reg_lam) == (1024, "cosine", 0.01)
+  assert not c.l2_normalize
