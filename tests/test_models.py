@@ -182,9 +182,9 @@ def test_other_backbones_output_shapes(name, k, dim, head):
 def test_small_densenet_forward_matches_its_feature_dim():
   model = densenet.DenseNet(depth=16, growth_rate=4, reduction=0.5)
   images = _images((2, 8, 8, 3))
-  variables = model.init(KEY, images)
-  feats, _ = model.apply(variables, images, train=True,
-                         mutable=["batch_stats"])
+  variables = jax.jit(model.init)(KEY, images)
+  feats, _ = jax.jit(functools.partial(
+      model.apply, train=True, mutable=["batch_stats"]))(variables, images)
   # (16 - 4) // 6 = 2 layers a block: 8 -> 16 -> 8 -> 16 -> 8 -> 16.
   assert model.feature_dim == 16
   chex.assert_shape(feats, (2, 16))

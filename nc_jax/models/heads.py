@@ -68,6 +68,11 @@ def batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
   ones in `batch_stats` (which must then be mutable); eval mode uses the
   running statistics. Statistics are reduced in float32 even for bfloat16
   inputs (Flax's default). Scale starts at 1, bias at 0, as in PyTorch.
+  One small difference from PyTorch remains: Flax folds the biased batch
+  variance into the running variance, PyTorch the unbiased one (a factor
+  B / (B - 1), under 1% at batch 128). Under `jit` with a batch sharded
+  over a mesh the statistics are those of the global batch, as in
+  single-device PyTorch; no `axis_name` is needed.
   """
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                       epsilon=BN_EPSILON, dtype=dtype, name=name)
@@ -134,7 +139,9 @@ class LinearHead(nn.Module):
       frozen random linear layer on the CIFAR ResNets.
 
   Variables: `params/kernel (d, K)`, `params/bias (K,)`, or the same two names
-  under `frozen`. Kernel: Kaiming-normal; bias: PyTorch's default uniform.
+  under `frozen`. Kernel: Kaiming-normal; bias: PyTorch's default uniform
+  (the reference's CIFAR and DenseNet classifiers; its ImageNet one keeps
+  PyTorch's default Kaiming-uniform kernel, a difference of init only).
   """
   num_classes: int
   feature_dim: int
