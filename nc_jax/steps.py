@@ -166,7 +166,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
         "train_acc": 100.0 * jnp.mean(hit.astype(jnp.float32)),
         "feature_norm": jnp.mean(jnp.linalg.norm(
             features.astype(jnp.float32), axis=-1)),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     new_state = state.replace(step=state.step + 1, params=params,
                               model_state=model_state, opt_state=opt_state)

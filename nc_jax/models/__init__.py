@@ -3,7 +3,8 @@
 A model is an `ImageClassifier`: a backbone (images -> pooled features) and a
 head (features -> logits). Both are looked up in explicit registries:
 
-  BACKBONES  resnet32 (64-d), resnet32_c100 (128-d), densenet_bc (510-d),
+  BACKBONES  resnet8 / resnet20 (64-d; small CIFAR ResNets for tests and
+             smoke runs), resnet32 (64-d), resnet32_c100 (128-d), densenet_bc (510-d),
              resnet50 (4096-d; `wide_layer4=False` for 2048-d)
   HEADS      linear (learnable, or frozen with `freeze_classifier=True`),
              etf (fixed simplex ETF; options `etf_seed`, `l2_normalize`)
@@ -37,6 +38,8 @@ from nc_jax.models.heads import ETFHead, LinearHead
 # `feature_dim` property. Keyword-only parameters of the factory are the
 # backbone's options.
 BACKBONES: Mapping[str, Callable[..., nn.Module]] = {
+    "resnet8": resnet_cifar.resnet8,
+    "resnet20": resnet_cifar.resnet20,
     "resnet32": resnet_cifar.resnet32,
     "resnet32_c100": resnet_cifar.resnet32_c100,
     "densenet_bc": densenet.densenet_bc,

@@ -151,3 +151,13 @@ def resnet32(*, dtype: Dtype = jnp.float32) -> ResNetCifar:
 def resnet32_c100(*, dtype: Dtype = jnp.float32) -> ResNetCifar:
   """ResNet-32, widths 32/64/128, 128-d features (the reference's CIFAR-100)."""
   return ResNetCifar(widths=(32, 64, 128), blocks_per_stage=5, dtype=dtype)
+
+
+def resnet8(*, dtype: Dtype = jnp.float32) -> ResNetCifar:
+  """ResNet-8 (one block per stage), 16/32/64: for tests and smoke runs."""
+  return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=1, dtype=dtype)
+
+
+def resnet20(*, dtype: Dtype = jnp.float32) -> ResNetCifar:
+  """ResNet-20 (three blocks per stage), 16/32/64."""
+  return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=3, dtype=dtype)

@@ -1,0 +1,177 @@
+r"""Speed and memory of the real train and eval steps on synthetic batches.
+
+    python -m experiments.benchmark --backbone resnet32 --method etf_dr \
+        --batch_size 128 --dtype float32 [--num_seeds 4] [--json]
+
+Measures, for the compiled `train_step` of `nc_jax.steps` (the function the
+training loop runs, mixup and DR loss included):
+  compile_seconds       lowering + compilation of the train step
+  train_images_per_sec  batch * num_seeds / median step time (after warm-up)
+  eval_images_per_sec   the eval step, likewise
+  peak_memory_mb        the accelerator's peak bytes in use, or on CPU the
+                        process's peak resident memory
+Data loading is excluded (batches are random uint8 already on device), which
+is what the device-resident pipeline achieves in training.
+
+XLA flags: unless XLA_FLAGS is set, the CPU defaults of
+`experiments.xla_defaults` are applied, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from experiments import xla_defaults
+
+_BACKBONE = flags.DEFINE_string("backbone", "resnet32", "Backbone name.")
+_METHOD = flags.DEFINE_string("method", "etf_dr", "etf_dr, etf_ce, ce, ce_frozen.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes.")
+_IMAGE = flags.DEFINE_integer("image_size", 32, "Square image side.")
+_SEEDS = flags.DEFINE_integer("num_seeds", 1, "Replicas trained at once (vmap).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
+_MIXUP = flags.DEFINE_float("mixup_alpha", 1.0, "Mixup alpha (0 = off).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object only.")
+
+
+def _peak_memory_mb(devices) -> tuple[float, str]:
+  stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2 ** 20, "device peak bytes in use"
+  # ru_maxrss is in KiB on Linux.
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "host peak RSS (CPU backend)")
+
+
+def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
+                  num_classes: int = 10, image_size: int = 32,
+                  num_seeds: int = 1, steps: int = 20, warmup: int = 3,
+                  mixup_alpha: float = 1.0) -> dict:
+  """Times the real compiled steps; returns the measurements as a dict."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from nc_jax import etf as etf_lib
+  from nc_jax import models
+  from nc_jax import optim
+  from nc_jax import sharding
+  from nc_jax import steps as steps_lib
+  from nc_jax.train import DTYPES
+  from experiments.configs import cifar_lt
+
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(batch_size, mesh)
+  m = steps_lib.get_method(method)
+  opts = {"dtype": DTYPES[dtype]}
+  if m.head == "linear":
+    opts["freeze_classifier"] = m.freeze_classifier
+  model = models.create_model(backbone, num_classes=num_classes, head=m.head,
+                              **opts)
+  config = cifar_lt.get_config()
+  tx, schedule = optim.make_optimizer(config.optim, 100, 20000)
+  cfg = steps_lib.StepConfig(
+      method=m, num_classes=num_classes, mean=(0.5, 0.5, 0.5),
+      std=(0.25, 0.25, 0.25), mixup_alpha=mixup_alpha, given_ew=True,
+      dr_form="reference", e_w=1.0, e_h=1.0, reg_lam=0.0,
+      compute_dtype=DTYPES[dtype])
+  train_step, eval_step = steps_lib.compile_steps(
+      steps_lib.make_train_step(model, tx, schedule, cfg),
+      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=num_seeds)
+  shape = (image_size, image_size, 3)
+  init = lambda k: steps_lib.init_state(model, tx, k, shape)
+  keys = jnp.stack([jax.random.PRNGKey(r) for r in range(num_seeds)])
+  rep = sharding.replicated(mesh)
+  if num_seeds == 1:
+    state = jax.jit(init, out_shardings=rep)(keys[0])
+    etf = etf_lib.simplex_etf(num_classes, model.feature_dim) if m.head == "etf" \
+        else jnp.zeros((model.feature_dim, num_classes))
+  else:
+    state = jax.jit(jax.vmap(init), out_shardings=rep)(keys)
+    etf = jnp.stack([etf_lib.simplex_etf(num_classes, model.feature_dim, seed=r)
+                     for r in range(num_seeds)])
+  etf = jax.device_put(etf, rep)
+  rng = np.random.default_rng(0)
+  batch = sharding.to_global({
+      "image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
+      "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+  }, mesh)
+  eval_batch = dict(batch, mask=sharding.to_global(
+      {"m": np.ones(batch_size, bool)}, mesh)["m"])
+
+  t0 = time.perf_counter()
+  compiled = train_step.lower(state, batch, etf).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, out = compiled(state, batch, etf)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, out = compiled(state, batch, etf)
+    jax.block_until_ready((state, out))
+    times.append(time.perf_counter() - t)
+  loss = float(np.mean(jax.device_get(out["loss"])))
+
+  eval_compiled = eval_step.lower(state, eval_batch, etf).compile()
+  for _ in range(warmup):
+    jax.block_until_ready(eval_compiled(state, eval_batch, etf))
+  etimes = []
+  for _ in range(max(steps // 2, 3)):
+    t = time.perf_counter()
+    jax.block_until_ready(eval_compiled(state, eval_batch, etf))
+    etimes.append(time.perf_counter() - t)
+
+  peak, peak_kind = _peak_memory_mb(jax.devices())
+  med = statistics.median(times)
+  return {
+      "backbone": backbone, "method": method, "batch_size": batch_size,
+      "dtype": dtype, "num_seeds": num_seeds, "image_size": image_size,
+      "compile_seconds": round(compile_s, 2),
+      "train_step_ms_median": round(1e3 * med, 2),
+      "train_step_ms_min": round(1e3 * min(times), 2),
+      "train_images_per_sec": round(batch_size * num_seeds / med, 1),
+      "train_images_per_sec_per_seed": round(batch_size / med, 1),
+      "eval_images_per_sec": round(
+          batch_size * num_seeds / statistics.median(etimes), 1),
+      "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind,
+      "final_loss": loss,
+      "backend": jax.default_backend(), "device_count": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "timed_steps": steps,
+  }
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  xla_defaults.apply()
+  r = run_benchmark(backbone=_BACKBONE.value, method=_METHOD.value,
+                    batch_size=_BATCH.value, dtype=_DTYPE.value,
+                    num_classes=_NUM_CLASSES.value, image_size=_IMAGE.value,
+                    num_seeds=_SEEDS.value, steps=_STEPS.value,
+                    warmup=_WARMUP.value, mixup_alpha=_MIXUP.value)
+  if _JSON.value:
+    print(json.dumps(r))
+    return
+  width = max(len(k) for k in r)
+  for k, v in r.items():
+    print(f"{k:<{width}}  {v}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main)
