@@ -273,3 +273,17 @@ def test_eight_cpu_devices_in_a_subprocess(tree):
                        capture_output=True, text=True, timeout=300, cwd=REPO)
   assert out.returncode == 0 and "EIGHT_OK" in out.stdout, (
       out.stdout[-3000:] + out.stderr[-3000:])
+
+
+def test_public_image_folder_route_gives_the_same_subset(tree, monkeypatch):
+  """Without ImageFolder's example list, the public as_dataset route (reads
+  every file) must give the same labels and selected images."""
+  source = sources.check_data_dir("cifar10", tree)
+  fast_labels = sources.read_labels(source, "train")
+  idx = np.array([0, 5, 17, 399])
+  fast_images = sources.decode_images(source, "train", idx)
+  monkeypatch.setattr(sources, "_folder_examples", lambda *a: None)
+  np.testing.assert_array_equal(sources.read_labels(source, "train"),
+                                fast_labels)
+  np.testing.assert_array_equal(sources.decode_images(source, "train", idx),
+                                fast_images)
