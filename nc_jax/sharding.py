@@ -41,9 +41,10 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     num_processes = int(os.environ["NC_JAX_NUM_PROCESSES"])
   if process_id is None and "NC_JAX_PROCESS_ID" in os.environ:
     process_id = int(os.environ["NC_JAX_PROCESS_ID"])
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-    # CPU processes need a collectives implementation to talk to each other.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU processes need a collectives implementation to talk to each other.
+  # Set unconditionally: asking for the backend here would initialise it,
+  # which jax.distributed forbids, and the option only affects CPU devices.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address == "auto":
     jax.distributed.initialize()
   else:

@@ -1,0 +1,70 @@
+"""Run by test_distributed.py in a subprocess with 8 fake CPU devices.
+
+Trains a few steps of the real compiled train step on a mesh of 8 devices
+and on a mesh of 1 device from the same initial state and batches, and
+prints the largest parameter difference as JSON. Also checks that a batch
+that does not divide over the devices is refused.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.configs import cifar_lt
+from nc_jax import etf as etf_lib
+from nc_jax import models, optim, sharding
+from nc_jax import steps as steps_lib
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  method = sys.argv[1] if len(sys.argv) > 1 else "etf_dr"
+  m = steps_lib.get_method(method)
+  model = models.create_model("resnet8", num_classes=10, head=m.head)
+  config = cifar_lt.get_config()
+  tx, schedule = optim.make_optimizer(config.optim, 10, 100)
+  cfg = steps_lib.StepConfig(
+      method=m, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
+      mixup_alpha=1.0, given_ew=True, dr_form="reference", e_w=1.0, e_h=1.0,
+      reg_lam=0.0)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+              "label": rng.integers(0, 10, 16).astype(np.int32)}
+             for _ in range(3)]
+  etf = etf_lib.simplex_etf(10, model.feature_dim)
+  results = {}
+  for n in (8, 1):
+    mesh = sharding.make_mesh(jax.devices()[:n])
+    train_step, _ = steps_lib.compile_steps(
+        steps_lib.make_train_step(model, tx, schedule, cfg),
+        steps_lib.make_eval_step(model, cfg), mesh, num_replicas=1)
+    state = jax.jit(lambda k: steps_lib.init_state(model, tx, k, (16, 16, 3)),
+                    out_shardings=sharding.replicated(mesh))(
+                        jax.random.PRNGKey(0))
+    e = jax.device_put(etf, sharding.replicated(mesh))
+    losses = []
+    for b in batches:
+      gb = sharding.to_global(b, mesh)
+      assert len(gb["image"].sharding.device_set) == n
+      state, out = train_step(state, gb, e)
+      losses.append(float(out["loss"]))
+    results[n] = (jax.device_get(state.params), losses,
+                  jax.device_get(state.model_state))
+  p8, l8, s8 = results[8]
+  p1, l1, s1 = results[1]
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves((p8, s8)), jax.tree.leaves((p1, s1))))
+  try:
+    sharding.check_batch_size(12, sharding.make_mesh())
+    refused = None
+  except ValueError as err:
+    refused = str(err)
+  print(json.dumps({"max_param_diff": diff, "losses_8": l8, "losses_1": l1,
+                    "refused": refused}))
+
+
+if __name__ == "__main__":
+  main()

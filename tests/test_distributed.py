@@ -1,0 +1,80 @@
+"""Data parallelism: 8 fake devices vs 1, and 2 real processes vs 1.
+
+Both run in subprocesses: the device count of a JAX process is fixed when
+it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=str(REPO))
+  env.update(extra)
+  return env
+
+
+@pytest.mark.parametrize("method", ["etf_dr", "ce"])
+def test_eight_fake_devices_match_one(method):
+  out = subprocess.run(
+      [sys.executable, str(REPO / "tests" / "multidevice_step.py"), method],
+      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+      capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  np.testing.assert_allclose(r["losses_8"], r["losses_1"], rtol=1e-4)
+  assert r["max_param_diff"] < 1e-4, r
+  assert r["refused"] and "multiple of 8" in r["refused"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _cli(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "experiments.cifar_lt",
+          "--config", str(REPO / "experiments/configs/cifar_lt.py")
+          + ":tiny,steps=6,imb=0.1",
+          "--config.backbone=resnet8", f"--config.data_dir={data_dir}",
+          "--config.eval_batch_size=20", f"--workdir={workdir}", *extra]
+
+
+def test_two_processes_match_one(tiny_image_folder, tmp_path):
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cli(tmp_path / "two", tiny_image_folder,
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={i}"),
+      env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert "2 device(s) over 2 process(es)" in logs[0]
+  single = subprocess.run(_cli(tmp_path / "one", tiny_image_folder),
+                          env=_env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  two = json.loads((tmp_path / "two" / "results.json").read_text())
+  one = json.loads((tmp_path / "one" / "results.json").read_text())
+  assert two["train_counts"] == one["train_counts"]
+  assert two["final"]["num_examples"] == one["final"]["num_examples"] == 60
+  np.testing.assert_allclose(two["final"]["loss"], one["final"]["loss"],
+                             rtol=1e-3)
+  assert abs(two["final"]["top1"] - one["final"]["top1"]) <= 100 / 60 + 1e-9
