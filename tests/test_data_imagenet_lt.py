@@ -149,3 +149,16 @@ def test_folder_imagenet_lt(tmp_path):
   assert ev.num_examples == 15 and mask.sum() == 15 and len(evs) == 4
   assert np.bincount(np.concatenate([b["label"] for b in evs])[mask]
                      ).tolist() == [5, 5, 5]
+
+
+def test_tfds_stream_detects_listed_images_missing(mock_imagenet, tmp_path):
+  root, lst = mock_imagenet
+  bad = tmp_path / "bad.txt"
+  bad.write_text(open(lst).read() + "".join(
+      f"train/n00000000/missing_{i}.JPEG 0\n" for i in range(4)))
+  ti = data.make_train_input("imagenet_lt", data_dir=root, imb_factor=1.0,
+                             batch_size=4, seed=0, mesh=MESH,
+                             imagenet_lt_train_list=str(bad))
+  assert ti.steps_per_epoch == 4  # 16 listed, only 12 exist
+  with pytest.raises(RuntimeError, match="fewer than the 16 listed"):
+    take(ti.iterate(0), 5)

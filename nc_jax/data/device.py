@@ -23,6 +23,7 @@ accelerator never waits for the host.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterator
 
@@ -111,6 +112,19 @@ def _make_batch(images: jax.Array, labels: jax.Array, perm: jax.Array,
   else:
     image = images[idx]
   return {"image": image, "label": labels[idx]}
+
+
+def host_context() -> contextlib.AbstractContextManager:
+  """Runs the host-side plan on the CPU backend when there is one.
+
+  With JAX_PLATFORMS restricted to an accelerator there is no CPU backend;
+  the plan then runs on the default device, with identical results (the
+  plan is integer arithmetic).
+  """
+  try:
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+  except RuntimeError:
+    return contextlib.nullcontext()
 
 
 # Host-side (CPU) versions for the tf.data pipelines, compiled once per

@@ -177,13 +177,24 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
   logging.info("ImageNet-LT (%s): %d train images, %d classes present",
                source.kind, n, sum(c > 0 for c in counts))
 
-  def finish(ds: tf.data.Dataset) -> Iterator[Batch]:
+  def finish(ds: tf.data.Dataset, start_step: int) -> Iterator[Batch]:
     # ds: per-example (encoded, label, step, row), in batch order.
     ds = ds.map(lambda img, y, s, r: {
         "image": train_preprocess(img, _row_seed(seed, s, r)),
-        "label": tf.cast(y, tf.int32)},
+        "label": tf.cast(y, tf.int32), "step": s},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(r1 - r0, drop_remainder=True).prefetch(2).as_numpy_iterator()
+    ds = ds.batch(r1 - r0, drop_remainder=True).prefetch(2)
+    expected = start_step
+    for batch in ds.as_numpy_iterator():
+      step = int(batch.pop("step")[0])
+      if step != expected:
+        # A short epoch would silently shift every later step.
+        raise RuntimeError(
+            f"ImageNet-LT stream: expected step {expected}, got {step}: "
+            f"fewer than the {n} listed images were found in {source.root} "
+            "(is the list for this copy of ImageNet?).")
+      expected += 1
+      yield batch
 
   if source.kind == "folder":
     paths_t, labels_t = tf.constant(paths), tf.constant(labels)
@@ -201,7 +212,7 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
     def local(start_step: int) -> Iterator[Batch]:
       epoch, first = divmod(start_step, spe)
       while True:
-        yield from finish(epoch_ds(epoch, first))
+        yield from finish(epoch_ds(epoch, first), epoch * spe + first)
         epoch, first = epoch + 1, 0
     return Stream(info, counts, n, local)
 
@@ -230,17 +241,14 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
     ds = tf.data.Dataset.range(epoch, 2**40).flat_map(epoch_ds).skip(first)
     ds = ds.flat_map(lambda s, imgs, ys: tf.data.Dataset.from_tensor_slices(
         (imgs, ys, tf.fill([r1 - r0], s), tf.range(r0, r1, dtype=tf.int64))))
-    return finish(ds)
+    return finish(ds, start_step)
   return Stream(info, counts, n, local)
 
 
 def _host_permutation(seed: int, n: int) -> Callable[[int], np.ndarray]:
   """`epoch -> (n,)` numpy permutation of the shared plan, on the host CPU."""
-  import jax  # pylint: disable=g-import-not-at-top
-  cpu = jax.local_devices(backend="cpu")[0]
-
   def perm(epoch: int) -> np.ndarray:
-    with jax.default_device(cpu):
+    with device_lib.host_context():
       return np.asarray(device_lib.host_permutation(
           np.uint32(seed), np.int32(epoch), n))
   return perm

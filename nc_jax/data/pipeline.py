@@ -132,12 +132,11 @@ def _host_plan(seed: int, n: int, rows: np.ndarray, augment: str
   of B per epoch), each `(S, R)` int32 (steps: the global steps, `(S,)`),
   R = len(rows).
   """
-  cpu = jax.local_devices(backend="cpu")[0]
   rows_j = np.asarray(rows, np.int32)
   seed_u = np.uint32(seed)
 
   def plan(epoch: int, spe: int, b: int, first: int, stop: int):
-    with jax.default_device(cpu):
+    with device_lib.host_context():
       perm = np.asarray(device_lib.host_permutation(seed_u, np.int32(epoch),
                                                     n))
       steps = np.arange(epoch * spe + first, epoch * spe + stop,
