@@ -1,0 +1,86 @@
+"""Image-folder trees shipped as archives (`.tar.gz`, `.tgz`, `.tar`, `.zip`).
+
+`data_dir` may name such an archive instead of a directory: it is extracted
+once into a cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`) and the
+tree inside is used. Extraction goes to a temporary folder renamed into place,
+so concurrent processes on one host and a kill mid-extraction are both safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tarfile
+import tempfile
+import zipfile
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def is_archive(path: str | os.PathLike | None) -> bool:
+  return path is not None and str(path).endswith(ARCHIVE_SUFFIXES)
+
+
+def cache_root() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("NC_JAX_CACHE",
+                                     pathlib.Path.home() / ".cache" / "nc_jax"))
+
+
+def _find_tree(root: pathlib.Path) -> pathlib.Path:
+  """The folder holding `train/` and `test/`: `root` or one level below."""
+  if (root / "train").is_dir():
+    return root
+  subs = [p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir()]
+  if len(subs) == 1:
+    return subs[0]
+  raise FileNotFoundError(
+      f"The archive extracted to {root} holds no train/ and test/ class "
+      "folders (at its top or one level down).")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
+  """Returns `data_dir`, or for an archive the extracted tree inside it.
+
+  Args:
+    data_dir: a directory, an archive path, or None.
+
+  Returns:
+    A directory path (unchanged when `data_dir` is not an archive).
+
+  Raises:
+    FileNotFoundError: when the archive does not exist.
+  """
+  if not is_archive(data_dir):
+    return None if data_dir is None else str(data_dir)
+  archive = pathlib.Path(data_dir).expanduser().resolve()
+  if not archive.is_file():
+    raise FileNotFoundError(
+        f"data_dir {archive} looks like an archive but does not exist. Pass "
+        "the path of an existing .tar.gz/.zip of train/ and test/ class "
+        "folders, or an extracted directory.")
+  st = archive.stat()
+  key = hashlib.sha1(
+      f"{archive}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+  target = cache_root() / f"{archive.name.split('.')[0]}-{key}"
+  if target.is_dir():
+    return str(_find_tree(target))
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+  try:
+    if archive.suffix == ".zip":
+      with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)
+    else:
+      with tarfile.open(archive) as t:
+        t.extractall(tmp, filter="data")
+    try:
+      os.rename(tmp, target)
+    except OSError:
+      if not target.is_dir():  # lost a race only if the winner finished
+        raise
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return str(_find_tree(target))
