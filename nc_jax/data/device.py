@@ -14,7 +14,9 @@ batches bit for bit:
 
 Everything is threefry integer arithmetic and a stable sort, so the plan is
 identical on CPU, GPU and TPU, for any process count, and `iterate(k)` can
-start anywhere: the batch at step `s` is a pure function of (seed, s).
+start anywhere: the batch at step `s` is a pure function of (seed, s). (The
+random bits depend on JAX's `jax_threefry_partitionable` setting, so keep
+it, and the JAX version, fixed across the resumes of one run.)
 
 The device pipeline keeps the selected uint8 train set on the accelerators
 (replicated) and builds each sharded batch in one jitted gather, so the
