@@ -239,3 +239,21 @@ def test_presets_cover_the_reference_configs():
   c = cfg_lib.get_config("imagenet_lt")
   assert (c.batch_size, c.optim.schedule, c.loss.reg_lam) == (1024, "cosine", 0.01)
   assert not c.l2_normalize
+
+
+def test_num_seeds_trains_independent_replicas(tiny_image_folder, tmp_path):
+  """S replicas in one program: replica 0 reproduces the single-seed run."""
+  single = train.train_and_evaluate(
+      tiny_config(tiny_image_folder, arg="steps=4"), tmp_path / "one")
+  multi = train.train_and_evaluate(
+      tiny_config(tiny_image_folder, arg="steps=4", num_seeds=3),
+      tmp_path / "three")
+  assert multi["num_seeds"] == 3 and len(multi["per_seed"]) == 3
+  r0 = multi["per_seed"][0]["final"]
+  np.testing.assert_allclose(r0["loss"], single["final"]["loss"], rtol=1e-3)
+  losses = [p["final"]["loss"] for p in multi["per_seed"]]
+  assert len(set(np.round(losses, 6))) == 3  # own init, ETF and mixup draws
+  np.testing.assert_allclose(multi["final"]["loss"], np.mean(losses), rtol=1e-6)
+  np.testing.assert_allclose(multi["final_std"]["loss"], np.std(losses),
+                             rtol=1e-6)
+  assert len(multi["final"]["per_class"]) == 10
