@@ -97,6 +97,8 @@ def _aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
       arr = np.array([[np.nan if v is None else v for v in row] for row in vals])
       mean[key] = [None if np.isnan(v) else float(v) for v in arr.mean(0)]
       std[key] = [None if np.isnan(v) else float(v) for v in arr.std(0)]
+    elif all(isinstance(v, dict) for v in vals):  # e.g. the "nc" block
+      mean[key], std[key] = _aggregate(vals)
     elif all(isinstance(v, (int, float)) for v in vals):
       mean[key] = float(np.mean(vals))
       std[key] = float(np.std(vals))
