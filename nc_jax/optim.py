@@ -26,7 +26,8 @@ def duration_steps(config: ConfigDict,
 
   Every duration in the configs (training length, warm-up, evaluation and
   checkpoint periods) goes through here, so any of them can be given in
-  epochs (fractions allowed) or in steps. Setting both is an error.
+  epochs (fractions allowed) or in steps. Setting both is an error; None or
+  0 means unset.
 
   Args:
     config: the config holding the fields.
@@ -39,12 +40,18 @@ def duration_steps(config: ConfigDict,
   """
   epochs = config.get(f"{name}_epochs")
   steps = config.get(f"{name}_steps")
+  # None or 0 means "not set": the command line cannot pass None, so
+  # switching a duration from epochs to steps there zeroes the other field.
+  epochs = epochs if epochs else None
+  steps = steps if steps else None
   if epochs is not None and steps is not None:
     raise ValueError(
         f"Both {name}_epochs={epochs} and {name}_steps={steps} are set; set "
-        f"only one. For the training length pass epochs=N or steps=N in the "
-        f"config argument (e.g. experiments/configs/cifar_lt.py:quick,steps=500"
-        f"), which clears the other.")
+        f"only one: zero the other (--config.{name}_epochs=0), or for the "
+        "training length pass epochs=N or steps=N in the config argument "
+        "(e.g. experiments/configs/cifar_lt.py:quick,steps=500).")
+  if epochs is not None and epochs < 0 or steps is not None and steps < 0:
+    raise ValueError(f"{name}_epochs / {name}_steps must not be negative.")
   if steps is not None:
     return int(steps)
   if epochs is not None:

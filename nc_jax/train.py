@@ -68,6 +68,9 @@ def validate_config(config: ConfigDict) -> None:
                      f"{config.pipeline!r}.")
   for name in ("num", "eval_every", "checkpoint_every"):
     optim.duration_steps(config, name, 1)  # both-set conflicts
+  if optim.duration_steps(config, "num", 1) is None:
+    raise ValueError("No training length: set num_epochs or num_steps "
+                     "(epochs=N or steps=N in the config argument).")
   data_lib.check_data_dir(config.dataset, resolve_data_dir(config.data_dir))
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -47,15 +49,54 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+STEPS = 30
+
+
 def _cli(workdir, data_dir, *extra):
   return [sys.executable, "-m", "experiments.cifar_lt",
           "--config", str(REPO / "experiments/configs/cifar_lt.py")
-          + ":tiny,steps=6,imb=0.1",
+          + f":tiny,steps={STEPS},imb=0.1",
           "--config.backbone=resnet8", f"--config.data_dir={data_dir}",
-          "--config.eval_batch_size=20", f"--workdir={workdir}", *extra]
+          "--config.eval_batch_size=20", "--config.checkpoint_every_epochs=0",
+          "--config.checkpoint_every_steps=3", "--config.eval_every_epochs=0",
+          "--config.eval_every_steps=15", f"--workdir={workdir}", *extra]
 
 
-def test_two_processes_match_one(tiny_image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def baseline(tiny_image_folder, tmp_path_factory):
+  """An uninterrupted single-process run through the CLI."""
+  wd = tmp_path_factory.mktemp("baseline")
+  out = subprocess.run(_cli(wd, tiny_image_folder), env=_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads((wd / "results.json").read_text())
+
+
+def test_sigkill_and_restart_equals_uninterrupted(tiny_image_folder, tmp_path,
+                                                  baseline):
+  wd = tmp_path / "killed"
+  proc = subprocess.Popen(_cli(wd, tiny_image_folder), env=_env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while not (wd / "checkpoints" / "3").is_dir():
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (wd / "results.json").exists(), "killed too late to test resume"
+  out = subprocess.run(_cli(wd, tiny_image_folder), env=_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from the checkpoint at step" in out.stdout
+  resumed = json.loads((wd / "results.json").read_text())
+  assert resumed["final"] == baseline["final"]
+  assert resumed["best"] == baseline["best"]
+
+
+def test_two_processes_match_one(tiny_image_folder, tmp_path, baseline):
   port = _free_port()
   procs = [subprocess.Popen(
       _cli(tmp_path / "two", tiny_image_folder,
@@ -67,12 +108,8 @@ def test_two_processes_match_one(tiny_image_folder, tmp_path):
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   assert "2 device(s) over 2 process(es)" in logs[0]
-  single = subprocess.run(_cli(tmp_path / "one", tiny_image_folder),
-                          env=_env(), cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
   two = json.loads((tmp_path / "two" / "results.json").read_text())
-  one = json.loads((tmp_path / "one" / "results.json").read_text())
+  one = baseline
   assert two["train_counts"] == one["train_counts"]
   assert two["final"]["num_examples"] == one["final"]["num_examples"] == 60
   np.testing.assert_allclose(two["final"]["loss"], one["final"]["loss"],
