@@ -417,8 +417,8 @@ def test_learnable_linear_head_features_are_pooled_backbone_output():
 
 
 def test_unknown_backbone_head_and_option_raise():
-  with pytest.raises(ValueError, match="densenet_bc, resnet32, resnet32_c100"
-                     ", resnet50"):
+  with pytest.raises(ValueError, match="densenet_bc, resnet20, resnet32, "
+                     "resnet32_c100, resnet50, resnet8"):
     models.create_model("resnet18", num_classes=10, head="etf")
   with pytest.raises(ValueError, match="valid heads: etf, linear"):
     models.create_model("resnet32", num_classes=10, head="cosine")
@@ -434,8 +434,8 @@ def test_unknown_backbone_head_and_option_raise():
 
 
 def test_registries_are_explicit_dicts():
-  assert set(models.BACKBONES) == {"resnet32", "resnet32_c100",
-                                   "densenet_bc", "resnet50"}
+  assert set(models.BACKBONES) == {"resnet8", "resnet20", "resnet32",
+                                   "resnet32_c100", "densenet_bc", "resnet50"}
   assert set(models.HEADS) == {"linear", "etf"}
   assert isinstance(models.create_model("resnet32", num_classes=10,
                                         head="etf"), flax.linen.Module)
