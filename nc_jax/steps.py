@@ -105,6 +105,12 @@ def mixup(rng: jax.Array, x: jax.Array, alpha: float
   return mixed, perm, lam
 
 
+def _etf_logits(features: jax.Array, etf: jax.Array) -> jax.Array:
+  """`h @ M` in full float32 (accelerators may otherwise round to TF32)."""
+  return jnp.dot(features.astype(jnp.float32), etf.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+
+
 def _per_example_loss(cfg: StepConfig, logits, features, classifier, labels,
                       lengths):
   if cfg.method.loss == "ce":
@@ -144,7 +150,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
           {"params": params, **state.model_state}, x, train=True,
           mutable=["batch_stats"])
       if cfg.method.head == "etf":
-        logits = features @ etf.astype(features.dtype)
+        logits = _etf_logits(features, etf)
       la = _per_example_loss(cfg, logits, features, etf, labels, lengths)
       if cfg.mixup_alpha > 0:
         lb = _per_example_loss(cfg, logits, features, etf, labels_b, lengths)
@@ -189,7 +195,7 @@ def make_eval_step(model, cfg: StepConfig, *, with_features: bool = False
     logits, features = model.apply(
         {"params": state.params, **state.model_state}, x, train=False)
     if cfg.method.head == "etf":
-      logits = features @ etf.astype(features.dtype)
+      logits = _etf_logits(features, etf)
     out = metrics_lib.batch_counts(logits, batch["label"], batch["mask"],
                                    num_classes=cfg.num_classes)
     if with_features:
