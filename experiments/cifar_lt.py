@@ -52,10 +52,12 @@ def main(argv: list[str]) -> None:
   sharding.maybe_initialize_distributed(_COORDINATOR.value,
                                         _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
+  from nc_jax import checkpoint
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    # Configuration and input mistakes: one clear message, no traceback.
+  except (train.ConfigError, checkpoint.CheckpointError) as e:
+    # Configuration, input and checkpoint problems: one clear message naming
+    # the fix, no traceback. Anything else is a bug and keeps its traceback.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

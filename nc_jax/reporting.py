@@ -91,12 +91,13 @@ class Progress:
     # The first interval includes compilation; its rate says little.
     rate_txt = "compiling" if self._first_interval else f"{ips:,.0f} img/s"
     eta = (self.total - step) * self.batch / ips if ips > 0 else 0.0
+    eta_txt = "--:--" if self._first_interval else _fmt_seconds(eta)
     self._t0, self._step0, self._first_interval = now, step, False
     epoch = step / self.spe
     pct = 100.0 * step / self.total
     fields = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
     return (f"[{pct:5.1f}%] epoch {epoch:6.2f} step {step}/{self.total} "
-            f"{fields} | {rate_txt} | ETA {_fmt_seconds(eta)}", ips)
+            f"{fields} | {rate_txt} | ETA {eta_txt}", ips)
 
 
 def eval_line(epoch: float, split: str, m: Mapping[str, Any]) -> str:

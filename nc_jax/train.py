@@ -11,6 +11,7 @@ same command ends with the same numbers as one that never stopped.
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import time
@@ -38,8 +39,25 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SCALAR_KEYS = ("top1", "top5", "head", "medium", "tail", "ece", "loss")
 
 
+class ConfigError(ValueError):
+  """The config or its inputs cannot work; the message names the fix."""
+
+
 def validate_config(config: ConfigDict) -> None:
-  """Stops a bad config before any work, with one message naming the fix."""
+  """Stops a bad config before any work, with one message naming the fix.
+
+  Raises:
+    ConfigError: wrapping the first problem found.
+  """
+  try:
+    _validate(config)
+  except ConfigError:
+    raise
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from e
+
+
+def _validate(config: ConfigDict) -> None:
   steps_lib.get_method(config.method)
   data_lib.dataset_info(config.dataset)  # raises for unknown datasets
   r = config.imb_factor
@@ -151,19 +169,22 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, Any]:
   """Trains and evaluates per `config` in `workdir`; returns results.json."""
   validate_config(config)
-  workdir = pathlib.Path(workdir)
+  # Orbax needs absolute paths; keep URLs (gs://...) as they are.
+  workdir = (pathlib.Path(workdir) if "://" in str(workdir)
+             else pathlib.Path(workdir).expanduser().resolve())
   results_path = workdir / "results.json"
   if results_path.exists():
     say(f"{workdir} already holds a finished run ({results_path}); nothing to "
         "do. Use another --workdir to train again.")
-    import json
     return json.loads(results_path.read_text())
-  workdir.mkdir(parents=True, exist_ok=True)
-  ckpt_lib.check_or_write_config(workdir, config)
-
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(config.batch_size, mesh)
-  sharding.check_batch_size(config.eval_batch_size, mesh)
+  try:
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_lib.check_or_write_config(workdir, config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   method = steps_lib.get_method(config.method)
   s = int(config.num_seeds)
 
