@@ -64,10 +64,14 @@ def _cli(workdir, data_dir, *extra):
 
 @pytest.fixture(scope="module")
 def baseline(tiny_image_folder, tmp_path_factory):
-  """An uninterrupted single-process run through the CLI."""
+  """An uninterrupted single-process run through the CLI.
+
+  It runs from another directory with a relative --workdir, as users do.
+  """
   wd = tmp_path_factory.mktemp("baseline")
-  out = subprocess.run(_cli(wd, tiny_image_folder), env=_env(), cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(_cli(wd.name, tiny_image_folder), env=_env(),
+                       cwd=wd.parent, capture_output=True, text=True,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads((wd / "results.json").read_text())
 
