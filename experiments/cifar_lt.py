@@ -13,6 +13,7 @@ Several hosts: start the same command on each with --coordinator_address,
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app
@@ -38,7 +39,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_FLAGS_PARSED = False
+
+
 def main(argv: list[str]) -> None:
+  global _FLAGS_PARSED
+  _FLAGS_PARSED = True
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   # Import after flag parsing: the XLA defaults must be in the environment
@@ -64,4 +70,14 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main)
+  try:
+    app.run(main)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if _FLAGS_PARSED:
+      raise
+    # A --config.FIELD override that the locked config refuses (misspelt
+    # field, wrong type): say which, without ml_collections' traceback.
+    msg = " ".join(re.sub(r"\\n|[\\'\"]", " ", str(e)).split())
+    print(f"error: bad --config override: {msg}. Fields are listed in "
+          "experiments/configs/cifar_lt.py.", file=sys.stderr)
+    sys.exit(2)

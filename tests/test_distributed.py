@@ -119,3 +119,21 @@ def test_two_processes_match_one(tiny_image_folder, tmp_path, baseline):
   np.testing.assert_allclose(two["final"]["loss"], one["final"]["loss"],
                              rtol=1e-3)
   assert abs(two["final"]["top1"] - one["final"]["top1"]) <= 100 / 60 + 1e-9
+
+
+def test_cli_stops_on_bad_overrides_with_one_message(tmp_path):
+  base = [sys.executable, "-m", "experiments.cifar_lt", "--config",
+          str(REPO / "experiments/configs/cifar_lt.py") + ":dataset=cifar10",
+          f"--workdir={tmp_path / 'w'}"]
+  typo = subprocess.run(base + ["--config.num_epoch=3"], env=_env(), cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert typo.returncode == 2
+  assert "Did you mean num_epochs" in typo.stderr
+  assert "Traceback" not in typo.stderr
+  ratio = subprocess.run(
+      base + ["--config.imb_factor=1.5", f"--config.data_dir={tmp_path}"],
+      env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert ratio.returncode == 2
+  assert "error: imb_factor=1.5 is outside (0, 1]" in ratio.stderr
+  assert "Traceback" not in ratio.stderr
+  assert not (tmp_path / "w").exists()
