@@ -19,7 +19,6 @@ def _reference(features, labels, w, k, tail, center="classes"):
   present = [c for c in range(k) if np.any(labels == c)]
   kp = len(present)
   mu = {c: h[labels == c].mean(0) for c in present}
-  n_c = {c: np.sum(labels == c) for c in present}
   if center == "classes":
     mu_g = np.mean([mu[c] for c in present], axis=0)
   else:

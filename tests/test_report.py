@@ -1,6 +1,5 @@
 """experiments.report on two real (tiny) runs."""
 
-import pathlib
 
 import numpy as np
 import pytest

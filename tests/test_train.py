@@ -8,7 +8,6 @@ experiments and benchmarks, not here.
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import pytest

@@ -183,7 +183,6 @@ def _array_tfdata(split: sources.ArraySplit, *, batch_size: int, seed: int,
   b = batch_size
   spe = n // b
   plan = _host_plan(seed, n, np.arange(*rows), augment)
-  r = rows[1] - rows[0]
   # Captured once; tf.data passes it to the map function by reference.
   images_t = tf.constant(split.images)
   labels_t = tf.constant(split.labels)
