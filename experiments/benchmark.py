@@ -38,7 +38,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes.")
 _IMAGE = flags.DEFINE_integer("image_size", 32, "Square image side.")
-_SEEDS = flags.DEFINE_integer("num_seeds", 1, "Replicas trained at once (vmap).")
+_SEEDS = flags.DEFINE_integer("num_seeds", 1, "Replicas trained at once.")
+_SEEDS_MODE = flags.DEFINE_enum("seeds_mode", "auto", ["auto", "vmap", "unroll"],
+                                "How replicas share the program "
+                                "(nc_jax.steps.resolve_replica_mode).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _MIXUP = flags.DEFINE_float("mixup_alpha", 1.0, "Mixup alpha (0 = off).")
@@ -56,7 +59,8 @@ def _peak_memory_mb(devices) -> tuple[float, str]:
 
 def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
                   num_classes: int = 10, image_size: int = 32,
-                  num_seeds: int = 1, steps: int = 20, warmup: int = 3,
+                  num_seeds: int = 1, seeds_mode: str = "auto",
+                  steps: int = 20, warmup: int = 3,
                   mixup_alpha: float = 1.0) -> dict:
   """Times the real compiled steps; returns the measurements as a dict."""
   import jax
@@ -88,7 +92,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
       compute_dtype=DTYPES[dtype])
   train_step, eval_step = steps_lib.compile_steps(
       steps_lib.make_train_step(model, tx, schedule, cfg),
-      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=num_seeds)
+      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=num_seeds,
+      replica_mode=seeds_mode)
   shape = (image_size, image_size, 3)
   init = lambda k: steps_lib.init_state(model, tx, k, shape)
   keys = jnp.stack([jax.random.PRNGKey(r) for r in range(num_seeds)])
@@ -137,7 +142,10 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   med = statistics.median(times)
   return {
       "backbone": backbone, "method": method, "batch_size": batch_size,
-      "dtype": dtype, "num_seeds": num_seeds, "image_size": image_size,
+      "dtype": dtype, "num_seeds": num_seeds,
+      "seeds_mode": (steps_lib.resolve_replica_mode(seeds_mode)
+                     if num_seeds > 1 else "single"),
+      "image_size": image_size,
       "compile_seconds": round(compile_s, 2),
       "train_step_ms_median": round(1e3 * med, 2),
       "train_step_ms_min": round(1e3 * min(times), 2),
@@ -161,7 +169,8 @@ def main(argv: list[str]) -> None:
   r = run_benchmark(backbone=_BACKBONE.value, method=_METHOD.value,
                     batch_size=_BATCH.value, dtype=_DTYPE.value,
                     num_classes=_NUM_CLASSES.value, image_size=_IMAGE.value,
-                    num_seeds=_SEEDS.value, steps=_STEPS.value,
+                    num_seeds=_SEEDS.value, seeds_mode=_SEEDS_MODE.value,
+                    steps=_STEPS.value,
                     warmup=_WARMUP.value, mixup_alpha=_MIXUP.value)
   if _JSON.value:
     print(json.dumps(r))

@@ -1,37 +1,44 @@
 """Default XLA flags for CPU runs, applied only when the user set none.
 
-XLA's default CPU convolutions are slow for small CIFAR networks; routing
-dots, elementwise ops and reductions through the YNNPACK fusion emitter made
-the ResNet-32 train step about 3x faster on a 2-core machine (see README,
-Performance). Users who set XLA_FLAGS themselves keep exactly their flags.
+XLA's default CPU code for small CIFAR networks is slow. Two library
+back-ends built into jaxlib do better, and both are switched on here:
+  --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce
+      elementwise ops, reductions and dots through YNNPACK fusions;
+  --xla_cpu_experimental_onednn_fusion_type=individual_convolution
+      every convolution through oneDNN (the library PyTorch's CPU
+      convolutions use) instead of Eigen.
+Users who set XLA_FLAGS themselves keep exactly their flags.
 
-Re-measured (jaxlib 0.10.2, 2-core AVX-512 EPYC, ResNet-32 ETF+DR train step,
-batch 128, mixup; `experiments.benchmark`, median images/s, load average
-1.1-1.7 = this run alone; under a load of 3-4 from other jobs every number
-halves, e.g. 81 for this default):
-  ynn=dot,eltwise,reduce (this default)             164-177
-  + xla_cpu_use_xnnpack / + individual_dot          173 / 172 (no change)
-  + xla_cpu_use_thunk_runtime=false                 162
-  + xla_cpu_prefer_vector_width=512                 157
-  + xla_cpu_enable_concurrency_optimized_scheduler  160
-  + xla_cpu_enable_fast_math (not numerics-neutral) 161
-  + individual_convolution (YNN convs)              128-149
-  ynn=eltwise,reduce / dot,eltwise / eltwise        150 / 147 / 143
-  ynn= (empty: all-Eigen, no YNN)                   121
-  xnn=dot,eltwise,reduce instead of ynn             124
-  no flags at all (XLA's own default sends convs to YNN)  104
-  oneDNN (use_onednn + onednn_custom_call)          no oneDNN calls emitted
-  bfloat16 compute (--dtype bfloat16)               141
-Convolutions stay on Eigen: per layer Eigen beats YNN 1.2-2.5x (forward,
-input and weight gradients), and rewriting them as im2col or shifted dots
-is 3-10x slower. About 460 of the ~730 ms step are convolutions.
+Measured (jaxlib 0.10.2, 2-core AVX-512 EPYC, ResNet-32 ETF+DR train step,
+batch 128, mixup; `python -m experiments.benchmark --json`, median ms per
+step, quiet machine; run-to-run spread is about +-3%):
+  ynn=dot,eltwise,reduce + onednn=individual_convolution (default)   674
+  ynn=dot,eltwise,reduce alone (Eigen convs; the previous default)   712
+  + onednn=individual_convolution,dot                                749
+  ynn=eltwise + onednn convs                                         749
+  ynn=reduce + onednn convs                                          924
+  ynn= (empty) + onednn convs                                       1087
+  onednn=individual_convolution,eltwise,reduce,dot, no ynn          1056
+  no flags at all (XLA's own default sends convs to YNN)   about 1230
+Without YNN elementwise fusions, XLA's own loop fusions fold whole chains
+of BatchNorm/ReLU/residual arithmetic into the transposes that feed the
+weight-gradient convolutions and recompute them there, element by element,
+in transposed order; that costs 0.5-0.8 s a step. Per layer, oneDNN's
+forward convolution is 1.1-1.7x faster than Eigen's at these sizes.
+Earlier trials (Eigen convs): xla_cpu_use_xnnpack, individual_dot,
+use_thunk_runtime=false, prefer_vector_width=512, the concurrency-optimized
+scheduler and fast-math changed nothing or lost 3-10%; YNN convolutions
+(ynn individual_convolution) lost 15-25%; bfloat16 compute lost 20%.
+Rewriting convolutions as im2col or shifted dots was 3-10x slower, because
+XLA's CPU code for the patch copies is slow.
 """
 
 from __future__ import annotations
 
 import os
 
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",)
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+             "--xla_cpu_experimental_onednn_fusion_type=individual_convolution")
 
 
 def apply() -> None:

@@ -205,16 +205,55 @@ def make_eval_step(model, cfg: StepConfig, *, with_features: bool = False
   return eval_step
 
 
+REPLICA_MODES = ("auto", "vmap", "unroll")
+
+
+def _unrolled(fn: Callable, num_replicas: int) -> Callable:
+  """`fn(state, batch, etf)` over stacked replicas, one copy of the graph each.
+
+  The same contract as `jax.vmap(fn, in_axes=(0, None, 0))`, but each
+  replica keeps its own ungrouped convolutions: on CPU, vmapped convolutions
+  become grouped convolutions, which XLA's CPU backend runs several times
+  slower than S separate ones. The replicas are independent, so XLA is free
+  to overlap them.
+  """
+
+  def run(state, batch, etf):
+    outs = [fn(jax.tree.map(lambda a: a[r], state), batch, etf[r])
+            for r in range(num_replicas)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+  return run
+
+
+def resolve_replica_mode(mode: str, backend: str | None = None) -> str:
+  """"auto" -> "unroll" on CPU, "vmap" on accelerators; others unchanged."""
+  if mode not in REPLICA_MODES:
+    raise ValueError(f"Unknown replica mode {mode!r}; expected one of "
+                     f"{REPLICA_MODES}.")
+  if mode != "auto":
+    return mode
+  return "unroll" if (backend or jax.default_backend()) == "cpu" else "vmap"
+
+
 def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, *,
-                  num_replicas: int) -> tuple[Callable, Callable]:
-  """jit over the mesh (and vmap over replicas when there are several).
+                  num_replicas: int, replica_mode: str = "auto"
+                  ) -> tuple[Callable, Callable]:
+  """jit over the mesh, batching replicas by `vmap` or unrolling them.
 
   State and ETF are replicated, batches split over the data axis; the
   train step donates its input state so parameters are updated in place.
+  With `num_replicas > 1` every leaf of state and ETF has a leading replica
+  axis; `replica_mode` ("auto", "vmap", "unroll"; see
+  `resolve_replica_mode`) picks how the replicas share the program.
   """
   if num_replicas > 1:
-    train_step = jax.vmap(train_step, in_axes=(0, None, 0))
-    eval_step = jax.vmap(eval_step, in_axes=(0, None, 0))
+    if resolve_replica_mode(replica_mode) == "vmap":
+      train_step = jax.vmap(train_step, in_axes=(0, None, 0))
+      eval_step = jax.vmap(eval_step, in_axes=(0, None, 0))
+    else:
+      train_step = _unrolled(train_step, num_replicas)
+      eval_step = _unrolled(eval_step, num_replicas)
   rep = sharding.replicated(mesh)
   data = sharding.batch_sharding(mesh)
   train = jax.jit(train_step, in_shardings=(rep, data, rep),

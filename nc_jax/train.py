@@ -81,6 +81,9 @@ def _validate(config: ConfigDict) -> None:
                      f"{config.mixup_alpha}.")
   if config.num_seeds < 1:
     raise ValueError(f"num_seeds must be >= 1, got {config.num_seeds}.")
+  if config.seeds_mode not in steps_lib.REPLICA_MODES:
+    raise ValueError(f"seeds_mode must be one of {steps_lib.REPLICA_MODES}, "
+                     f"got {config.seeds_mode!r}.")
   if config.pipeline not in data_lib.PIPELINES:
     raise ValueError(f"pipeline must be one of {data_lib.PIPELINES}, got "
                      f"{config.pipeline!r}.")
@@ -229,7 +232,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   train_step, eval_step = steps_lib.compile_steps(
       steps_lib.make_train_step(model, tx, schedule, cfg),
       steps_lib.make_eval_step(model, cfg, with_features=config.nc_metrics),
-      mesh, num_replicas=s)
+      mesh, num_replicas=s, replica_mode=config.seeds_mode)
 
   keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
                     for r in range(s)])
@@ -241,9 +244,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   state = init(keys[0] if s == 1 else keys)
   etf = jax.device_put(etf, sharding.replicated(mesh))
   n_params = sum(x.size for x in jax.tree.leaves(state.params)) // s
+  replicas = f"{s} replica(s)"
+  if s > 1:
+    replicas += f" ({steps_lib.resolve_replica_mode(config.seeds_mode)})"
   say(f"model: {config.backbone} + {method.head} head ({config.method}), "
       f"{n_params:,} trainable parameters, feature dim {model.feature_dim}; "
-      f"{s} replica(s); mesh {mesh.devices.size} device(s) over "
+      f"{replicas}; mesh {mesh.devices.size} device(s) over "
       f"{jax.process_count()} process(es), backend {jax.default_backend()}")
 
   # ---------------------------------------------------------- resume

@@ -191,6 +191,7 @@ def test_corrupt_checkpoint_stops_and_is_kept(tiny_image_folder, tmp_path,
     (dict(imb_factor=-0.01), r"outside \(0, 1\]"),
     (dict(**{"loss.dr_form": "paper"}), "given_ew=False"),
     (dict(num_seeds=0), "num_seeds"),
+    (dict(seeds_mode="pmap"), "seeds_mode"),
 ])
 def test_bad_config_values(tiny_image_folder, tmp_path, override, match):
   config = tiny_config(tiny_image_folder, **override)

@@ -120,7 +120,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --- seeds
   c.seed = int(kv.get("seed", 0))  # init, data order, mixup
-  c.num_seeds = 1  # independent replicas trained in one program (vmap)
+  c.num_seeds = 1  # independent replicas trained in one program
+  # How replicas share the program: "vmap" batches them (grouped convs; best
+  # on GPU/TPU), "unroll" gives each its own copy of the graph (best on CPU,
+  # where grouped convs are slow); "auto" picks by backend.
+  c.seeds_mode = "auto"
 
   # --- variants
   if "quick" in variants:

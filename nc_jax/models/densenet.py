@@ -94,11 +94,13 @@ class DenseLayer(nn.Module):
     """`(B, H, W, C)` -> `(B, H, W, C + k)`."""
     out = x
     if self.bottleneck:
-      out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
+      out = batch_norm(train, activation="relu",
+                       dtype=self.dtype, name="bn1")(out)
       out = nn.Conv(4 * self.growth_rate, (1, 1), use_bias=False,
                     kernel_init=KAIMING_NORMAL, dtype=self.dtype,
                     name="conv1")(out)
-    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
+    out = batch_norm(train, activation="relu",
+                     dtype=self.dtype, name="bn2")(out)
     out = nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)),
                   use_bias=False, kernel_init=KAIMING_NORMAL,
                   dtype=self.dtype, name="conv2")(out)
@@ -118,7 +120,7 @@ class Transition(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """`(B, H, W, C)` -> `(B, floor(H/2), floor(W/2), features)`."""
-    x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(x))
+    x = batch_norm(train, activation="relu", dtype=self.dtype, name="bn")(x)
     x = nn.Conv(self.features, (1, 1), use_bias=False,
                 kernel_init=KAIMING_NORMAL, dtype=self.dtype, name="conv")(x)
     # 'VALID' floors odd sizes, like PyTorch's avg_pool2d(x, 2).
@@ -173,7 +175,7 @@ class DenseNet(nn.Module):
       if block < NUM_BLOCKS - 1:
         x = Transition(plan[block + 1][0], dtype=self.dtype,
                        name=f"trans{block + 1}")(x, train)
-    x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn")(x))
+    x = batch_norm(train, activation="relu", dtype=self.dtype, name="bn")(x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nc_jax import etf as etf_lib
+from nc_jax.models import norm
 
 # ---------------------------------------------------------------------------
 # Conventions shared by every backbone and head in this package.
@@ -61,21 +62,26 @@ Dtype = Any
 
 
 def batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
-               name: str | None = None) -> nn.BatchNorm:
+               activation: str = "none",
+               name: str | None = None) -> norm.BatchNorm:
   """A BatchNorm with the reference's momentum and epsilon.
 
   Train mode normalises with the batch's statistics and updates the running
   ones in `batch_stats` (which must then be mutable); eval mode uses the
   running statistics. Statistics are reduced in float32 even for bfloat16
-  inputs (Flax's default). Scale starts at 1, bias at 0, as in PyTorch.
-  One small difference from PyTorch remains: Flax folds the biased batch
-  variance into the running variance, PyTorch the unbiased one (a factor
-  B / (B - 1), under 1% at batch 128). Under `jit` with a batch sharded
-  over a mesh the statistics are those of the global batch, as in
+  inputs. Scale starts at 1, bias at 0, as in PyTorch. `activation="relu"`
+  fuses the following ReLU (and a residual passed as the second call
+  argument) into the layer's hand-written gradient (`nc_jax.models.norm`,
+  which has the same variables and numbers as `flax.linen.BatchNorm`).
+  One small difference from PyTorch remains: Flax's convention folds the
+  biased batch variance into the running variance, PyTorch the unbiased one
+  (a factor B / (B - 1), under 1% at batch 128). Under `jit` with a batch
+  sharded over a mesh the statistics are those of the global batch, as in
   single-device PyTorch; no `axis_name` is needed.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, dtype=dtype, name=name)
+  return norm.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPSILON, activation=activation,
+                        dtype=dtype, name=name)
 
 
 def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:

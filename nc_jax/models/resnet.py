@@ -65,17 +65,18 @@ class Bottleneck(nn.Module):
     out_planes = self.planes * EXPANSION
     kw = dict(dtype=self.dtype)
     out = _conv(self.planes, 1, name="conv1", **kw)(x)
-    out = nn.relu(batch_norm(train, name="bn1", **kw)(out))
+    out = batch_norm(train, activation="relu", name="bn1", **kw)(out)
     out = _conv(self.planes, 3, self.stride, name="conv2", **kw)(out)
-    out = nn.relu(batch_norm(train, name="bn2", **kw)(out))
+    out = batch_norm(train, activation="relu", name="bn2", **kw)(out)
     out = _conv(out_planes, 1, name="conv3", **kw)(out)
-    out = batch_norm(train, name="bn3", **kw)(out)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out_planes:
       shortcut = _conv(out_planes, 1, self.stride, name="downsample_conv",
                        **kw)(x)
       shortcut = batch_norm(train, name="downsample_bn", **kw)(shortcut)
-    return nn.relu(out + shortcut)
+    # relu(bn3(out) + shortcut), fused into one layer with its own gradient.
+    return batch_norm(train, activation="relu", name="bn3", **kw)(
+        out, shortcut)
 
 
 class ResNet(nn.Module):
@@ -114,7 +115,7 @@ class ResNet(nn.Module):
                        f"{self.planes} must have the same length.")
     x = x.astype(self.dtype)
     x = _conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+    x = batch_norm(train, activation="relu", dtype=self.dtype, name="bn1")(x)
     # Flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, 1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, planes) in enumerate(zip(self.stage_sizes,

@@ -89,13 +89,15 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """`(B, H, W, C)` -> `(B, ceil(H/stride), ceil(W/stride), planes)`."""
     out = conv3x3(self.planes, self.stride, dtype=self.dtype, name="conv1")(x)
-    out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
+    out = batch_norm(train, activation="relu",
+                     dtype=self.dtype, name="bn1")(out)
     out = conv3x3(self.planes, dtype=self.dtype, name="conv2")(out)
-    out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.planes:
       shortcut = option_a_shortcut(x, self.planes, self.stride)
-    return nn.relu(out + shortcut)
+    # relu(bn2(out) + shortcut), fused into one layer with its own gradient.
+    return batch_norm(train, activation="relu", dtype=self.dtype,
+                      name="bn2")(out, shortcut)
 
 
 class ResNetCifar(nn.Module):
@@ -133,7 +135,7 @@ class ResNetCifar(nn.Module):
     """
     x = x.astype(self.dtype)
     x = conv3x3(self.widths[0], dtype=self.dtype, name="conv1")(x)
-    x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+    x = batch_norm(train, activation="relu", dtype=self.dtype, name="bn1")(x)
     for stage, planes in enumerate(self.widths):
       for j in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and j == 0 else 1

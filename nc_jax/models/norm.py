@@ -1,0 +1,179 @@
+"""BatchNorm fused with its ReLU (and residual add), with a hand-written VJP.
+
+`BatchNorm` here is a drop-in for `flax.linen.BatchNorm` in the backbones:
+same variables (`params/scale`, `params/bias`, `batch_stats/mean`,
+`batch_stats/var`), same running-statistics update (Flax's convention: the
+biased batch variance from `E[x^2] - E[x]^2`, clipped at 0, weighted by
+`1 - momentum`; nothing is updated while initialising), same numbers up to
+float32 rounding. What differs is how the training-mode gradient is computed.
+
+Why: autodiff of `relu(normalize(x) * scale + bias + residual)` leaves XLA's
+CPU backend with many passes over the activation (broadcasts of the
+per-channel vectors, a separate ReLU mask, the statistics' own gradients);
+on the 2-core dev box BN+ReLU forward+backward on a `(128, 32, 32, 16)`
+activation took 18 ms that way, 6 ms with this VJP, which reads the
+activation three times and writes the input gradient once (PyTorch's native
+kernels: 11 ms). It is also what the textbook BatchNorm backward is:
+
+    g' = g * [y > 0]                    (ReLU mask, from the saved output)
+    dbias = sum g',  dscale = sum g' * xhat
+    dx = scale / sigma * (g' - dbias / N - xhat * dscale / N)
+    dresidual = g'
+
+with `xhat = (x - mean) / sigma`, `sigma = sqrt(var + eps)` and sums over
+the `N` rows of every channel. The batch statistics returned for the
+running averages are treated as constants (their cotangents are ignored):
+they feed only `batch_stats`, never the loss.
+
+Statistics and the normalisation are computed in float32 whatever the input
+dtype; the output has the module's `dtype`.
+
+References:
+  Ioffe, Szegedy. Batch Normalization: Accelerating Deep Network Training by
+  Reducing Internal Covariate Shift. ICML 2015. (Sec. 3, the gradients.)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+ACTIVATIONS = ("relu", "none")
+
+
+def _rows(x: jax.Array) -> jax.Array:
+  """`(..., C)` -> `(N, C)`: the channel-last activation as one matrix."""
+  return x.reshape(-1, x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def batch_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                   residual: jax.Array | None, epsilon: float,
+                   activation: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode BatchNorm, plus an optional residual, then an activation.
+
+  Args:
+    x: `(..., C)` activation (any float dtype); statistics over all leading
+      axes.
+    scale: `(C,)` float32.
+    bias: `(C,)` float32.
+    residual: `None`, or an array of `x`'s shape added after the affine map
+      and before the activation.
+    epsilon: added to the variance.
+    activation: "relu" or "none".
+
+  Returns:
+    `(y, mean, var)`: `y` float32 with `x`'s shape, and the `(C,)` batch
+    mean and biased variance (float32), for the running averages.
+  """
+  return _forward(x, scale, bias, residual, epsilon, activation)[0]
+
+
+def _statistics(x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  mean = jnp.mean(x2, axis=0)
+  var = jnp.maximum(jnp.mean(x2 * x2, axis=0) - mean * mean, 0.0)
+  return mean, var
+
+
+def _forward(x, scale, bias, residual, epsilon, activation):
+  if activation not in ACTIVATIONS:
+    raise ValueError(
+        f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+  x2 = _rows(x).astype(jnp.float32)
+  mean, var = _statistics(x2)
+  inv = jax.lax.rsqrt(var + epsilon)
+  # One fused multiply-add per element: y = x * a + b.
+  a = inv * scale
+  y = x2 * a + (bias - mean * a)
+  if residual is not None:
+    y = y + _rows(residual).astype(jnp.float32)
+  if activation == "relu":
+    y = jnp.maximum(y, 0.0)
+  y = y.reshape(x.shape)
+  # Residuals must be arrays or pytree structure: None vs () says whether a
+  # residual was added. The output stands in for the ReLU mask.
+  saved = (x, y if activation == "relu" else None, mean, inv, scale,
+           None if residual is None else ())
+  return (y, mean, var), saved
+
+
+def _backward(epsilon, activation, saved, cotangents):
+  del epsilon, activation
+  x, y, mean, inv, scale, residual_marker = saved
+  g = _rows(cotangents[0]).astype(jnp.float32)
+  if y is not None:
+    g = jnp.where(_rows(y) > 0, g, 0.0)
+  x2 = _rows(x).astype(jnp.float32)
+  n = x2.shape[0]
+  dbias = jnp.sum(g, axis=0)
+  # sum g * xhat without materialising xhat = (x - mean) * inv.
+  dscale = (jnp.sum(g * x2, axis=0) - mean * dbias) * inv
+  # dx = scale * inv * (g - dbias / n - xhat * dscale / n), as per-channel
+  # coefficients of one fused pass: dx = g * p + x * q + r.
+  p = scale * inv
+  q = -p * inv * dscale / n
+  r = -p * dbias / n - q * mean
+  dx = g * p + x2 * q + r
+  dres = None if residual_marker is None else g.reshape(x.shape)
+  return dx.reshape(x.shape).astype(x.dtype), dscale, dbias, dres
+
+
+batch_norm_act.defvjp(_forward, _backward)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis, optionally fused with residual + ReLU.
+
+  Attributes:
+    use_running_average: eval mode (running statistics, nothing updated).
+    momentum: weight of the OLD running value (Flax's convention).
+    epsilon: added to the variance.
+    activation: "relu" or "none", applied after the (optional) residual.
+    dtype: output dtype; statistics are float32 regardless.
+
+  Variables are those of `flax.linen.BatchNorm`, so the two are
+  interchangeable in checkpoints.
+  """
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  activation: str = "none"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array,
+               residual: jax.Array | None = None) -> jax.Array:
+    """`(..., C)` (and optional same-shape `residual`) -> `(..., C)`."""
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"Unknown activation {self.activation!r}; expected "
+                       f"one of {ACTIVATIONS}.")
+    if residual is not None and residual.shape != x.shape:
+      raise ValueError(f"residual shape {residual.shape} != input shape "
+                       f"{x.shape}.")
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,),
+                            jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if self.use_running_average:
+      inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
+      y = (x.astype(jnp.float32) - ra_mean.value) * (inv * scale) + bias
+      if residual is not None:
+        y = y + residual.astype(jnp.float32)
+      if self.activation == "relu":
+        y = jnp.maximum(y, 0.0)
+      return y.astype(self.dtype)
+    y, mean, var = batch_norm_act(x, scale, bias, residual, self.epsilon,
+                                  self.activation)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+      ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+    return y.astype(self.dtype)

@@ -1,0 +1,129 @@
+"""The fused BatchNorm(+residual+ReLU) against flax.linen.BatchNorm."""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nc_jax.models import norm
+
+
+def _inputs(seed=0, shape=(6, 5, 4, 7)):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(3.0 * rng.standard_normal(shape) + 1.5, jnp.float32)
+  res = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return x, res, cot
+
+
+def _variables(c, seed=1):
+  """Non-trivial params and running stats, shared by both layers."""
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return {"params": {"scale": 1.0 + 0.3 * f(c), "bias": 0.5 * f(c)},
+          "batch_stats": {"mean": f(c), "var": 1.0 + jnp.abs(f(c))}}
+
+
+def _reference(train, activation):
+  bn = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                    epsilon=1e-5)
+
+  def apply(variables, x, res):
+    y, upd = bn.apply(variables, x, mutable=["batch_stats"])
+    if res is not None:
+      y = y + res
+    if activation == "relu":
+      y = jax.nn.relu(y)
+    return y, upd
+
+  return apply
+
+
+def _ours(train, activation):
+  bn = norm.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, activation=activation)
+
+  def apply(variables, x, res):
+    return bn.apply(variables, x, res, mutable=["batch_stats"])
+
+  return apply
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_matches_flax_values_grads_and_running_stats(activation, with_residual,
+                                                     train):
+  x, res, cot = _inputs()
+  res = res if with_residual else None
+  v = _variables(x.shape[-1])
+  results = []
+  for make in (_reference, _ours):
+    apply = make(train, activation)
+
+    def loss(params, x, res):
+      y, upd = apply({"params": params, "batch_stats": v["batch_stats"]},
+                     x, res)
+      return jnp.vdot(y, cot), (y, upd)
+
+    (_, (y, upd)), grads = jax.jit(jax.value_and_grad(
+        loss, argnums=(0, 1, 2), has_aux=True))(v["params"], x, res)
+    results.append((y, upd, grads))
+  (y0, u0, g0), (y1, u1, g1) = results
+  np.testing.assert_allclose(y1, y0, atol=2e-5, rtol=1e-5)
+  chex.assert_trees_all_close(u1, u0, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(g1, g0, atol=5e-5, rtol=1e-4)
+  if train:  # the running statistics moved
+    assert not np.allclose(u1["batch_stats"]["mean"], v["batch_stats"]["mean"])
+
+
+def test_gradient_matches_finite_differences():
+  x, res, _ = _inputs(seed=3, shape=(4, 3, 3, 5))
+  x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
+  scale = jnp.linspace(0.5, 1.5, 5)
+  bias = jnp.linspace(-0.2, 0.3, 5)
+
+  def f(x, scale, bias, res):
+    y = norm.batch_norm_act(x, scale, bias, res, 1e-5, "relu")[0]
+    return jnp.sum(jnp.sin(y))
+
+  from jax.test_util import check_grads
+  check_grads(f, (x, scale, bias, res), order=1, modes=["rev"], atol=2e-2,
+              rtol=2e-2, eps=1e-3)
+
+
+def test_bfloat16_input_keeps_float32_statistics():
+  x, res, _ = _inputs()
+  bn = norm.BatchNorm(use_running_average=False, dtype=jnp.bfloat16,
+                      activation="relu")
+  v = bn.init(jax.random.PRNGKey(0), x.astype(jnp.bfloat16))
+  chex.assert_trees_all_equal_dtypes(v, jax.tree.map(
+      lambda a: jnp.zeros((), jnp.float32), v))
+  y, _ = bn.apply(v, x.astype(jnp.bfloat16), res.astype(jnp.bfloat16),
+                  mutable=["batch_stats"])
+  assert y.dtype == jnp.bfloat16
+  g = jax.grad(lambda xx: jnp.sum(bn.apply(
+      v, xx, mutable=["batch_stats"])[0].astype(jnp.float32)))(
+          x.astype(jnp.bfloat16))
+  assert g.dtype == jnp.bfloat16
+
+
+def test_init_does_not_move_running_statistics():
+  x, _, _ = _inputs()
+  v = norm.BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), x)
+  np.testing.assert_array_equal(v["batch_stats"]["mean"], 0.0)
+  np.testing.assert_array_equal(v["batch_stats"]["var"], 1.0)
+
+
+def test_bad_arguments_raise():
+  x, res, _ = _inputs()
+  with pytest.raises(ValueError, match="activation"):
+    norm.BatchNorm(use_running_average=False, activation="gelu").init(
+        jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="residual shape"):
+    norm.BatchNorm(use_running_average=False).init(
+        jax.random.PRNGKey(0), x, res[:, :2])

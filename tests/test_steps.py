@@ -1,0 +1,93 @@
+"""Compiled steps: replicas by vmap and by unrolling agree, compile once."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import cifar_lt
+from nc_jax import etf as etf_lib
+from nc_jax import models, optim, sharding
+from nc_jax import steps as steps_lib
+
+S = 2
+
+
+def _setup():
+  m = steps_lib.get_method("etf_dr")
+  model = models.create_model("resnet8", num_classes=10, head=m.head)
+  tx, schedule = optim.make_optimizer(cifar_lt.get_config().optim, 10, 100)
+  cfg = steps_lib.StepConfig(
+      method=m, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
+      mixup_alpha=1.0, given_ew=True, dr_form="reference", e_w=1.0, e_h=1.0,
+      reg_lam=0.0)
+  return model, tx, schedule, cfg
+
+
+def _batches(n=2, b=8):
+  rng = np.random.default_rng(0)
+  return [{"image": rng.integers(0, 256, (b, 16, 16, 3), dtype=np.uint8),
+           "label": rng.integers(0, 10, b).astype(np.int32),
+           "mask": np.ones(b, bool)} for _ in range(n)]
+
+
+def _run(mode):
+  model, tx, schedule, cfg = _setup()
+  mesh = sharding.make_mesh()
+  train_step, eval_step = steps_lib.compile_steps(
+      steps_lib.make_train_step(model, tx, schedule, cfg),
+      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=S,
+      replica_mode=mode)
+  keys = jnp.stack([jax.random.PRNGKey(r) for r in range(S)])
+  rep = sharding.replicated(mesh)
+  state = jax.jit(jax.vmap(
+      lambda k: steps_lib.init_state(model, tx, k, (16, 16, 3))),
+                  out_shardings=rep)(keys)
+  etf = jax.device_put(jnp.stack(
+      [etf_lib.simplex_etf(10, model.feature_dim, seed=r) for r in range(S)]),
+                       rep)
+  outs = []
+  for b in _batches():
+    batch = sharding.to_global({k: v for k, v in b.items() if k != "mask"},
+                               mesh)
+    state, out = train_step(state, batch, etf)
+    outs.append(out)
+  counts = eval_step(state, sharding.to_global(_batches(1)[0], mesh), etf)
+  assert train_step._cache_size() == 1  # one compiled program for all steps
+  return state, outs, counts
+
+
+@pytest.fixture(scope="module")
+def both_modes():
+  return {mode: _run(mode) for mode in ("vmap", "unroll")}
+
+
+def test_unroll_equals_vmap(both_modes):
+  (sv, ov, cv), (su, ou, cu) = both_modes["vmap"], both_modes["unroll"]
+  chex.assert_trees_all_equal_shapes(sv, su)
+  chex.assert_trees_all_close(sv.params, su.params, atol=1e-4, rtol=1e-4)
+  chex.assert_trees_all_close(sv.model_state, su.model_state, atol=1e-4,
+                              rtol=1e-4)
+  for a, b in zip(ov, ou):
+    assert a["loss"].shape == (S,)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+  chex.assert_trees_all_close(cv, cu, atol=1e-6)
+
+
+def test_replicas_are_independent(both_modes):
+  state, outs, _ = both_modes["unroll"]
+  leaves = jax.tree.leaves(state.params)
+  assert all(x.shape[0] == S for x in leaves)
+  assert not np.allclose(outs[-1]["loss"][0], outs[-1]["loss"][1])
+
+
+def test_replica_mode_resolution():
+  assert steps_lib.resolve_replica_mode("auto", "cpu") == "unroll"
+  assert steps_lib.resolve_replica_mode("auto", "gpu") == "vmap"
+  assert steps_lib.resolve_replica_mode("auto", "tpu") == "vmap"
+  assert steps_lib.resolve_replica_mode("vmap", "cpu") == "vmap"
+  with pytest.raises(ValueError, match="replica mode 'pmap'"):
+    steps_lib.resolve_replica_mode("pmap")
