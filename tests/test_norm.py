@@ -106,10 +106,11 @@ def test_bfloat16_input_keeps_float32_statistics():
   y, _ = bn.apply(v, x.astype(jnp.bfloat16), res.astype(jnp.bfloat16),
                   mutable=["batch_stats"])
   assert y.dtype == jnp.bfloat16
-  g = jax.grad(lambda xx: jnp.sum(bn.apply(
-      v, xx, mutable=["batch_stats"])[0].astype(jnp.float32)))(
-          x.astype(jnp.bfloat16))
-  assert g.dtype == jnp.bfloat16
+  gx, gr = jax.grad(lambda xx, rr: jnp.sum(bn.apply(
+      v, xx, rr, mutable=["batch_stats"])[0].astype(jnp.float32)),
+                    argnums=(0, 1))(x.astype(jnp.bfloat16),
+                                    res.astype(jnp.bfloat16))
+  assert gx.dtype == gr.dtype == jnp.bfloat16
 
 
 def test_init_does_not_move_running_statistics():

@@ -96,10 +96,11 @@ def _forward(x, scale, bias, residual, epsilon, activation):
   if activation == "relu":
     y = jnp.maximum(y, 0.0)
   y = y.reshape(x.shape)
-  # Residuals must be arrays or pytree structure: None vs () says whether a
-  # residual was added. The output stands in for the ReLU mask.
+  # Residuals must be arrays or pytree structure: None, or an empty array of
+  # the residual's dtype, says whether (and in what dtype) one was added.
+  # The output stands in for the ReLU mask.
   saved = (x, y if activation == "relu" else None, mean, inv, scale,
-           None if residual is None else ())
+           None if residual is None else jnp.zeros((0,), residual.dtype))
   return (y, mean, var), saved
 
 
@@ -120,7 +121,8 @@ def _backward(epsilon, activation, saved, cotangents):
   q = -p * inv * dscale / n
   r = -p * dbias / n - q * mean
   dx = g * p + x2 * q + r
-  dres = None if residual_marker is None else g.reshape(x.shape)
+  dres = (None if residual_marker is None
+          else g.reshape(x.shape).astype(residual_marker.dtype))
   return dx.reshape(x.shape).astype(x.dtype), dscale, dbias, dres
 
 

@@ -1,0 +1,55 @@
+"""Run by test_xla_defaults.py in a subprocess: a few train steps, as JSON.
+
+Applies `experiments.xla_defaults` first, exactly as the entry points do,
+so the environment decides which XLA flags compile the step.
+"""
+
+import json
+import os
+
+from experiments import xla_defaults
+
+xla_defaults.apply()
+
+import jax  # noqa: E402  (after the flags, as in the entry points)
+import numpy as np  # noqa: E402
+
+from experiments.configs import cifar_lt  # noqa: E402
+from nc_jax import etf as etf_lib  # noqa: E402
+from nc_jax import models, optim, sharding  # noqa: E402
+from nc_jax import steps as steps_lib  # noqa: E402
+
+
+def main():
+  m = steps_lib.get_method("etf_dr")
+  model = models.create_model("resnet8", num_classes=10, head=m.head)
+  tx, schedule = optim.make_optimizer(cifar_lt.get_config().optim, 10, 100)
+  cfg = steps_lib.StepConfig(
+      method=m, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
+      mixup_alpha=1.0, given_ew=True, dr_form="reference", e_w=1.0, e_h=1.0,
+      reg_lam=0.0)
+  mesh = sharding.make_mesh()
+  train_step, eval_step = steps_lib.compile_steps(
+      steps_lib.make_train_step(model, tx, schedule, cfg),
+      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=1)
+  rep = sharding.replicated(mesh)
+  state = jax.jit(lambda k: steps_lib.init_state(model, tx, k, (16, 16, 3)),
+                  out_shardings=rep)(jax.random.PRNGKey(0))
+  etf = jax.device_put(etf_lib.simplex_etf(10, model.feature_dim), rep)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(3):
+    batch = sharding.to_global({
+        "image": rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, 32).astype(np.int32)}, mesh)
+    state, out = train_step(state, batch, etf)
+    losses.append(float(out["loss"]))
+  leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+  print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "losses": losses,
+                    "params": np.concatenate([x.ravel() for x in leaves])
+                              .tolist()}))
+
+
+if __name__ == "__main__":
+  main()

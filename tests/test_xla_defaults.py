@@ -1,0 +1,49 @@
+"""The default CPU flags (YNNPACK fusions, oneDNN convolutions) compute the
+same train step as XLA's own CPU code, and users' XLA_FLAGS win."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from experiments import xla_defaults
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(**env_overrides) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "NC_JAX_NO_XLA_DEFAULTS")}
+  env.update(env_overrides, JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-m", "tests.flags_step"], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_default_flags_match_xla_cpu_defaults():
+  fast = _run()
+  plain = _run(NC_JAX_NO_XLA_DEFAULTS="1")
+  assert fast["xla_flags"] == " ".join(xla_defaults.CPU_FLAGS)
+  assert plain["xla_flags"] == ""
+  np.testing.assert_allclose(fast["losses"], plain["losses"], rtol=1e-5)
+  np.testing.assert_allclose(fast["params"], plain["params"], atol=2e-5)
+
+
+def test_user_flags_are_kept(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS", raising=False)
+  xla_defaults.apply()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+  monkeypatch.delenv("XLA_FLAGS")
+  monkeypatch.setenv("NC_JAX_NO_XLA_DEFAULTS", "1")
+  xla_defaults.apply()
+  assert "XLA_FLAGS" not in os.environ
+  monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS")
+  xla_defaults.apply()
+  assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
