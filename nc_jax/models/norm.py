@@ -52,6 +52,38 @@ def _rows(x: jax.Array) -> jax.Array:
   return x.reshape(-1, x.shape[-1])
 
 
+def _channel_vector(v: jax.Array) -> jax.Array:
+  """`v @ I`: the same `(C,)` values, produced by a dot.
+
+  Why: XLA's CPU fusion merges the broadcast of a per-channel vector into
+  the elementwise op that computed the vector, which writes the broadcast
+  out as a full `(N, C)` array and reads it back; broadcasting the result
+  of a dot instead happens inside the YNNPACK elementwise fusion, for free.
+  On the 2-core dev box this took the ResNet-32 train step from about 670
+  to 620 ms. Exact for finite `v` (each entry is `v_i * 1` plus zeros).
+  """
+  eye = jnp.eye(v.shape[-1], dtype=v.dtype)
+  return jnp.dot(v, eye, precision=jax.lax.Precision.HIGHEST)
+
+
+def _affine_act(x2: jax.Array, a: jax.Array, c: jax.Array,
+                residual: jax.Array | None, activation: str) -> jax.Array:
+  """`act(x2 * a + c + residual)` on `(N, C)` rows, float32.
+
+  ReLU is written `(z + |z|) * 0.5`, which is exactly `max(z, 0)`: the
+  `max` against a broadcast zero was a separate pass over a materialised
+  zero array on XLA's CPU backend, while abs/add/multiply fuse with the
+  affine map. The 0.5 is a per-channel vector derived from `a` (not a
+  literal) so that it too is broadcast inside the fusion.
+  """
+  y = x2 * _channel_vector(a) + _channel_vector(c)
+  if residual is not None:
+    y = y + _rows(residual).astype(jnp.float32)
+  if activation == "relu":
+    y = (y + jnp.abs(y)) * _channel_vector(a * 0.0 + 0.5)
+  return y
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def batch_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array,
                    residual: jax.Array | None, epsilon: float,
@@ -88,13 +120,9 @@ def _forward(x, scale, bias, residual, epsilon, activation):
   x2 = _rows(x).astype(jnp.float32)
   mean, var = _statistics(x2)
   inv = jax.lax.rsqrt(var + epsilon)
-  # One fused multiply-add per element: y = x * a + b.
+  # One fused multiply-add per element: y = x * a + c.
   a = inv * scale
-  y = x2 * a + (bias - mean * a)
-  if residual is not None:
-    y = y + _rows(residual).astype(jnp.float32)
-  if activation == "relu":
-    y = jnp.maximum(y, 0.0)
+  y = _affine_act(x2, a, bias - mean * a, residual, activation)
   y = y.reshape(x.shape)
   # Residuals must be arrays or pytree structure: None, or an empty array of
   # the residual's dtype, says whether (and in what dtype) one was added.
@@ -109,7 +137,10 @@ def _backward(epsilon, activation, saved, cotangents):
   x, y, mean, inv, scale, residual_marker = saved
   g = _rows(cotangents[0]).astype(jnp.float32)
   if y is not None:
-    g = jnp.where(_rows(y) > 0, g, 0.0)
+    # The ReLU mask y > 0, against a zero vector broadcast inside the fusion
+    # (see `_channel_vector`).
+    zero = _channel_vector(mean * 0.0)
+    g = jnp.where(_rows(y) > zero, g, zero)
   x2 = _rows(x).astype(jnp.float32)
   n = x2.shape[0]
   dbias = jnp.sum(g, axis=0)
@@ -165,6 +196,9 @@ class BatchNorm(nn.Module):
                             jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if self.use_running_average:
+      # Plain XLA here: without a backward pass, its own fusion of this
+      # chain is faster than the `_affine_act` form (eval 820 vs 610
+      # images/s for ResNet-32 on the dev box).
       inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
       y = (x.astype(jnp.float32) - ra_mean.value) * (inv * scale) + bias
       if residual is not None:
