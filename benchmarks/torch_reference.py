@@ -19,10 +19,10 @@ ever called on a machine without GPUs). `--channels_last` is NOT the
 reference (which runs NCHW) but shows what oneDNN does with NHWC.
 
 Measured on the 2-core AVX-512 EPYC dev box (torch 2.15, 2 threads, quiet
-machine, median of 20 steps): NCHW 434-467 ms/step = 274-295 images/s;
-channels_last 346 ms/step = 370 images/s. The JAX step
-(`experiments.benchmark`, default XLA flags) ran 723-780 ms = 164-177
-images/s in the same session.
+machine, median of 20 steps): NCHW 415-508 ms/step = 252-309 images/s over
+six runs in two sessions; channels_last 346 ms/step = 370 images/s. The JAX
+step (`experiments.benchmark`, default XLA flags) ran 612-676 ms = 189-209
+images/s in the second session (see README, Performance).
 """
 
 from __future__ import annotations

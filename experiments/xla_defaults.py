@@ -11,7 +11,8 @@ Users who set XLA_FLAGS themselves keep exactly their flags.
 
 Measured (jaxlib 0.10.2, 2-core AVX-512 EPYC, ResNet-32 ETF+DR train step,
 batch 128, mixup; `python -m experiments.benchmark --json`, median ms per
-step, quiet machine; run-to-run spread is about +-3%):
+step, quiet machine; runs drift by up to +-10% on this VM, so compare rows
+measured together). With Flax's BatchNorm, before `nc_jax.models.norm`:
   ynn=dot,eltwise,reduce + onednn=individual_convolution (default)   674
   ynn=dot,eltwise,reduce alone (Eigen convs; the previous default)   712
   + onednn=individual_convolution,dot                                749
@@ -20,6 +21,8 @@ step, quiet machine; run-to-run spread is about +-3%):
   ynn= (empty) + onednn convs                                       1087
   onednn=individual_convolution,eltwise,reduce,dot, no ynn          1056
   no flags at all (XLA's own default sends convs to YNN)   about 1230
+With the fused BatchNorm of `nc_jax.models.norm` the default runs 612-676
+ms (XLA's own defaults 1176 ms; ynn=eltwise,reduce + onednn convs 620-654).
 Without YNN elementwise fusions, XLA's own loop fusions fold whole chains
 of BatchNorm/ReLU/residual arithmetic into the transposes that feed the
 weight-gradient convolutions and recompute them there, element by element,
