@@ -81,19 +81,25 @@ def test_matches_flax_values_grads_and_running_stats(activation, with_residual,
     assert not np.allclose(u1["batch_stats"]["mean"], v["batch_stats"]["mean"])
 
 
-def test_gradient_matches_finite_differences():
-  x, res, _ = _inputs(seed=3, shape=(4, 3, 3, 5))
-  x = x.astype(jnp.float64) if jax.config.jax_enable_x64 else x
-  scale = jnp.linspace(0.5, 1.5, 5)
-  bias = jnp.linspace(-0.2, 0.3, 5)
-
-  def f(x, scale, bias, res):
-    y = norm.batch_norm_act(x, scale, bias, res, 1e-5, "relu")[0]
-    return jnp.sum(jnp.sin(y))
-
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gradient_matches_finite_differences_in_float64(with_residual):
   from jax.test_util import check_grads
-  check_grads(f, (x, scale, bias, res), order=1, modes=["rev"], atol=2e-2,
-              rtol=2e-2, eps=1e-3)
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(2.0 * rng.standard_normal((4, 3, 3, 5)) + 0.5)
+    res = jnp.asarray(rng.standard_normal((4, 3, 3, 5))) if with_residual \
+        else None
+    scale = jnp.asarray(np.linspace(0.5, 1.5, 5))
+    bias = jnp.asarray(np.linspace(-0.2, 0.3, 5))
+
+    def f(x, scale, bias, res):
+      y = norm.batch_norm_act(x, scale, bias, res, 1e-5, "relu")[0]
+      return jnp.sum(jnp.sin(y))
+
+    assert f(x, scale, bias, res).dtype == jnp.float64
+    args = (x, scale, bias) + ((res,) if with_residual else ())
+    check_grads(lambda *a: f(*a[:3], a[3] if with_residual else None), args,
+                order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
 
 
 def test_bfloat16_input_keeps_float32_statistics():

@@ -25,8 +25,9 @@ the `N` rows of every channel. The batch statistics returned for the
 running averages are treated as constants (their cotangents are ignored):
 they feed only `batch_stats`, never the loss.
 
-Statistics and the normalisation are computed in float32 whatever the input
-dtype; the output has the module's `dtype`.
+Statistics and the normalisation are computed in float32 for bfloat16,
+float16 and float32 inputs (float64 inputs stay float64); the output has the
+module's `dtype`.
 
 References:
   Ioffe, Szegedy. Batch Normalization: Accelerating Deep Network Training by
@@ -50,6 +51,11 @@ ACTIVATIONS = ("relu", "none")
 def _rows(x: jax.Array) -> jax.Array:
   """`(..., C)` -> `(N, C)`: the channel-last activation as one matrix."""
   return x.reshape(-1, x.shape[-1])
+
+
+def _wide(x: jax.Array) -> jax.Array:
+  """`x` in float32, or wider if it already is (float64 stays float64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _channel_vector(v: jax.Array) -> jax.Array:
@@ -78,7 +84,7 @@ def _affine_act(x2: jax.Array, a: jax.Array, c: jax.Array,
   """
   y = x2 * _channel_vector(a) + _channel_vector(c)
   if residual is not None:
-    y = y + _rows(residual).astype(jnp.float32)
+    y = y + _wide(_rows(residual))
   if activation == "relu":
     y = (y + jnp.abs(y)) * _channel_vector(a * 0.0 + 0.5)
   return y
@@ -117,7 +123,7 @@ def _forward(x, scale, bias, residual, epsilon, activation):
   if activation not in ACTIVATIONS:
     raise ValueError(
         f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
-  x2 = _rows(x).astype(jnp.float32)
+  x2 = _wide(_rows(x))
   mean, var = _statistics(x2)
   inv = jax.lax.rsqrt(var + epsilon)
   # One fused multiply-add per element: y = x * a + c.
@@ -135,13 +141,13 @@ def _forward(x, scale, bias, residual, epsilon, activation):
 def _backward(epsilon, activation, saved, cotangents):
   del epsilon, activation
   x, y, mean, inv, scale, residual_marker = saved
-  g = _rows(cotangents[0]).astype(jnp.float32)
+  g = _wide(_rows(cotangents[0]))
   if y is not None:
     # The ReLU mask y > 0, against a zero vector broadcast inside the fusion
     # (see `_channel_vector`).
     zero = _channel_vector(mean * 0.0)
     g = jnp.where(_rows(y) > zero, g, zero)
-  x2 = _rows(x).astype(jnp.float32)
+  x2 = _wide(_rows(x))
   n = x2.shape[0]
   dbias = jnp.sum(g, axis=0)
   # sum g * xhat without materialising xhat = (x - mean) * inv.
