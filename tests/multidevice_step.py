@@ -13,23 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.configs import cifar_lt
 from nc_jax import etf as etf_lib
-from nc_jax import models, optim, sharding
+from nc_jax import sharding
 from nc_jax import steps as steps_lib
+from tests.tiny_step import tiny_step_setup
 
 
 def main():
   assert jax.device_count() == 8, jax.devices()
   method = sys.argv[1] if len(sys.argv) > 1 else "etf_dr"
-  m = steps_lib.get_method(method)
-  model = models.create_model("resnet8", num_classes=10, head=m.head)
-  config = cifar_lt.get_config()
-  tx, schedule = optim.make_optimizer(config.optim, 10, 100)
-  cfg = steps_lib.StepConfig(
-      method=m, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
-      mixup_alpha=1.0, given_ew=True, dr_form="reference", e_w=1.0, e_h=1.0,
-      reg_lam=0.0)
+  model, tx, schedule, cfg = tiny_step_setup(method)
   rng = np.random.default_rng(0)
   batches = [{"image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
               "label": rng.integers(0, 10, 16).astype(np.int32)}

@@ -8,23 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import cifar_lt
 from nc_jax import etf as etf_lib
-from nc_jax import models, optim, sharding
+from nc_jax import sharding
 from nc_jax import steps as steps_lib
+from tests.tiny_step import tiny_step_setup
 
 S = 2
-
-
-def _setup():
-  m = steps_lib.get_method("etf_dr")
-  model = models.create_model("resnet8", num_classes=10, head=m.head)
-  tx, schedule = optim.make_optimizer(cifar_lt.get_config().optim, 10, 100)
-  cfg = steps_lib.StepConfig(
-      method=m, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
-      mixup_alpha=1.0, given_ew=True, dr_form="reference", e_w=1.0, e_h=1.0,
-      reg_lam=0.0)
-  return model, tx, schedule, cfg
 
 
 def _batches(n=2, b=8):
@@ -35,7 +24,7 @@ def _batches(n=2, b=8):
 
 
 def _run(mode):
-  model, tx, schedule, cfg = _setup()
+  model, tx, schedule, cfg = tiny_step_setup("etf_dr")
   mesh = sharding.make_mesh()
   train_step, eval_step = steps_lib.compile_steps(
       steps_lib.make_train_step(model, tx, schedule, cfg),
