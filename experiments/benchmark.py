@@ -42,6 +42,9 @@ _SEEDS = flags.DEFINE_integer("num_seeds", 1, "Replicas trained at once.")
 _SEEDS_MODE = flags.DEFINE_enum("seeds_mode", "auto", ["auto", "vmap", "unroll"],
                                 "How replicas share the program "
                                 "(nc_jax.steps.resolve_replica_mode).")
+_CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "onednn"],
+                               "Convolution kernels (nc_jax.models.conv); "
+                               "CIFAR ResNets only.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _MIXUP = flags.DEFINE_float("mixup_alpha", 1.0, "Mixup alpha (0 = off).")
@@ -60,7 +63,7 @@ def _peak_memory_mb(devices) -> tuple[float, str]:
 def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
                   num_classes: int = 10, image_size: int = 32,
                   num_seeds: int = 1, seeds_mode: str = "auto",
-                  steps: int = 20, warmup: int = 3,
+                  conv_impl: str = "auto", steps: int = 20, warmup: int = 3,
                   mixup_alpha: float = 1.0) -> dict:
   """Times the real compiled steps; returns the measurements as a dict."""
   import jax
@@ -72,6 +75,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   from nc_jax import optim
   from nc_jax import sharding
   from nc_jax import steps as steps_lib
+  from nc_jax.models import conv as conv_lib
   from nc_jax.train import DTYPES
   from experiments.configs import cifar_lt
 
@@ -79,6 +83,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   sharding.check_batch_size(batch_size, mesh)
   m = steps_lib.get_method(method)
   opts = {"dtype": DTYPES[dtype]}
+  if conv_impl != "auto":
+    opts["conv_impl"] = conv_impl
   if m.head == "linear":
     opts["freeze_classifier"] = m.freeze_classifier
   model = models.create_model(backbone, num_classes=num_classes, head=m.head,
@@ -146,6 +152,9 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
       "seeds_mode": (steps_lib.resolve_replica_mode(seeds_mode)
                      if num_seeds > 1 else "single"),
       "image_size": image_size,
+      "conv_impl": (conv_lib.resolve_conv_impl(conv_impl, DTYPES[dtype])
+                    if "conv_impl" in models.backbone_options(backbone)
+                    else "xla"),
       "compile_seconds": round(compile_s, 2),
       "train_step_ms_median": round(1e3 * med, 2),
       "train_step_ms_min": round(1e3 * min(times), 2),
@@ -170,6 +179,7 @@ def main(argv: list[str]) -> None:
                     batch_size=_BATCH.value, dtype=_DTYPE.value,
                     num_classes=_NUM_CLASSES.value, image_size=_IMAGE.value,
                     num_seeds=_SEEDS.value, seeds_mode=_SEEDS_MODE.value,
+                    conv_impl=_CONV_IMPL.value,
                     steps=_STEPS.value,
                     warmup=_WARMUP.value, mixup_alpha=_MIXUP.value)
   if _JSON.value:

@@ -29,6 +29,7 @@ from nc_jax import etf as etf_lib
 from nc_jax import metrics as metrics_lib
 from nc_jax import models
 from nc_jax import nc_metrics
+from nc_jax.models import conv as conv_lib
 from nc_jax import optim
 from nc_jax import reporting
 from nc_jax import sharding
@@ -68,6 +69,17 @@ def _validate(config: ConfigDict) -> None:
   if config.compute_dtype not in DTYPES:
     raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got "
                      f"{config.compute_dtype!r}.")
+  if config.conv_impl not in conv_lib.CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {conv_lib.CONV_IMPLS}, got "
+                     f"{config.conv_impl!r}.")
+  if _backbone_takes_conv_impl(config.backbone):
+    # Raises here, before any work, if "onednn" cannot run on this machine.
+    conv_lib.resolve_conv_impl(config.conv_impl,
+                               DTYPES[config.compute_dtype])
+  elif config.conv_impl == "onednn":
+    raise ValueError(
+        f"conv_impl='onednn' is implemented for the CIFAR ResNets, not "
+        f"{config.backbone!r}; use conv_impl='auto' or 'xla'.")
   if config.loss.dr_form not in ("reference", "paper"):
     raise ValueError("loss.dr_form must be 'reference' or 'paper', got "
                      f"{config.loss.dr_form!r}.")
@@ -247,9 +259,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   replicas = f"{s} replica(s)"
   if s > 1:
     replicas += f" ({steps_lib.resolve_replica_mode(config.seeds_mode)})"
+  convs = (conv_lib.resolve_conv_impl(config.conv_impl,
+                                     DTYPES[config.compute_dtype])
+           if _backbone_takes_conv_impl(config.backbone) else "xla")
   say(f"model: {config.backbone} + {method.head} head ({config.method}), "
       f"{n_params:,} trainable parameters, feature dim {model.feature_dim}; "
-      f"{replicas}; mesh {mesh.devices.size} device(s) over "
+      f"{convs} convolutions; {replicas}; mesh {mesh.devices.size} device(s) over "
       f"{jax.process_count()} process(es), backend {jax.default_backend()}")
 
   # ---------------------------------------------------------- resume
@@ -350,8 +365,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   return results
 
 
+def _backbone_takes_conv_impl(name: str) -> bool:
+  return name in models.BACKBONES and "conv_impl" in models.backbone_options(
+      name)
+
+
 def _model_options(config: ConfigDict, method: steps_lib.Method) -> dict:
   opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype]}
+  if _backbone_takes_conv_impl(config.backbone):
+    opts["conv_impl"] = config.conv_impl
   if method.head == "etf":
     opts.update(etf_seed=config.etf_seed, l2_normalize=config.l2_normalize)
   else:

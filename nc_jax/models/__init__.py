@@ -104,6 +104,14 @@ def _keyword_options(factory: Callable[..., Any]) -> dict[str, Any]:
           if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def backbone_options(name: str) -> dict[str, Any]:
+  """The keyword options of backbone `name` and their defaults."""
+  if name not in BACKBONES:
+    raise ValueError(f"Unknown backbone {name!r}; valid names: "
+                     f"{', '.join(sorted(BACKBONES))}.")
+  return _keyword_options(BACKBONES[name])
+
+
 def create_model(name: str, *, num_classes: int, head: str,
                  **options: Any) -> ImageClassifier:
   """Builds a classifier from the registries.
@@ -114,6 +122,7 @@ def create_model(name: str, *, num_classes: int, head: str,
     head: head name, a key of `HEADS` (`linear` or `etf`).
     **options: backbone options (`dtype` for all, the compute dtype, e.g.
       `jnp.bfloat16`; parameters stay float32 and outputs are float32;
+      `conv_impl` for the CIFAR ResNets, see `nc_jax.models.conv`;
       `wide_layer4` for `resnet50`) and head options (`freeze_classifier`
       for `linear`; `etf_seed` and `l2_normalize` for `etf`). An option that
       belongs to the other head is accepted and ignored (so one config can
@@ -178,6 +187,7 @@ def classifier_weights(module: ImageClassifier,
 
 
 __all__ = [
-    "BACKBONES", "HEADS", "ImageClassifier", "create_model",
+    "BACKBONES", "HEADS", "ImageClassifier", "backbone_options",
+    "create_model",
     "classifier_weights",
 ]
