@@ -11,18 +11,15 @@ Kaiming-normal convs), the feature head `BatchNorm1d` -> `h / max(||h||,
 0.9, weight decay 2e-4. Inputs are random uint8 NHWC batches normalised on
 the fly, as in the JAX step. Prints one JSON object.
 
-Only PyPI is reachable here and its Linux torch wheel links the CUDA
-libraries; for CPU-only use it runs after `pip install --no-deps torch
-filelock` with stub libraries for the missing CUDA sonames on
-LD_LIBRARY_PATH (`benchmarks/make_torch_cuda_stubs.py`; no CUDA function is
-ever called on a machine without GPUs). `--channels_last` is NOT the
-reference (which runs NCHW) but shows what oneDNN does with NHWC.
+Install: `pip install torch==2.13.0` (on the dev machines this takes a CPU
+build from local disk). Where only PyPI's CUDA-linked Linux wheel is to be
+had, `pip install --no-deps torch filelock` and put stub libraries for the
+missing CUDA sonames on LD_LIBRARY_PATH (`benchmarks/make_torch_cuda_stubs.py`;
+no CUDA function is called on a machine without GPUs). `--channels_last` is
+NOT the reference (which runs NCHW) but shows what oneDNN does with NHWC.
 
-Measured on the 2-core AVX-512 EPYC dev box (torch 2.15, 2 threads, quiet
-machine, median of 20 steps): NCHW 415-508 ms/step = 252-309 images/s over
-six runs in two sessions; channels_last 346 ms/step = 370 images/s. The JAX
-step (`experiments.benchmark`, default XLA flags) ran 612-676 ms = 189-209
-images/s in the second session (see README, Performance).
+`benchmarks/vs_torch.py` runs this and `experiments.benchmark` alternately
+and prints the ratio; the measured numbers are in README, Performance.
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""The oneDNN convolution kernels against XLA's convolution and its autodiff."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nc_jax import models
+from nc_jax import onednn
+from nc_jax.models import conv as conv_lib
+
+
+def _xla_conv(x, k, strides, padding):
+  return jax.lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def test_kernels_are_built_here():
+  # CI installs the oneDNN wheels and has g++: the fast path must be there,
+  # not silently replaced by the fallback.
+  assert onednn.available(), onednn.unavailable_reason()
+  assert os.path.exists(onednn.library_path())
+  assert conv_lib.resolve_conv_impl("auto", jnp.float32) == "onednn"
+
+
+# (N, H, W, Ci, Co, KH, KW, strides, padding)
+CASES = [
+    (4, 8, 8, 3, 16, 3, 3, (1, 1), ((1, 1), (1, 1))),      # stem
+    (4, 8, 8, 16, 16, 3, 3, (1, 1), ((1, 1), (1, 1))),     # block
+    (3, 8, 8, 16, 32, 3, 3, (2, 2), ((1, 1), (1, 1))),     # downsampling
+    (2, 9, 7, 5, 6, 3, 3, (2, 1), ((1, 0), (2, 1))),       # odd everything
+    (2, 6, 6, 8, 4, 1, 1, (1, 1), ((0, 0), (0, 0))),       # 1x1
+    (1, 5, 5, 2, 3, 5, 5, (1, 1), ((2, 2), (2, 2))),       # 5x5, batch 1
+]
+
+
+@pytest.mark.parametrize("n,h,w,ci,co,kh,kw,strides,padding", CASES)
+def test_onednn_matches_xla_values_and_gradients(n, h, w, ci, co, kh, kw,
+                                                 strides, padding):
+  rng = np.random.default_rng(n * 100 + ci)
+  x = jnp.asarray(rng.normal(size=(n, h, w, ci)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kh, kw, ci, co)) / np.sqrt(kh * kw * ci),
+                  jnp.float32)
+  y_ref, vjp_ref = jax.vjp(lambda a, b: _xla_conv(a, b, strides, padding),
+                           x, k)
+  f = jax.jit(lambda a, b: conv_lib.conv2d(a, b, strides=strides,
+                                           padding=padding, impl="onednn"))
+  y, vjp = jax.vjp(f, x, k)
+  chex.assert_shape(y, y_ref.shape)
+  chex.assert_trees_all_close(y, y_ref, atol=1e-5, rtol=1e-5)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  chex.assert_trees_all_close(vjp(g), vjp_ref(g), atol=1e-4, rtol=1e-5)
+
+
+def test_a_wrong_gradient_would_be_caught():
+  # The comparison above is sensitive: a 1e-3 relative error in the weight
+  # gradient of a realistic layer is far outside its tolerance.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 16, 16, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 16, 16)) / 12, jnp.float32)
+  pad = ((1, 1), (1, 1))
+  g = jnp.asarray(rng.normal(size=(8, 16, 16, 16)), jnp.float32)
+  _, vjp = jax.vjp(lambda b: conv_lib.conv2d(x, b, strides=(1, 1),
+                                             padding=pad, impl="onednn"), k)
+  _, vjp_ref = jax.vjp(lambda b: _xla_conv(x, b, (1, 1), pad), k)
+  (dk,), (dk_ref,) = vjp(g), vjp_ref(g)
+  chex.assert_trees_all_close(dk, dk_ref, atol=1e-4, rtol=1e-5)
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_close(dk * (1 + 1e-3), dk_ref, atol=1e-4,
+                                rtol=1e-5)
+
+
+def test_vmap_over_replicas():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+  ks = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)), jnp.float32)
+  pad = ((1, 1), (1, 1))
+
+  def loss(k, impl):
+    return jnp.sum(conv_lib.conv2d(x, k, strides=(1, 1), padding=pad,
+                                   impl=impl) ** 2)
+
+  got = jax.jit(jax.vmap(jax.grad(lambda k: loss(k, "onednn"))))(ks)
+  want = jax.vmap(jax.grad(lambda k: loss(k, "xla")))(ks)
+  chex.assert_trees_all_close(got, want, atol=1e-3, rtol=1e-5)
+
+
+def test_model_is_the_same_with_either_kernels():
+  images = jnp.asarray(np.random.default_rng(2).normal(size=(8, 32, 32, 3)),
+                       jnp.float32)
+  labels = jnp.arange(8) % 10
+  outs = {}
+  for impl in ("xla", "onednn"):
+    model = models.create_model("resnet8", num_classes=10, head="etf",
+                                conv_impl=impl)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+
+    def loss_fn(params, model=model, variables=variables):
+      (logits, _), _ = model.apply(dict(variables, params=params), images,
+                                   train=True, mutable=["batch_stats"])
+      return jnp.mean((logits - jax.nn.one_hot(labels, 10)) ** 2)
+
+    outs[impl] = (variables, jax.jit(jax.value_and_grad(loss_fn))(
+        variables["params"]))
+  (v_xla, (l_xla, g_xla)), (v_dnn, (l_dnn, g_dnn)) = outs["xla"], outs["onednn"]
+  # Same variable tree (checkpoints are interchangeable) and same numbers.
+  chex.assert_trees_all_equal_shapes_and_dtypes(v_xla, v_dnn)
+  chex.assert_trees_all_close(l_dnn, l_xla, rtol=1e-5)
+  chex.assert_trees_all_close(g_dnn, g_xla, atol=2e-5, rtol=1e-3)
+
+
+def test_resolve_conv_impl():
+  assert conv_lib.resolve_conv_impl("xla") == "xla"
+  assert conv_lib.resolve_conv_impl("auto", jnp.bfloat16) == "xla"
+  with pytest.raises(ValueError, match="not float32"):
+    conv_lib.resolve_conv_impl("onednn", jnp.bfloat16)
+  with pytest.raises(ValueError, match="Unknown conv_impl 'cudnn'"):
+    conv_lib.resolve_conv_impl("cudnn")
+  with pytest.raises(ValueError, match="matching channels"):
+    conv_lib.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)),
+                    strides=(1, 1), padding=((1, 1), (1, 1)), impl="onednn")
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+      text=True, timeout=300, env={**os.environ, **env}, check=False)
+
+
+CHECK_FALLBACK = """
+    import jax.numpy as jnp
+    from nc_jax import onednn
+    from nc_jax.models import conv
+    assert not onednn.available()
+    print("REASON:", onednn.unavailable_reason())
+    assert conv.resolve_conv_impl("auto", jnp.float32) == "xla"
+    try:
+      conv.resolve_conv_impl("onednn", jnp.float32)
+    except ValueError as e:
+      print("ERROR:", e)
+"""
+
+
+def test_switched_off_falls_back_to_xla_and_says_so():
+  r = _run(CHECK_FALLBACK, NC_JAX_NO_ONEDNN="1")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "REASON: switched off by NC_JAX_NO_ONEDNN" in r.stdout
+  assert "ERROR: conv_impl='onednn' cannot run here" in r.stdout
+  assert "Use conv_impl='auto' or 'xla'" in r.stdout
+
+
+def test_missing_compiler_falls_back_to_xla_and_says_so(tmp_path):
+  r = _run(CHECK_FALLBACK, CXX="no-such-compiler-x",
+           NC_JAX_CACHE_DIR=str(tmp_path))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "no C++ compiler (no-such-compiler-x)" in r.stdout
+  assert not list(tmp_path.rglob("*.so"))
+
+
+def test_build_goes_to_the_cache_dir(tmp_path):
+  r = _run("""
+      from nc_jax import onednn
+      assert onednn.available(), onednn.unavailable_reason()
+      print(onednn.library_path())
+  """, NC_JAX_CACHE_DIR=str(tmp_path))
+  assert r.returncode == 0, r.stderr[-2000:]
+  path = r.stdout.strip().splitlines()[-1]
+  assert path.startswith(str(tmp_path / "kernels")) and path.endswith(".so")
+  # No half-written temporaries are left beside it.
+  assert [p.name for p in (tmp_path / "kernels").iterdir()] == [
+      os.path.basename(path)]
