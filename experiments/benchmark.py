@@ -14,7 +14,8 @@ Data loading is excluded (batches are random uint8 already on device), which
 is what the device-resident pipeline achieves in training.
 
 XLA flags: unless XLA_FLAGS is set, the CPU defaults of
-`experiments.xla_defaults` are applied, as in training.
+`experiments.xla_defaults` are applied, as in training (none when the
+convolutions are nc_jax's oneDNN kernels, see `--conv_impl`).
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  xla_defaults.apply()
+  xla_defaults.apply(onednn_convs=xla_defaults.expects_onednn_convs(
+      _BACKBONE.value, _DTYPE.value, _CONV_IMPL.value))
   r = run_benchmark(backbone=_BACKBONE.value, method=_METHOD.value,
                     batch_size=_BATCH.value, dtype=_DTYPE.value,
                     num_classes=_NUM_CLASSES.value, image_size=_IMAGE.value,

@@ -49,7 +49,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   # Import after flag parsing: the XLA defaults must be in the environment
   # before jax initialises its backends.
-  xla_defaults.apply()
+  config = _CONFIG.value
+  xla_defaults.apply(onednn_convs=xla_defaults.expects_onednn_convs(
+      config.backbone, config.compute_dtype, config.conv_impl,
+      multi_process=bool(_COORDINATOR.value) or (_NUM_PROCESSES.value or 1) > 1))
   if not flags.FLAGS["verbosity"].present:
     # Library INFO chatter (orbax, tfds) would drown the progress lines.
     logging.set_verbosity(logging.WARNING)
@@ -60,7 +63,7 @@ def main(argv: list[str]) -> None:
                                         _PROCESS_ID.value)
   from nc_jax import checkpoint
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
   except (train.ConfigError, checkpoint.CheckpointError) as e:
     # Configuration, input and checkpoint problems: one clear message naming
     # the fix, no traceback. Anything else is a bug and keeps its traceback.

@@ -117,9 +117,14 @@ def _build() -> pathlib.Path:
   out = _cache_dir() / f"onednn_conv_{key}.so"
   if out.exists():
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-  os.close(fd)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+  except OSError as e:
+    raise OneDNNUnavailable(
+        f"cannot write the kernel cache {out.parent} ({e}); set "
+        "NC_JAX_CACHE_DIR to a writable folder.") from e
   cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC",
          f"-I{inc}", f"-I{ffi_inc}", str(_SOURCE),
          "-o", tmp, str(lib), f"-Wl,-rpath,{lib.parent}"]
@@ -137,7 +142,16 @@ def _load() -> None:
   if os.environ.get("NC_JAX_NO_ONEDNN"):
     raise OneDNNUnavailable("switched off by NC_JAX_NO_ONEDNN.")
   path = _build()
-  library = ctypes.CDLL(str(path))
+  try:
+    library = ctypes.CDLL(str(path))
+  except OSError:
+    # A damaged cache entry (e.g. a disk that filled up): build it again.
+    path.unlink(missing_ok=True)
+    path = _build()
+    try:
+      library = ctypes.CDLL(str(path))
+    except OSError as e:
+      raise OneDNNUnavailable(f"cannot load {path}: {e}") from e
   for target, symbol in _TARGETS.values():
     jax.ffi.register_ffi_target(
         target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

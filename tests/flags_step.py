@@ -1,7 +1,8 @@
 """Run by test_xla_defaults.py in a subprocess: a few train steps, as JSON.
 
 Applies `experiments.xla_defaults` first, exactly as the entry points do,
-so the environment decides which XLA flags compile the step.
+so the environment decides which XLA flags compile the step; CONV_IMPL
+(default "xla") picks the model's convolution kernels.
 """
 
 import json
@@ -9,7 +10,8 @@ import os
 
 from experiments import xla_defaults
 
-xla_defaults.apply()
+CONV_IMPL = os.environ.get("CONV_IMPL", "xla")
+xla_defaults.apply(onednn_convs=CONV_IMPL == "onednn")
 
 import jax  # noqa: E402  (after the flags, as in the entry points)
 import numpy as np  # noqa: E402
@@ -21,7 +23,7 @@ from tests.tiny_step import tiny_step_setup  # noqa: E402
 
 
 def main():
-  model, tx, schedule, cfg = tiny_step_setup("etf_dr")
+  model, tx, schedule, cfg = tiny_step_setup("etf_dr", conv_impl=CONV_IMPL)
   mesh = sharding.make_mesh()
   train_step, eval_step = steps_lib.compile_steps(
       steps_lib.make_train_step(model, tx, schedule, cfg),

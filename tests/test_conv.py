@@ -178,3 +178,28 @@ def test_build_goes_to_the_cache_dir(tmp_path):
   # No half-written temporaries are left beside it.
   assert [p.name for p in (tmp_path / "kernels").iterdir()] == [
       os.path.basename(path)]
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path):
+  code = """
+      from nc_jax import onednn
+      assert onednn.available(), onednn.unavailable_reason()
+      print(onednn.library_path())
+  """
+  first = _run(code, NC_JAX_CACHE_DIR=str(tmp_path))
+  assert first.returncode == 0, first.stderr[-2000:]
+  path = first.stdout.strip().splitlines()[-1]
+  with open(path, "wb") as f:
+    f.write(b"not a shared library")
+  second = _run(code, NC_JAX_CACHE_DIR=str(tmp_path))
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert second.stdout.strip().splitlines()[-1] == path
+  assert os.path.getsize(path) > 10_000
+
+
+def test_unwritable_cache_falls_back_and_names_the_fix(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("a file where the cache folder should go")
+  r = _run(CHECK_FALLBACK, NC_JAX_CACHE_DIR=str(blocker))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "set NC_JAX_CACHE_DIR to a writable folder" in r.stdout

@@ -1,5 +1,6 @@
 """The default CPU flags (YNNPACK fusions, oneDNN convolutions) compute the
-same train step as XLA's own CPU code, and users' XLA_FLAGS win."""
+same train step as XLA's own CPU code; with nc_jax's oneDNN convolution
+kernels no flags are set; users' XLA_FLAGS win."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def test_default_flags_match_xla_cpu_defaults():
   assert plain["xla_flags"] == ""
   np.testing.assert_allclose(fast["losses"], plain["losses"], rtol=1e-5)
   np.testing.assert_allclose(fast["params"], plain["params"], atol=2e-5)
+  # nc_jax's own oneDNN convolutions: no flags, and the same step again.
+  onednn = _run(CONV_IMPL="onednn")
+  assert onednn["xla_flags"] == ""
+  np.testing.assert_allclose(onednn["losses"], plain["losses"], rtol=1e-5)
+  np.testing.assert_allclose(onednn["params"], plain["params"], atol=2e-5)
 
 
 def test_user_flags_are_kept(monkeypatch):
@@ -45,5 +51,17 @@ def test_user_flags_are_kept(monkeypatch):
   xla_defaults.apply()
   assert "XLA_FLAGS" not in os.environ
   monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS")
+  xla_defaults.apply(onednn_convs=True)
+  assert "XLA_FLAGS" not in os.environ
   xla_defaults.apply()
   assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
+
+
+def test_which_runs_expect_onednn_convolutions():
+  expects = xla_defaults.expects_onednn_convs
+  assert expects("resnet32", "float32", "auto")
+  assert expects("resnet32_c100", "float32", "onednn")
+  assert not expects("resnet32", "float32", "xla")
+  assert not expects("resnet32", "bfloat16", "auto")
+  assert not expects("resnet50", "float32", "auto")
+  assert not expects("resnet32", "float32", "auto", multi_process=True)

@@ -12,10 +12,11 @@ from nc_jax import models, optim
 from nc_jax import steps as steps_lib
 
 
-def tiny_step_setup(method: str = "etf_dr"):
+def tiny_step_setup(method: str = "etf_dr", conv_impl: str = "auto"):
   """Returns `(model, tx, schedule, step_config)` for `method`."""
   m = steps_lib.get_method(method)
-  model = models.create_model("resnet8", num_classes=10, head=m.head)
+  model = models.create_model("resnet8", num_classes=10, head=m.head,
+                              conv_impl=conv_impl)
   tx, schedule = optim.make_optimizer(cifar_lt.get_config().optim, 10, 100)
   cfg = steps_lib.StepConfig(
       method=m, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3,
