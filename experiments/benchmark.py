@@ -175,8 +175,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  xla_defaults.apply(onednn_convs=xla_defaults.expects_onednn_convs(
-      _BACKBONE.value, _DTYPE.value, _CONV_IMPL.value))
+  xla_defaults.apply(backbone=_BACKBONE.value, compute_dtype=_DTYPE.value,
+                     conv_impl=_CONV_IMPL.value)
   r = run_benchmark(backbone=_BACKBONE.value, method=_METHOD.value,
                     batch_size=_BATCH.value, dtype=_DTYPE.value,
                     num_classes=_NUM_CLASSES.value, image_size=_IMAGE.value,

@@ -50,9 +50,10 @@ def main(argv: list[str]) -> None:
   # Import after flag parsing: the XLA defaults must be in the environment
   # before jax initialises its backends.
   config = _CONFIG.value
-  xla_defaults.apply(onednn_convs=xla_defaults.expects_onednn_convs(
-      config.backbone, config.compute_dtype, config.conv_impl,
-      multi_process=bool(_COORDINATOR.value) or (_NUM_PROCESSES.value or 1) > 1))
+  xla_defaults.apply(
+      backbone=config.backbone, compute_dtype=config.compute_dtype,
+      conv_impl=config.conv_impl,
+      multi_process=bool(_COORDINATOR.value) or (_NUM_PROCESSES.value or 1) > 1)
   if not flags.FLAGS["verbosity"].present:
     # Library INFO chatter (orbax, tfds) would drown the progress lines.
     logging.set_verbosity(logging.WARNING)

@@ -11,7 +11,7 @@ import os
 from experiments import xla_defaults
 
 CONV_IMPL = os.environ.get("CONV_IMPL", "xla")
-xla_defaults.apply(onednn_convs=CONV_IMPL == "onednn")
+xla_defaults.apply(backbone="resnet8", conv_impl=CONV_IMPL)
 
 import jax  # noqa: E402  (after the flags, as in the entry points)
 import numpy as np  # noqa: E402

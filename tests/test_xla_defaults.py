@@ -51,8 +51,11 @@ def test_user_flags_are_kept(monkeypatch):
   xla_defaults.apply()
   assert "XLA_FLAGS" not in os.environ
   monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS")
-  xla_defaults.apply(onednn_convs=True)
+  xla_defaults.apply(backbone="resnet32")
   assert "XLA_FLAGS" not in os.environ
+  xla_defaults.apply(backbone="resnet32", compute_dtype="bfloat16")
+  assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
+  monkeypatch.delenv("XLA_FLAGS")
   xla_defaults.apply()
   assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
 
@@ -65,3 +68,45 @@ def test_which_runs_expect_onednn_convolutions():
   assert not expects("resnet32", "bfloat16", "auto")
   assert not expects("resnet50", "float32", "auto")
   assert not expects("resnet32", "float32", "auto", multi_process=True)
+
+
+MALLOC_PROBE = """
+from experiments import xla_defaults
+xla_defaults.apply()
+import resource
+import jax
+import jax.numpy as jnp
+
+@jax.jit
+def f(x, w):
+  # (4096, 4096) float32 intermediates: 64 MB temporaries per call.
+  return jnp.sum(jnp.tanh(x @ w) @ w)
+
+x = jnp.ones((4096, 4096), jnp.float32) * 1e-3
+for _ in range(3):
+  f(x, x).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  f(x, x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 5)
+"""
+
+
+def test_malloc_tuning_stops_per_step_page_faults():
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("NC_JAX_NO_MALLOC_TUNING", "GLIBC_TUNABLES",
+                      "MALLOC_ARENA_MAX")}
+
+  def faults(**extra):
+    p = subprocess.run([sys.executable, "-c", MALLOC_PROBE], cwd=ROOT,
+                       env={**env, **extra, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return int(p.stdout.strip().splitlines()[-1])
+
+  untuned = faults(NC_JAX_NO_MALLOC_TUNING="1")
+  tuned = faults()
+  # Untuned, each call maps fresh pages for its temporaries (64 MB = 16k
+  # pages); tuned, the heap keeps them.
+  assert untuned > 10_000, untuned
+  assert tuned < 1_000, tuned
