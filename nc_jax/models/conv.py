@@ -16,8 +16,9 @@ Why: on the 2-core dev box oneDNN's primitives ran a ResNet-32 3x3
 convolution's forward + both gradients in 10.7 / 8.8 / 7.4 ms (32x32x16,
 16x16x32, 8x8x64, batch 128) against XLA's 25.1 / 15.7 / 11.1 ms, most of
 the difference being XLA's weight gradient, which it computes as a forward
-convolution over transposed copies of both operands
-(`python -m experiments.benchmark --conv_impl xla|onednn` for the step).
+convolution over transposed copies of both operands. Whole ResNet-32 train
+step: 587 ms with xla, 327-358 ms with onednn
+(`python -m experiments.benchmark --conv_impl xla|onednn --json`).
 
 "auto" keeps xla on several devices because an opaque custom call has no
 SPMD partitioning rule: XLA would gather a batch-sharded operand onto every
