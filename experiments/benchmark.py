@@ -76,15 +76,15 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   from nc_jax import optim
   from nc_jax import sharding
   from nc_jax import steps as steps_lib
-  from nc_jax.models import conv as conv_lib
   from nc_jax.train import DTYPES
   from experiments.configs import cifar_lt
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh)
   m = steps_lib.get_method(method)
+  convs = models.backbone_conv_impl(backbone, conv_impl, DTYPES[dtype])
   opts = {"dtype": DTYPES[dtype]}
-  if conv_impl != "auto":
+  if "conv_impl" in models.backbone_options(backbone):
     opts["conv_impl"] = conv_impl
   if m.head == "linear":
     opts["freeze_classifier"] = m.freeze_classifier
@@ -153,9 +153,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
       "seeds_mode": (steps_lib.resolve_replica_mode(seeds_mode)
                      if num_seeds > 1 else "single"),
       "image_size": image_size,
-      "conv_impl": (conv_lib.resolve_conv_impl(conv_impl, DTYPES[dtype])
-                    if "conv_impl" in models.backbone_options(backbone)
-                    else "xla"),
+      "conv_impl": convs,
       "compile_seconds": round(compile_s, 2),
       "train_step_ms_median": round(1e3 * med, 2),
       "train_step_ms_min": round(1e3 * min(times), 2),

@@ -29,7 +29,6 @@ from nc_jax import etf as etf_lib
 from nc_jax import metrics as metrics_lib
 from nc_jax import models
 from nc_jax import nc_metrics
-from nc_jax.models import conv as conv_lib
 from nc_jax import optim
 from nc_jax import reporting
 from nc_jax import sharding
@@ -69,17 +68,11 @@ def _validate(config: ConfigDict) -> None:
   if config.compute_dtype not in DTYPES:
     raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got "
                      f"{config.compute_dtype!r}.")
-  if config.conv_impl not in conv_lib.CONV_IMPLS:
-    raise ValueError(f"conv_impl must be one of {conv_lib.CONV_IMPLS}, got "
-                     f"{config.conv_impl!r}.")
-  if _backbone_takes_conv_impl(config.backbone):
-    # Raises here, before any work, if "onednn" cannot run on this machine.
-    conv_lib.resolve_conv_impl(config.conv_impl,
-                               DTYPES[config.compute_dtype])
-  elif config.conv_impl == "onednn":
-    raise ValueError(
-        f"conv_impl='onednn' is implemented for the CIFAR ResNets, not "
-        f"{config.backbone!r}; use conv_impl='auto' or 'xla'.")
+  if config.backbone in models.BACKBONES:
+    # Raises here, before any work, for a bad conv_impl or one that cannot
+    # run on this machine.
+    models.backbone_conv_impl(config.backbone, config.conv_impl,
+                              DTYPES[config.compute_dtype])
   if config.loss.dr_form not in ("reference", "paper"):
     raise ValueError("loss.dr_form must be 'reference' or 'paper', got "
                      f"{config.loss.dr_form!r}.")
@@ -259,13 +252,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   replicas = f"{s} replica(s)"
   if s > 1:
     replicas += f" ({steps_lib.resolve_replica_mode(config.seeds_mode)})"
-  convs = (conv_lib.resolve_conv_impl(config.conv_impl,
-                                     DTYPES[config.compute_dtype])
-           if _backbone_takes_conv_impl(config.backbone) else "xla")
+  convs = models.backbone_conv_impl(config.backbone, config.conv_impl,
+                                    DTYPES[config.compute_dtype])
   say(f"model: {config.backbone} + {method.head} head ({config.method}), "
       f"{n_params:,} trainable parameters, feature dim {model.feature_dim}; "
-      f"{convs} convolutions; {replicas}; mesh {mesh.devices.size} device(s) over "
-      f"{jax.process_count()} process(es), backend {jax.default_backend()}")
+      f"{convs} convolutions; {replicas}; mesh {mesh.devices.size} "
+      f"device(s) over {jax.process_count()} process(es), backend "
+      f"{jax.default_backend()}")
 
   # ---------------------------------------------------------- resume
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints",
@@ -365,14 +358,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   return results
 
 
-def _backbone_takes_conv_impl(name: str) -> bool:
-  return name in models.BACKBONES and "conv_impl" in models.backbone_options(
-      name)
-
-
 def _model_options(config: ConfigDict, method: steps_lib.Method) -> dict:
   opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype]}
-  if _backbone_takes_conv_impl(config.backbone):
+  if "conv_impl" in models.backbone_options(config.backbone):
     opts["conv_impl"] = config.conv_impl
   if method.head == "etf":
     opts.update(etf_seed=config.etf_seed, l2_normalize=config.l2_normalize)

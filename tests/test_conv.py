@@ -203,3 +203,15 @@ def test_unwritable_cache_falls_back_and_names_the_fix(tmp_path):
   r = _run(CHECK_FALLBACK, NC_JAX_CACHE_DIR=str(blocker))
   assert r.returncode == 0, r.stderr[-2000:]
   assert "set NC_JAX_CACHE_DIR to a writable folder" in r.stdout
+
+
+def test_backbone_conv_impl():
+  assert models.backbone_conv_impl("resnet32") == "onednn"
+  assert models.backbone_conv_impl("resnet32", "xla") == "xla"
+  assert models.backbone_conv_impl("resnet50") == "xla"
+  with pytest.raises(ValueError, match="CIFAR ResNets, not 'densenet_bc'"):
+    models.backbone_conv_impl("densenet_bc", "onednn")
+  with pytest.raises(ValueError, match="Unknown conv_impl 'cudnn'"):
+    models.backbone_conv_impl("resnet50", "cudnn")
+  with pytest.raises(ValueError, match="Unknown backbone"):
+    models.backbone_conv_impl("vgg")

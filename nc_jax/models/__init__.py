@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nc_jax.models import densenet, heads, resnet, resnet_cifar
+from nc_jax.models import conv, densenet, heads, resnet, resnet_cifar
 from nc_jax.models.heads import ETFHead, LinearHead
 
 # name -> factory(*, **backbone_options) returning a backbone Module with a
@@ -112,6 +112,29 @@ def backbone_options(name: str) -> dict[str, Any]:
   return _keyword_options(BACKBONES[name])
 
 
+def backbone_conv_impl(name: str, conv_impl: str = "auto",
+                       dtype: Any = jnp.float32) -> str:
+  """Which convolution kernels backbone `name` runs here: "onednn" or "xla".
+
+  Backbones without a `conv_impl` option always use XLA's; for the others
+  see `nc_jax.models.conv.resolve_conv_impl`.
+
+  Raises:
+    ValueError: unknown backbone or `conv_impl`, or "onednn" where it
+      cannot run (the message names the alternative).
+  """
+  if "conv_impl" in backbone_options(name):
+    return conv.resolve_conv_impl(conv_impl, dtype)
+  if conv_impl not in conv.CONV_IMPLS:
+    raise ValueError(f"Unknown conv_impl {conv_impl!r}; expected one of "
+                     f"{conv.CONV_IMPLS}.")
+  if conv_impl == "onednn":
+    raise ValueError(
+        f"conv_impl='onednn' is implemented for the CIFAR ResNets, not "
+        f"{name!r}; use conv_impl='auto' or 'xla'.")
+  return "xla"
+
+
 def create_model(name: str, *, num_classes: int, head: str,
                  **options: Any) -> ImageClassifier:
   """Builds a classifier from the registries.
@@ -187,7 +210,7 @@ def classifier_weights(module: ImageClassifier,
 
 
 __all__ = [
-    "BACKBONES", "HEADS", "ImageClassifier", "backbone_options",
-    "create_model",
+    "BACKBONES", "HEADS", "ImageClassifier", "backbone_conv_impl",
+    "backbone_options", "create_model",
     "classifier_weights",
 ]
