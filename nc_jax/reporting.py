@@ -40,9 +40,13 @@ class MetricWriter:
     self._jsonl = workdir / "metrics.jsonl"
     self._tb = None
     if self._active and tensorboard:
-      import tensorflow as tf  # the input pipelines need TF already
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      except ImportError:  # a GPU host without TF: metrics.jsonl only
+        tf = None
+      if tf is not None:
+        self._tf = tf
+        self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
   def write(self, step: int, kind: str, scalars: Mapping[str, Any]) -> None:
     if not self._active:

@@ -30,6 +30,7 @@ from nc_jax import metrics as metrics_lib
 from nc_jax import models
 from nc_jax import nc_metrics
 from nc_jax import optim
+from nc_jax import provenance
 from nc_jax import reporting
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
@@ -204,7 +205,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       profile=config.imb_profile, selection_seed=config.selection_seed,
       batch_size=config.batch_size, seed=config.seed, mesh=mesh,
       pipeline=config.pipeline,
-      imagenet_lt_train_list=config.imagenet_lt_train_list)
+      imagenet_lt_train_list=config.imagenet_lt_train_list,
+      train_splits=config.train_splits or None)
   eval_input = data_lib.make_eval_input(
       config.dataset, data_dir=data_dir,
       batch_size=config.eval_batch_size, mesh=mesh)
@@ -214,6 +216,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       f"{train_input.num_examples} train images, per class "
       f"{list(train_input.counts)}; {eval_input.num_examples} test images "
       f"[{time.perf_counter() - t0:.1f}s, pipeline={config.pipeline}]")
+  if train_input.subset is not None and reporting.is_chief():
+    ckpt_lib.write_json_atomic(workdir / "train_subset.json",
+                               train_input.subset)
 
   spe = train_input.steps_per_epoch
   total = optim.duration_steps(config, "num", spe)
@@ -265,6 +270,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
                                        keep=config.keep_checkpoints)
   writer = reporting.MetricWriter(workdir)
   history: list[dict] = []
+  # Wall time and restarts accumulate over the run's processes.
+  t_start, wall_before, resumes = time.perf_counter(), 0.0, 0
   start = checkpointer.latest_step()
   if start is not None:
     abstract = jax.tree.map(
@@ -272,6 +279,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
         state)
     state, record = checkpointer.restore(start, abstract)
     history = record.get("history", [])
+    wall_before = float(record.get("wall_s", 0.0))
+    resumes = int(record.get("resumes", 0)) + 1
     writer.truncate_after(start)
     say(f"resumed from the checkpoint at step {start} "
         f"(epoch {start / spe:.2f}) in {checkpointer.directory}")
@@ -288,7 +297,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
         config.dataset, data_dir=data_dir,
         batch_size=config.eval_batch_size, mesh=mesh, split="train_lt",
         imb_factor=config.imb_factor, profile=config.imb_profile,
-        selection_seed=config.selection_seed)
+        selection_seed=config.selection_seed,
+        train_splits=config.train_splits or None)
     train_evaluator = _Evaluator(eval_step, train_eval_input, num_replicas=s,
                                  num_classes=info.num_classes, groups=groups,
                                  classifier_fn=classifier_fn, with_nc=True)
@@ -340,12 +350,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
     if step % eval_every == 0 or step == total:
       run_eval(step)
     if step % ckpt_every == 0 or step == total:
-      checkpointer.save(step, state, {"history": history})
+      checkpointer.save(step, state, {
+          "history": history, "resumes": resumes,
+          "wall_s": wall_before + time.perf_counter() - t_start})
 
   # ----------------------------------------------------------- results
   if start == total and not history:
     run_eval(step)
   results = _results(config, train_input, history, s)
+  results["provenance"] = dict(
+      provenance.describe(jax.devices()),
+      wall_s=round(wall_before + time.perf_counter() - t_start, 1),
+      resumes=resumes)
   if reporting.is_chief():
     ckpt_lib.write_json_atomic(results_path, results)
   f = results["final"]
@@ -400,8 +416,12 @@ def _results(config, train_input, history, num_replicas) -> dict[str, Any]:
       "num_seeds": num_replicas,
       "final": final,
       "best": best,
+      # Every evaluation, per seed: the headline numbers and per-class
+      # accuracy (for learning curves of single classes).
       "history": [{"epoch": h["epoch"], "step": h["step"],
-                   "top1": [m["top1"] for m in h["test"]]} for h in history],
+                   **{k: [m.get(k) for m in h["test"]]
+                      for k in ("top1", "head", "medium", "tail",
+                                "per_class")}} for h in history],
   }
   if num_replicas > 1:
     out.update(final_std=final_std, best_std=best_std, per_seed=per_seed)

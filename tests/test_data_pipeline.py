@@ -227,7 +227,7 @@ def test_folder_with_wrong_image_size_is_explained(tmp_path):
       d.mkdir(parents=True)
       tf.io.write_file(str(d / "0.png"), tf.io.encode_png(
           np.zeros((8, 8, 3), np.uint8)))
-  with pytest.raises(ValueError, match=r"do not decode to \(32, 32, 3\)"):
+  with pytest.raises(ValueError, match=r"do not all decode to \(32, 32, 3\).*is 8x8, not 32x32"):
     data.make_eval_input("cifar10", data_dir=tmp_path, batch_size=4,
                          mesh=MESH)
 
@@ -274,15 +274,57 @@ def test_eight_cpu_devices_in_a_subprocess(tree):
       out.stdout[-3000:] + out.stderr[-3000:])
 
 
-def test_public_image_folder_route_gives_the_same_subset(tree, monkeypatch):
-  """Without ImageFolder's example list, the public as_dataset route (reads
-  every file) must give the same labels and selected images."""
-  source = sources.check_data_dir("cifar10", tree)
-  fast_labels = sources.read_labels(source, "train")
-  idx = np.array([0, 5, 17, 399])
-  fast_images = sources.decode_images(source, "train", idx)
-  monkeypatch.setattr(sources, "_folder_examples", lambda *a: None)
-  np.testing.assert_array_equal(sources.read_labels(source, "train"),
-                                fast_labels)
-  np.testing.assert_array_equal(sources.decode_images(source, "train", idx),
-                                fast_images)
+def test_folder_listing_is_natural_order_and_tf_free_decode_matches(
+    tmp_path, monkeypatch):
+  """Files sort by the value of their digit runs (9 < 10 < 100), whatever
+  the zero padding, classes by name; Pillow decodes the same pixels as TF."""
+  from nc_jax.data import folders
+  names = ["10.png", "9.png", "100.png", "a2.png", "a10.png", "notes.txt"]
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for cls in ("b", "a"):
+      d = tmp_path / split / cls
+      d.mkdir(parents=True)
+      for n in names:
+        if n.endswith(".png"):
+          tf.io.write_file(str(d / n), tf.io.encode_png(
+              rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+        else:
+          (d / n).write_text("not an image")
+  listing = folders.list_tree(str(tmp_path))
+  assert listing.classes == ("a", "b")
+  order = ["9.png", "10.png", "100.png", "a2.png", "a10.png"]
+  assert listing.splits["train"].ids == tuple(
+      [f"a/{n}" for n in order] + [f"b/{n}" for n in order])
+  assert listing.splits["train"].labels.tolist() == [0] * 5 + [1] * 5
+  paths = listing.paths("train")
+  with_tf = folders.decode(paths, (32, 32, 3))
+  monkeypatch.setattr(folders, "_have_tf", lambda: False)
+  np.testing.assert_array_equal(folders.decode(paths, (32, 32, 3)), with_tf)
+  with pytest.raises(ValueError, match="do not all decode"):
+    folders.decode(paths, (16, 16, 3))
+
+
+def test_subset_record_names_the_selected_files(tree):
+  arrays = subset(tree)
+  rec = arrays.subset_record()
+  assert rec["classes"] == [f"c{c}" for c in range(10)]
+  assert [len(x) for x in rec["images"]] == list(arrays.counts)
+  # Reference selection over the natural order of each class folder.
+  rng = np.random.RandomState(0)
+  for c, ids in enumerate(rec["images"]):
+    perm = np.arange(40)
+    rng.shuffle(perm)
+    assert ids == [f"c{c}/{i:04d}.png" for i in sorted(perm[:len(ids)])]
+
+
+def test_svhn_folder_without_extra_stops_unless_told(tree):
+  """The SVHN recipe trains on train + extra; a folder without extra/ must
+  not silently train on train alone."""
+  with pytest.raises(ValueError, match=r"no extra/ folder.*train_splits=train"):
+    data.make_train_input("svhn", data_dir=tree, imb_factor=R, batch_size=B,
+                          seed=0, mesh=MESH)
+  ti = data.make_train_input("svhn", data_dir=tree, imb_factor=R,
+                             batch_size=B, seed=0, mesh=MESH,
+                             train_splits=("train",))
+  assert ti.counts == data.long_tail_counts(40, R, num_classes=10)

@@ -62,3 +62,35 @@ def test_cifar10_test_set_once(cifar10_dir):
   assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
   # Each JPEG appears once: (nearly) all 10,000 images are distinct.
   assert len({x.tobytes() for x in images}) >= 9990
+
+
+def _reference_subset(classes, ratio):
+  """The reference's selection, computed here from its description alone:
+  np.random.seed(0) once, then per class in label order shuffle the
+  indices of that class (CIFAR-10's original order, which the shared
+  files' NNNN numbering keeps) and keep the first n_c."""
+  rng = np.random.RandomState(0)
+  out = []
+  for c, name in enumerate(classes):
+    n_c = int(5000 * ratio ** (c / 9.0))
+    idx = np.arange(5000)
+    rng.shuffle(idx)
+    out.append(sorted(f"{name}/{i:04d}.jpg" for i in idx[:n_c]))
+  return out
+
+
+def test_cifar10_r001_subset_is_the_references(cifar10_dir):
+  from nc_jax.data import sources
+  arrays = sources.load_train_lt("cifar10", str(cifar10_dir), 0.01, "exp", 0)
+  rec = arrays.subset_record()
+  assert rec["classes"] == ["airplane", "automobile", "bird", "cat", "deer",
+                            "dog", "frog", "horse", "ship", "truck"]
+  want = _reference_subset(rec["classes"], 0.01)
+  assert [len(x) for x in want] == CIFAR10_R001
+  assert [sorted(x) for x in rec["images"]] == want
+  # The images held are those files, in the record's order.
+  first = rec["images"][9][0]
+  from PIL import Image
+  pixels = np.asarray(Image.open(cifar10_dir / "train" / first).convert("RGB"))
+  np.testing.assert_array_equal(
+      arrays.images[arrays.ids.index(first)], pixels)

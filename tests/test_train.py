@@ -218,9 +218,11 @@ def test_unknown_config_keys_fail():
   c = cfg_lib.get_config("quick")
   with pytest.raises(AttributeError):
     c.num_epoch = 3  # typo of num_epochs: locked configs refuse new fields
-  with pytest.raises(ValueError, match="Unknown config argument 'datset'"):
+  with pytest.raises(ValueError, match="Unknown config argument 'datset'.*"
+                     "Did you mean 'dataset'"):
     cfg_lib.get_config("datset=cifar10")
-  with pytest.raises(ValueError, match="Unknown config variant 'quik'"):
+  with pytest.raises(ValueError, match="Unknown config variant or preset "
+                     "'quik'. Did you mean 'quick'"):
     cfg_lib.get_config("quik")
 
 
@@ -230,15 +232,31 @@ def test_both_durations_is_an_error(tiny_image_folder, tmp_path):
     train.train_and_evaluate(config, tmp_path)
 
 
-def test_presets_cover_the_reference_configs():
+def test_presets_are_the_reference_configs():
   presets = cfg_lib.presets()
-  assert len(presets) == 25
+  # 4 datasets x 3 ratios x {ce, etf_dr}, all ResNet-32, + ImageNet-LT pair.
+  assert len(presets) == 26
   for name, arg in presets.items():
-    c = cfg_lib.get_config(arg)
+    c = cfg_lib.get_config(name)
+    assert c.to_dict() == cfg_lib.get_config(arg).to_dict()
     data_lib.dataset_info(c.dataset)
-    assert 0 < c.imb_factor <= 1
-  assert cfg_lib.get_config("dataset=cifar100").backbone == "resnet32_c100"
-  c = cfg_lib.get_config("imagenet_lt")
+    assert c.method == name.rsplit("_", 2)[-1] if name.endswith("_ce") else (
+        c.method == "etf_dr")
+    if not name.startswith("imagenet_lt"):
+      assert c.imb_factor == float(name.split("_r")[1].split("_")[0])
+      assert c.backbone in ("resnet32", "resnet32_c100")
+      assert (c.num_epochs, c.eval_every_epochs) == (200.0, 1.0)
+  c = cfg_lib.get_config("cifar10_r0.01_etf_dr")
+  assert (c.dataset, c.imb_factor, c.method, c.backbone) == (
+      "cifar10", 0.01, "etf_dr", "resnet32")
+  assert c.optim.decay_epochs == (160, 180) and c.mixup_alpha == 1.0
+  assert cfg_lib.get_config("cifar100_r0.02_ce").backbone == "resnet32_c100"
+  dense = cfg_lib.densenet_presets()
+  assert len(dense) == 24 and all(n.endswith("_densenet") for n in dense)
+  assert cfg_lib.get_config("svhn_r0.01_ce_densenet").backbone == "densenet_bc"
+  with pytest.raises(ValueError, match="Did you mean 'cifar10_r0.01_etf_dr'"):
+    cfg_lib.get_config("cifar10_r0.01_etfdr")
+  c = cfg_lib.get_config("imagenet_lt_etf_dr")
   assert (c.batch_size, c.optim.schedule, c.loss.reg_lam) == (1024, "cosine", 0.01)
   assert not c.l2_normalize
 

@@ -29,12 +29,10 @@ from typing import Any, Callable, Iterator
 from absl import logging
 import jax
 import numpy as np
-import tensorflow as tf
 from jax.sharding import Mesh
 
 from nc_jax import sharding
 from nc_jax.data import device as device_lib
-from nc_jax.data import imagenet_lt
 from nc_jax.data import long_tail
 from nc_jax.data import sources
 
@@ -91,6 +89,9 @@ class TrainInput:
     batch_size: global batch size B.
     steps_per_epoch: num_examples // B (the remainder is dropped).
     pipeline: "tfdata" or "device".
+    subset: which images were selected, `{"classes": [...], "images":
+      [[ids of class 0], ...]}` (what `train_subset.json` holds), or None
+      for streamed sets (ImageNet-LT: its list is the subset).
   """
   info: sources.DatasetInfo
   counts: list[int]
@@ -101,6 +102,7 @@ class TrainInput:
   mesh: Mesh
   _global: Callable[[int], Iterator[Batch]] | None = None
   _local: Callable[[int], Iterator[Batch]] | None = None
+  subset: dict | None = None
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Endless global batches from global step `start_step` on.
@@ -166,6 +168,7 @@ def tf_crop_flip_gather(images: tf.Tensor, idx: tf.Tensor, dy: tf.Tensor,
     `(R, H, W, C)` uint8: row b is `padded[idx_b, dy_b + i, dx_b + j']`,
     `j' = W - 1 - j` when flipped.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   h, w = images.shape[1], images.shape[2]
   x = tf.pad(tf.gather(images, idx), [[0, 0], [pad, pad], [pad, pad], [0, 0]])
   rows = dy[:, None] + tf.range(h)[None, :]                       # (R, H)
@@ -179,6 +182,7 @@ def _array_tfdata(split: sources.ArraySplit, *, batch_size: int, seed: int,
                   augment: str, rows: tuple[int, int]
                   ) -> Callable[[int], Iterator[Batch]]:
   """tf.data over an in-memory subset; returns `start_step -> iterator`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = split.labels.size
   b = batch_size
   spe = n // b
@@ -218,6 +222,7 @@ def make_train_input(name: str, *,
                      mesh: Mesh,
                      pipeline: str = "tfdata",
                      imagenet_lt_train_list: str | None = None,
+                     train_splits: tuple[str, ...] | None = None,
                      _process: tuple[int, int] | None = None) -> TrainInput:
   """The long-tailed training input of dataset `name`.
 
@@ -233,6 +238,8 @@ def make_train_input(name: str, *,
     mesh: the data-parallel mesh.
     pipeline: "tfdata" or "device".
     imagenet_lt_train_list: path of ImageNet_LT_train.txt (ImageNet-LT).
+    train_splits: source splits to subsample (None: the dataset's, e.g.
+      SVHN's train + extra).
     _process: `(index, count)` to simulate a process (tests only).
 
   Returns:
@@ -248,6 +255,7 @@ def make_train_input(name: str, *,
   data_dir = os.fspath(data_dir) if data_dir is not None else None
 
   if name not in sources.IN_MEMORY:
+    from nc_jax.data import imagenet_lt  # pylint: disable=g-import-not-at-top
     if pipeline == "device":
       raise ValueError(f"{name!r} is streamed from disk; the device pipeline "
                        "holds the train set on the accelerator and only "
@@ -262,7 +270,8 @@ def make_train_input(name: str, *,
   r = long_tail.check_imb_factor(imb_factor)
   sources.check_data_dir(name, data_dir)
   split = sources.load_train_lt(name, os.path.abspath(data_dir), r, profile,
-                                int(selection_seed))
+                                int(selection_seed),
+                                _splits_key(train_splits))
   n = split.labels.size
   if n < batch_size:
     raise ValueError(f"{name}-LT r={r} has {n} images, fewer than one batch "
@@ -277,11 +286,20 @@ def make_train_input(name: str, *,
         split.images, split.labels, batch_size=batch_size, seed=seed,
         mesh=mesh, augment=info.train_augment)
     return TrainInput(info, counts, n, batch_size, n // batch_size, pipeline,
-                      mesh, dev.iterate, None)
+                      mesh, dev.iterate, None, split.subset_record())
   local = _array_tfdata(split, batch_size=batch_size, seed=seed,
                         augment=info.train_augment, rows=rows)
   return TrainInput(info, counts, n, batch_size, n // batch_size, pipeline,
-                    mesh, None, local)
+                    mesh, None, local, split.subset_record())
+
+
+def _splits_key(train_splits) -> tuple[str, ...] | None:
+  """None, a tuple or a comma string of split names -> a hashable key."""
+  if not train_splits:
+    return None
+  if isinstance(train_splits, str):
+    train_splits = train_splits.split(",")
+  return tuple(s.strip() for s in train_splits if s.strip()) or None
 
 
 # ----------------------------------------------------------------- eval
@@ -340,6 +358,7 @@ def make_eval_input(name: str, *,
                     profile: str = "exp",
                     selection_seed: int = 0,
                     imagenet_lt_train_list: str | None = None,
+                    train_splits: tuple[str, ...] | None = None,
                     _process: tuple[int, int] | None = None) -> EvalInput:
   """Evaluation input over a whole split.
 
@@ -351,7 +370,8 @@ def make_eval_input(name: str, *,
     split: "test" (the official test set), "train_lt" (the long-tailed
       train subset, unaugmented, for neural-collapse metrics; needs
       `imb_factor`), or "train" (the whole train split).
-    imb_factor, profile, selection_seed: the subset for "train_lt".
+    imb_factor, profile, selection_seed, train_splits: the subset for
+      "train_lt".
     imagenet_lt_train_list: ImageNet-LT's list for "train_lt".
     _process: `(index, count)` to simulate a process (tests only).
 
@@ -366,6 +386,7 @@ def make_eval_input(name: str, *,
   sources.check_data_dir(name, data_dir)
 
   if name not in sources.IN_MEMORY:
+    from nc_jax.data import imagenet_lt  # pylint: disable=g-import-not-at-top
     stream = imagenet_lt.make_eval_stream(
         info, data_dir=data_dir, split=split, batch_size=batch_size,
         rows=rows, train_list=imagenet_lt_train_list)
@@ -380,7 +401,8 @@ def make_eval_input(name: str, *,
                        "and selection_seed of the train input).")
     arrays = sources.load_train_lt(name, root,
                                    long_tail.check_imb_factor(imb_factor),
-                                   profile, int(selection_seed))
+                                   profile, int(selection_seed),
+                                   _splits_key(train_splits))
   else:
     arrays = sources.load_split(name, root, split)
   n = arrays.labels.size

@@ -4,16 +4,21 @@ A dataset is named by a key of `REGISTRY`; its `DatasetInfo` carries what
 the rest of the system needs (classes, image shape, normalisation constants,
 train augmentation, head/medium/tail groups). `data_dir` is one of
 
-- an image-folder tree `data_dir/{train,test}/<class>/<image>` (read with
-  `tfds.folder_dataset.ImageFolder`; class folders sorted by name give the
-  labels), which is how the shared CIFAR-10 JPEG archive is used, or
+- an image-folder tree `data_dir/{train,test}/<class>/<image>` (listed by
+  `folders.py` in canonical order: class folders sorted by name give the
+  labels, files in natural order), which is how the shared CIFAR-10 JPEG
+  archive is used, or
 - a tfds data directory holding the prepared dataset (`data_dir/cifar10/...`),
   read with `tfds.builder(tfds_name, data_dir=data_dir)`.
 
 Small datasets are decoded once into uint8 numpy arrays (`load_train_lt`,
 `load_split`): CIFAR-10-LT is 12,406 images, 38 MB. Labels are read first
-without decoding images, the long-tailed selection is computed in numpy, and
-only the selected images are decoded.
+without decoding images, in the dataset's canonical order (`SplitIndex`:
+natural file order for folders, the original index in the `id` of tfds
+examples), the long-tailed selection is computed in numpy as the reference
+does, and only the selected images are decoded. TensorFlow is imported only
+where it is used (tfds sources, tf.data pipelines), so image folders with
+the device pipeline also run on a host without it.
 """
 
 from __future__ import annotations
@@ -21,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from typing import Mapping
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
+from nc_jax.data import folders
 from nc_jax.data import long_tail
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -35,7 +40,6 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 HALF = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTS = ("crop_flip", "none", "imagenet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,16 @@ def dataset_info(name: str) -> DatasetInfo:
 # ------------------------------------------------------------------ sources
 
 
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   """Where a dataset's files are: kind "folder" or "tfds", and the root."""
@@ -116,10 +130,15 @@ class Source:
   root: str
   info: DatasetInfo
 
-  def builder(self) -> tfds.core.DatasetBuilder:
-    if self.kind == "folder":
-      return _image_folder(self.root)
-    return tfds.builder(self.info.tfds_name, data_dir=self.root)
+  def builder(self):
+    """The tfds builder (kind "tfds" only)."""
+    if self.kind != "tfds":
+      raise ValueError(f"{self.root} is an image folder, not a tfds data_dir.")
+    return _tfds().builder(self.info.tfds_name, data_dir=self.root)
+
+  def tree(self) -> folders.FolderTree:
+    """The listed image-folder tree (kind "folder" only)."""
+    return folders.list_tree(self.root)
 
   def split_name(self, split: str) -> str:
     """Maps "test" to the source's test split (ImageNet: "validation")."""
@@ -128,28 +147,16 @@ class Source:
     return split
 
 
-@functools.lru_cache(maxsize=8)
-def _image_folder(root: str) -> tfds.folder_dataset.ImageFolder:
-  # Listing a 60k-file tree takes a fraction of a second; cache it anyway
-  # because train, eval and train_lt inputs all ask for it.
-  return tfds.folder_dataset.ImageFolder(root)
-
-
-def _has_class_folders(path: str) -> bool:
-  return os.path.isdir(path) and any(
-      os.path.isdir(os.path.join(path, f)) for f in os.listdir(path))
-
-
 def _expected(info: DatasetInfo) -> str:
   if info.name == "cifar10":
     folder = ("extract ../shared/data/cifar10_jpeg.tar.gz and pass "
-              "--config.data_dir=<dir>/cifar10_jpeg")
+              "--config.data_dir=<dir>/cifar10_jpeg, or pass the archive "
+              "itself")
   else:
     folder = "pass an image-folder tree <dir> with <dir>/train/<class>/*.jpg"
   return (f"Expected either an image-folder tree (train/ and test/ holding "
           f"one folder per class; {folder}) or a tfds data_dir containing "
-          f"{info.tfds_name}/ (prepared with tfds; this machine cannot "
-          f"download).")
+          f"{info.tfds_name}/ (prepared with tfds).")
 
 
 def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
@@ -175,7 +182,8 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
   if not os.path.isdir(root):
     raise FileNotFoundError(f"data_dir {root} does not exist. "
                             + _expected(info))
-  if all(_has_class_folders(os.path.join(root, s)) for s in ("train", "test")):
+  if all(folders.has_class_folders(os.path.join(root, s))
+         for s in ("train", "test")):
     return Source("folder", root, info)
   if os.path.isdir(os.path.join(root, info.tfds_name)):
     return Source("tfds", root, info)
@@ -183,47 +191,120 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
                    f"a tfds dataset for {name!r}. " + _expected(info))
 
 
-def _folder_examples(source: Source, split: str) -> tuple[list[str],
-                                                          np.ndarray] | None:
-  """(paths, labels) of an ImageFolder split without touching the images.
+def _folder_examples(source: Source, split: str
+                     ) -> tuple[list[str], np.ndarray]:
+  """(absolute paths, labels) of an image-folder split, canonical order."""
+  tree = source.tree()
+  if split not in tree.splits:
+    raise ValueError(f"{source.root} has no {split}/ folder of classes.")
+  return tree.paths(split), tree.splits[split].labels
 
-  ImageFolder's public `as_dataset` reads every file before any decoder
-  runs, so a label pass over 50,000 JPEGs costs seconds; its (documented
-  in the source, private by name) example list gives the same order and
-  labels for free. Returns None if this tfds version lacks it, and the
-  callers then take the public route.
+
+@dataclasses.dataclass(frozen=True)
+class SplitIndex:
+  """A split's examples in the dataset's canonical (original) order.
+
+  Attributes:
+    labels: `(N,)` int64 labels, canonical order.
+    ids: N example ids: `<class>/<file>` for image folders, the tfds `id`
+      (e.g. "train_00017") or `<split>_<stored position>` for tfds sets
+      without one.
+    stored: `(N,)` int64 position of each example in the source's stored
+      order (the identity for image folders).
+    canonical: whether the order is the dataset's original one (False for
+      tfds sets without an `id` feature, which keep tfds's stored order).
   """
-  builder = _image_folder(source.root)
-  examples = getattr(builder, "_split_examples", None)
-  if not isinstance(examples, Mapping) or split not in examples:
-    return None
-  str2int = builder.info.features["label"].str2int
-  try:
-    paths = [str(ex.image_path) for ex in examples[split]]
-    labels = np.asarray([str2int(ex.label) for ex in examples[split]],
-                        np.int64)
-  except AttributeError:
-    return None
-  return paths, labels
+  labels: np.ndarray
+  ids: tuple[str, ...]
+  stored: np.ndarray
+  canonical: bool
 
 
-def encoded_dataset(source: Source, split: str,
-                    indices: np.ndarray | None = None) -> tf.data.Dataset:
-  """Undecoded examples in the source's fixed order.
+def _tfds_index(source: Source, split: str) -> SplitIndex:
+  tf = _tf()
+  ds = source.builder().as_dataset(
+      split=split, shuffle_files=False,
+      decoders={"image": _tfds().decode.SkipDecoding()})
+  has_id = "id" in source.builder().info.features
+  ds = ds.map(lambda ex: (tf.cast(ex["label"], tf.int64),
+                          ex["id"] if has_id else tf.constant("")))
+  labels, ids = [], []
+  for y, i in ds.batch(8192).as_numpy_iterator():
+    labels.append(y)
+    ids += [x.decode() for x in i]
+  labels = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+  n = labels.size
+  stored = np.arange(n, dtype=np.int64)
+  nums = [re.search(r"(\d+)$", i) for i in ids] if has_id else []
+  if has_id and all(nums) and len({int(m.group(1)) for m in nums}) == n:
+    # tfds writes examples in a hashed order; the id keeps the original
+    # index (e.g. cifar10 "train_16399").
+    order = np.argsort([int(m.group(1)) for m in nums], kind="stable")
+    return SplitIndex(labels[order], tuple(ids[j] for j in order),
+                      stored[order], True)
+  logging.warning(
+      "%s/%s has no numeric example id: the long-tailed selection walks "
+      "tfds's stored order, not the dataset's original one.",
+      source.info.tfds_name, split)
+  return SplitIndex(labels, tuple(f"{split}_{j}" for j in range(n)), stored,
+                    False)
+
+
+@functools.lru_cache(maxsize=16)
+def split_index(source: Source, split: str) -> SplitIndex:
+  """The `SplitIndex` of a split (labels and ids, no image decoded).
+
+  Raises:
+    ValueError: labels outside the dataset's classes, or an image folder
+      whose number of class folders is not the dataset's.
+  """
+  split = source.split_name(split)
+  k = source.info.num_classes
+  if source.kind == "folder":
+    tree = source.tree()
+    if len(tree.classes) != k:
+      raise ValueError(
+          f"{source.root} has {len(tree.classes)} class folders "
+          f"({', '.join(tree.classes[:5])}{', ...' if len(tree.classes) > 5 else ''}); "
+          f"{source.info.name!r} needs {k}. Pass the tree of this dataset, "
+          "or name the dataset whose classes it holds.")
+    if split not in tree.splits:
+      raise ValueError(f"{source.root} has no {split}/ folder of classes.")
+    fs = tree.splits[split]
+    idx = SplitIndex(fs.labels, fs.ids, np.arange(fs.labels.size), True)
+  else:
+    idx = _tfds_index(source, split)
+  if idx.labels.size and (idx.labels.min() < 0 or idx.labels.max() >= k):
+    raise ValueError(
+        f"{source.root} split {split!r} has labels outside [0, {k}) for "
+        f"{source.info.name!r}: is it the right dataset?")
+  return idx
+
+
+def class_names(source: Source) -> tuple[str, ...]:
+  """The K class names, in label order."""
+  if source.kind == "folder":
+    return source.tree().classes
+  names = source.builder().info.features["label"].names
+  return tuple(str(n) for n in names)
+
+
+def encoded_dataset(source: Source, split: str, indices: np.ndarray | None = None):
+  """Undecoded examples in the source's stored order (needs TensorFlow).
 
   Args:
     source: from `check_data_dir`.
     split: a source split name ("train", "extra", "test", "validation").
-    indices: optional ascending positions to keep (None = all).
+    indices: optional ascending stored positions to keep (None = all).
 
   Returns:
     tf.data.Dataset of dicts {'image': encoded bytes (scalar tf.string),
     'label': int64 scalar, 'file_name': base file name (tf.string)}.
   """
+  tf = _tf()
   split = source.split_name(split)
-  listed = _folder_examples(source, split) if source.kind == "folder" else None
-  if listed is not None:
-    paths, labels = listed
+  if source.kind == "folder":
+    paths, labels = _folder_examples(source, split)
     if indices is not None:
       idx = np.asarray(indices, np.int64)
       paths, labels = [paths[i] for i in idx], labels[idx]
@@ -236,7 +317,7 @@ def encoded_dataset(source: Source, split: str,
 
   ds = source.builder().as_dataset(
       split=split, shuffle_files=False,
-      decoders={"image": tfds.decode.SkipDecoding()})
+      decoders={"image": _tfds().decode.SkipDecoding()})
   if indices is not None:
     idx = np.asarray(indices, np.int64)
     if idx.size == 0:
@@ -248,50 +329,40 @@ def encoded_dataset(source: Source, split: str,
     ds = ds.take(mask.size).enumerate().filter(
         lambda i, _: tf.gather(mask_t, i)).map(lambda i, ex: ex)
 
-  # ImageFolder calls it 'image/filename' (full path), imagenet2012
-  # 'file_name'; other tfds sets have none.
+  # imagenet2012 calls it 'file_name'; other tfds sets have none.
   def fix(ex):
-    if "file_name" in ex:
-      fname = ex["file_name"]
-    elif "image/filename" in ex:
-      fname = tf.strings.split(ex["image/filename"], os.sep)[-1]
-    else:
-      fname = tf.constant("")
+    fname = ex["file_name"] if "file_name" in ex else tf.constant("")
     return {"image": ex["image"], "label": tf.cast(ex["label"], tf.int64),
             "file_name": fname}
   return ds.map(fix, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def available_splits(source: Source) -> tuple[str, ...]:
-  """Train splits of `source` (an image folder may lack SVHN's "extra")."""
+def available_splits(source: Source,
+                     wanted: tuple[str, ...] | None = None
+                     ) -> tuple[str, ...]:
+  """The train splits to subsample (`wanted`, default the dataset's).
+
+  Raises:
+    ValueError: a wanted split the source lacks (e.g. SVHN's "extra" in an
+      image folder), naming the config field that drops it.
+  """
+  wanted = tuple(wanted or source.info.train_splits)
   if source.kind == "tfds":
-    return source.info.train_splits
-  present = _image_folder(source.root).info.splits.keys()
-  splits = tuple(s for s in source.info.train_splits if s in present)
-  return splits or ("train",)
+    return wanted
+  present = source.tree().splits
+  missing = [s for s in wanted if s not in present]
+  if missing:
+    raise ValueError(
+        f"{source.root} has no {'/, '.join(missing)}/ folder, which the "
+        f"{source.info.name} recipe trains on (splits "
+        f"{'+'.join(wanted)}). Add it, or train on the splits it has with "
+        f"--config.train_splits={','.join(s for s in wanted if s in present) or 'train'}.")
+  return wanted
 
 
 def read_labels(source: Source, split: str) -> np.ndarray:
-  """`(N,)` int64 labels of a split, in order, without decoding images."""
-  listed = (_folder_examples(source, source.split_name(split))
-            if source.kind == "folder" else None)
-  if listed is not None:
-    labels = listed[1]
-  else:
-    ds = encoded_dataset(source, split).map(lambda ex: ex["label"])
-    parts = list(ds.batch(8192).as_numpy_iterator())
-    labels = (np.concatenate(parts) if parts else np.zeros((0,), np.int64))
-  k = source.info.num_classes
-  if labels.size and (labels.min() < 0 or labels.max() >= k):
-    raise ValueError(
-        f"{source.root} split {split!r} has labels outside [0, {k}) for "
-        f"{source.info.name!r}: is it the right dataset?")
-  if source.kind == "folder":
-    names = _image_folder(source.root).info.features["label"].names
-    if len(names) != k:
-      raise ValueError(f"{source.root} has {len(names)} class folders; "
-                       f"{source.info.name!r} needs {k}.")
-  return labels.astype(np.int64)
+  """`(N,)` int64 labels of a split in canonical order, no image decoded."""
+  return split_index(source, split).labels
 
 
 def decode_images(source: Source, split: str,
@@ -301,30 +372,40 @@ def decode_images(source: Source, split: str,
   Args:
     source: from `check_data_dir`.
     split: source split name.
-    indices: ascending positions to keep (None = all).
+    indices: positions in the split's canonical order (None = all).
 
   Returns:
-    `(n, H, W, C)` uint8, in ascending position order.
+    `(n, H, W, C)` uint8, in the order of `indices`.
   """
-  h, w, c = source.info.image_shape
-  if indices is not None and len(indices) == 0:
-    return np.zeros((0, h, w, c), np.uint8)
-  ds = encoded_dataset(source, split, indices).map(lambda ex: ex["image"])
+  shape = source.info.image_shape
+  index = split_index(source, split)
+  canon = (np.arange(index.labels.size) if indices is None
+           else np.asarray(indices, np.int64))
+  if source.kind == "folder":
+    paths = source.tree().paths(source.split_name(split))
+    return folders.decode([paths[i] for i in canon], shape)
+  if canon.size == 0:
+    return np.zeros((0,) + shape, np.uint8)
+  stored = index.stored[canon]
+  order = np.argsort(stored)
+  tf = _tf()
+  h, w, c = shape
 
   def decode(img):
     img = tf.io.decode_image(img, channels=c, expand_animations=False)
     return tf.ensure_shape(img, (h, w, c))
 
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(2048)
+  ds = encoded_dataset(source, split, stored[order]).map(
+      lambda ex: ex["image"]).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
   try:
-    parts = list(ds.as_numpy_iterator())
+    parts = list(ds.batch(2048).as_numpy_iterator())
   except tf.errors.InvalidArgumentError as e:
     raise ValueError(
         f"Images of {source.root} split {split!r} do not decode to "
-        f"{(h, w, c)} as {source.info.name!r} requires: {e.message}") from e
-  if not parts:
-    return np.zeros((0, h, w, c), np.uint8)
-  return np.concatenate(parts).astype(np.uint8, copy=False)
+        f"{shape} as {source.info.name!r} requires: {e.message}") from e
+  out = np.empty((canon.size,) + shape, np.uint8)
+  out[order] = np.concatenate(parts)
+  return out
 
 
 # ---------------------------------------------------------- cached arrays
@@ -340,11 +421,26 @@ class ArraySplit:
     counts: K per-class counts of `labels`.
     requested: K per-class counts asked for (equal to `counts` unless a
       class had fewer images than requested), or None for full splits.
+    ids: N example ids (see `SplitIndex`), prefixed by the split for
+      subsets of several splits (SVHN's "extra/...").
+    class_names: the K class names.
+    canonical: whether every split was walked in its original order.
   """
   images: np.ndarray
   labels: np.ndarray
   counts: tuple[int, ...]
   requested: tuple[int, ...] | None = None
+  ids: tuple[str, ...] = ()
+  class_names: tuple[str, ...] = ()
+  canonical: bool = True
+
+  def subset_record(self) -> dict:
+    """`{"classes": [names], "images": [[ids of class 0], ...]}`: which
+    images were selected, ids in canonical order within each class."""
+    per = [[] for _ in self.class_names]
+    for i, y in zip(self.ids, self.labels):
+      per[int(y)].append(i)
+    return {"classes": list(self.class_names), "images": per}
 
 
 def _freeze(x: np.ndarray) -> np.ndarray:
@@ -352,38 +448,59 @@ def _freeze(x: np.ndarray) -> np.ndarray:
   return x
 
 
-@functools.lru_cache(maxsize=4)
 def load_train_lt(name: str, data_dir: str, imb_factor: float,
-                  profile: str, selection_seed: int) -> ArraySplit:
+                  profile: str, selection_seed: int,
+                  train_splits: tuple[str, ...] | None = None) -> ArraySplit:
+  """The long-tailed training subset of a small dataset, decoded (cached;
+  see `_load_train_lt`)."""
+  return _load_train_lt(name, data_dir, float(imb_factor), profile,
+                        int(selection_seed),
+                        tuple(train_splits) if train_splits else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_train_lt(name: str, data_dir: str, imb_factor: float,
+                   profile: str, selection_seed: int,
+                   train_splits: tuple[str, ...] | None) -> ArraySplit:
   """The long-tailed training subset of a small dataset, decoded.
 
-  Each train split (SVHN: train and extra) is subsampled on its own with
-  `n_max = len(split) / K`, as the reference does, and the subsets are
-  concatenated in split order. Cached: train input and the train_lt eval
-  input share one copy.
+  The reference's selection: per split, one `RandomState(selection_seed)`
+  shuffles each class's positions in the split's canonical order, classes
+  in label order, and the first n_c are kept. Each train split (SVHN: train
+  and extra, unless `train_splits` says otherwise) is subsampled on its own
+  with `n_max = len(split) / K` and the subsets are concatenated in split
+  order. The subset is held in canonical order. Cached: the train input and
+  the train_lt eval input share one copy.
   """
   info = dataset_info(name)
   source = check_data_dir(name, data_dir)
   k = info.num_classes
-  images, labels, requested, counts = [], [], np.zeros(k, int), np.zeros(k, int)
-  for split in available_splits(source):
-    split_labels = read_labels(source, split)
-    want = long_tail.long_tail_counts(split_labels.size / k, imb_factor,
+  splits = available_splits(source, train_splits)
+  images, labels, ids = [], [], []
+  requested, counts = np.zeros(k, int), np.zeros(k, int)
+  canonical = True
+  for split in splits:
+    index = split_index(source, split)
+    want = long_tail.long_tail_counts(index.labels.size / k, imb_factor,
                                       num_classes=k, profile=profile)
-    idx, got = long_tail.select_long_tail(split_labels, want,
+    idx, got = long_tail.select_long_tail(index.labels, want,
                                           seed=selection_seed)
     if got != want:
       logging.warning("%s/%s: some classes have fewer images than the "
                       "long-tail profile asks for; kept %s of %s.", name,
                       split, got, want)
     images.append(decode_images(source, split, idx))
-    labels.append(split_labels[idx])
+    labels.append(index.labels[idx])
+    prefix = f"{split}/" if len(splits) > 1 else ""
+    ids += [prefix + index.ids[i] for i in idx]
     requested += want
     counts += got
+    canonical &= index.canonical
   out = ArraySplit(_freeze(np.concatenate(images)),
                    _freeze(np.concatenate(labels).astype(np.int32)),
                    tuple(int(x) for x in counts),
-                   tuple(int(x) for x in requested))
+                   tuple(int(x) for x in requested), tuple(ids),
+                   class_names(source), canonical)
   logging.info("%s-LT r=%s (%s, selection seed %d) from %s: %d images, per "
                "class %s", name, imb_factor, profile, selection_seed,
                source.root, out.labels.size, list(out.counts))
@@ -394,11 +511,12 @@ def load_train_lt(name: str, data_dir: str, imb_factor: float,
 def load_split(name: str, data_dir: str, split: str) -> ArraySplit:
   """A whole split of a small dataset (e.g. "test"), decoded."""
   source = check_data_dir(name, data_dir)
-  labels = read_labels(source, split)
+  index = split_index(source, split)
   images = decode_images(source, split)
-  if images.shape[0] != labels.size:
+  if images.shape[0] != index.labels.size:
     raise RuntimeError(f"{name}/{split}: {images.shape[0]} images but "
-                       f"{labels.size} labels.")
+                       f"{index.labels.size} labels.")
   k = dataset_info(name).num_classes
-  return ArraySplit(_freeze(images), _freeze(labels.astype(np.int32)),
-                    tuple(long_tail.class_histogram(labels, k)))
+  return ArraySplit(_freeze(images), _freeze(index.labels.astype(np.int32)),
+                    tuple(long_tail.class_histogram(index.labels, k)),
+                    None, index.ids, class_names(source), index.canonical)
