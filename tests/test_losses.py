@@ -249,3 +249,299 @@ class TargetsCrossEntropyMixupTest(parameterized.TestCase):
       losses.mixup_loss(la, lb[:3], 0.3)
     with self.assertRaisesRegex(ValueError, "scalar"):
       losses.mixup_loss(la, lb, jnp.ones(2))
+
+
+# ---------------------------------------------------- long-tail baselines
+def np_log_prior(counts):
+  n = np.asarray(counts, np.float64)
+  return np.log(n / n.sum())
+
+
+def np_ldam_margins(counts, max_margin=0.5):
+  m = 1.0 / np.asarray(counts, np.float64) ** 0.25
+  return m * max_margin / m.max()
+
+
+def np_ldam(logits, labels, counts, max_margin=0.5, scale=30.0):
+  z = np.array(logits, np.float64)
+  m = np_ldam_margins(counts, max_margin)
+  for i, y in enumerate(labels):
+    z[i, y] -= m[y]
+  return np_ce(scale * z, labels)
+
+
+def np_cb_weights(counts, beta):
+  n = np.asarray(counts, np.float64)
+  w = np.zeros_like(n)
+  w[n > 0] = (1.0 - beta) / (1.0 - beta ** n[n > 0])
+  return w * len(n) / w.sum()
+
+
+def np_fd_grad(f, x, eps=1e-6):
+  x = np.asarray(x, np.float64)
+  g = np.zeros_like(x)
+  for idx in np.ndindex(*x.shape):
+    e = np.zeros_like(x)
+    e[idx] = eps
+    g[idx] = (f(x + e) - f(x - e)) / (2 * eps)
+  return g
+
+
+# A long-tailed CIFAR-like count vector (imbalance 100) for K = 6.
+COUNTS = [5000, 1991, 792, 315, 125, 50]
+
+
+def _lt_batch(seed, b=12, k=6, cosine=False):
+  rng = np.random.default_rng(seed)
+  z = rng.standard_normal((b, k)).astype(np.float32)
+  if cosine:
+    z = np.tanh(z)  # inside [-1, 1] like cosine logits
+  labels = rng.integers(0, k, size=b).astype(np.int32)
+  return z, labels
+
+
+class LongTailLossTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((0, 0.0), (1, 1.0), (2, 1.5))
+  def test_logit_adjusted_matches_numpy(self, seed, tau):
+    z, y = _lt_batch(seed)
+    fn = self.variant(lambda z, y: losses.logit_adjusted_cross_entropy(
+        z, y, class_counts=COUNTS, tau=tau))
+    got = fn(z, y)
+    chex.assert_shape(got, (z.shape[0],))
+    want = np_ce(z + tau * np_log_prior(COUNTS), y)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  def test_logit_adjusted_uniform_counts_is_plain_ce(self):
+    z, y = _lt_batch(3)
+    got = losses.logit_adjusted_cross_entropy(
+        z, y, class_counts=np.full(6, 17), tau=1.0)
+    np.testing.assert_allclose(got, np_ce(z, y), rtol=1e-5, atol=1e-6)
+    # And the adjustment does something for skewed counts.
+    skewed = losses.logit_adjusted_cross_entropy(z, y, class_counts=COUNTS)
+    assert np.abs(np.asarray(skewed) - np_ce(z, y)).max() > 0.1
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0, 1)
+  def test_balanced_softmax_matches_numpy(self, seed):
+    z, y = _lt_batch(seed)
+    fn = self.variant(lambda z, y: losses.balanced_softmax_cross_entropy(
+        z, y, class_counts=np.asarray(COUNTS)))
+    want = np_ce(z + np.log(np.asarray(COUNTS, np.float64)), y)
+    np.testing.assert_allclose(fn(z, y), want, rtol=1e-5, atol=1e-6)
+
+  def test_balanced_softmax_equals_logit_adjustment_tau_one(self):
+    z, y = _lt_batch(4)
+    bs = losses.balanced_softmax_cross_entropy(
+        z, y, class_counts=jnp.asarray(COUNTS))
+    la = losses.logit_adjusted_cross_entropy(z, y, class_counts=COUNTS, tau=1.0)
+    np.testing.assert_allclose(bs, la, rtol=1e-5, atol=1e-6)
+    la2 = losses.logit_adjusted_cross_entropy(z, y, class_counts=COUNTS, tau=2.0)
+    assert np.abs(np.asarray(bs) - np.asarray(la2)).max() > 0.1
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0.5, 1.0)
+  def test_posthoc_logit_adjust(self, tau):
+    z, _ = _lt_batch(5, b=64)
+    fn = self.variant(lambda z: losses.posthoc_logit_adjust(
+        z, class_counts=COUNTS, tau=tau))
+    got = fn(z)
+    chex.assert_shape(got, z.shape)
+    want = z - tau * np_log_prior(COUNTS)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # The adjustment moves predictions towards rare classes.
+    assert (np.argmax(got, -1) == 5).sum() > (np.argmax(z, -1) == 5).sum()
+
+  def test_ldam_margins(self):
+    got = losses.ldam_margins(COUNTS, max_margin=0.5)
+    chex.assert_shape(got, (6,))
+    np.testing.assert_allclose(got, np_ldam_margins(COUNTS, 0.5), rtol=1e-6)
+    np.testing.assert_allclose(np.max(got), 0.5, rtol=1e-6)
+    # COUNTS is decreasing, so margins must strictly increase.
+    assert np.all(np.diff(np.asarray(got)) > 0)
+    # m_j n_j^(1/4) is the same constant C for every class.
+    c = np.asarray(got, np.float64) * np.asarray(COUNTS, np.float64) ** 0.25
+    np.testing.assert_allclose(c, c[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.max(losses.ldam_margins([3, 3, 3], max_margin=0.3)), 0.3, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((0, 0.5, 30.0), (1, 0.3, 10.0))
+  def test_ldam_matches_numpy(self, seed, max_margin, scale):
+    z, y = _lt_batch(seed, cosine=True)
+    fn = self.variant(lambda z, y: losses.ldam_loss(
+        z, y, class_counts=COUNTS, max_margin=max_margin, scale=scale))
+    got = fn(z, y)
+    chex.assert_shape(got, (z.shape[0],))
+    np.testing.assert_allclose(got, np_ldam(z, y, COUNTS, max_margin, scale),
+                               rtol=1e-5, atol=1e-5)
+
+  def test_ldam_zero_margin_is_scaled_ce(self):
+    z, y = _lt_batch(6, cosine=True)
+    got = losses.ldam_loss(z, y, class_counts=COUNTS, max_margin=0.0,
+                           scale=30.0)
+    np.testing.assert_allclose(got, np_ce(30.0 * z, y), rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0.9, 0.999, 0.9999)
+  def test_class_balanced_weights(self, beta):
+    fn = self.variant(lambda: losses.class_balanced_weights(COUNTS, beta=beta))
+    got = fn()
+    chex.assert_shape(got, (6,))
+    np.testing.assert_allclose(got, np_cb_weights(COUNTS, beta), rtol=1e-5)
+    np.testing.assert_allclose(np.sum(got), 6.0, rtol=1e-6)
+    # Rarer classes weigh more (equal once beta^n underflows, for small beta).
+    assert np.all(np.diff(np.asarray(got)) >= 0) and got[-1] > got[0]
+
+  def test_class_balanced_weights_zero_count(self):
+    counts = [100, 0, 10]
+    got = np.asarray(losses.class_balanced_weights(counts, beta=0.99))
+    assert np.all(np.isfinite(got))
+    assert got[1] == 0.0
+    np.testing.assert_allclose(got, np_cb_weights(counts, 0.99), rtol=1e-5)
+    np.testing.assert_allclose(got.sum(), 3.0, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_class_weighted_mean(self):
+    rng = np.random.default_rng(0)
+    per = rng.random(10).astype(np.float32)
+    y = rng.integers(0, 4, size=10).astype(np.int32)
+    w = np.asarray([0.5, 1.0, 2.0, 4.0], np.float32)
+    mask = np.asarray([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], bool)
+    fn = self.variant(losses.class_weighted_mean)
+    wy = w[y].astype(np.float64)
+    np.testing.assert_allclose(fn(per, y, w), (wy * per).sum() / wy.sum(),
+                               rtol=1e-6)
+    got = fn(per, y, w, mask=mask)
+    want = (wy * per * mask).sum() / (wy * mask).sum()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(fn(per, y, np.ones(4, np.float32)), per.mean(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+        fn(per, y, w, mask=np.zeros(10, bool)), 0.0, atol=0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dot_loss(self):
+    h, labels, m = _random_batch(9)
+    t = m[:, labels].T
+    got = self.variant(losses.dot_loss)(h, t)
+    chex.assert_shape(got, (h.shape[0],))
+    want = -(h.astype(np.float64) * t).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    grad = self.variant(jax.grad(lambda hh: losses.dot_loss(hh, t).sum()))(h)
+    np.testing.assert_allclose(grad, -t, rtol=1e-6)
+
+  @parameterized.named_parameters(
+      ("logit_adjusted", "la"), ("balanced_softmax", "bs"), ("ldam", "ldam"))
+  def test_gradient_matches_finite_differences(self, which):
+    z, y = _lt_batch(10, b=4, cosine=True)
+    jax_fns = {
+        "la": lambda zz: losses.logit_adjusted_cross_entropy(
+            zz, y, class_counts=COUNTS, tau=1.5),
+        "bs": lambda zz: losses.balanced_softmax_cross_entropy(
+            zz, y, class_counts=COUNTS),
+        "ldam": lambda zz: losses.ldam_loss(zz, y, class_counts=COUNTS,
+                                            scale=5.0),
+    }
+    np_fns = {
+        "la": lambda zz: np_ce(zz + 1.5 * np_log_prior(COUNTS), y),
+        "bs": lambda zz: np_ce(zz + np.log(np.asarray(COUNTS, float)), y),
+        "ldam": lambda zz: np_ldam(zz, y, COUNTS, scale=5.0),
+    }
+    wts = np.linspace(0.5, 2.0, len(y))  # distinct weights per example
+    grad = jax.jit(jax.grad(lambda zz: (jax_fns[which](zz) * wts).sum()))(z)
+    fd = np_fd_grad(lambda zz: (np_fns[which](zz) * wts).sum(), z)
+    np.testing.assert_allclose(grad, fd, rtol=1e-4, atol=1e-5)
+
+  def test_class_weighted_mean_gradient(self):
+    per = np.asarray([0.3, 1.2, 0.7, 2.0], np.float32)
+    y = np.asarray([0, 2, 1, 2], np.int32)
+    w = np.asarray([1.0, 3.0, 0.5], np.float32)
+    mask = np.asarray([True, True, False, True])
+    grad = jax.grad(lambda p: losses.class_weighted_mean(
+        p, y, w, mask=mask))(per)
+    wy = w[y] * mask
+    np.testing.assert_allclose(grad, wy / wy.sum(), rtol=1e-6)
+
+  def test_traced_counts_under_jit(self):
+    z, y = _lt_batch(11)
+    counts = jnp.asarray(COUNTS, jnp.int32)
+
+    @jax.jit
+    def f(z, y, counts, tau, beta):
+      return (losses.logit_adjusted_cross_entropy(
+                  z, y, class_counts=counts, tau=tau),
+              losses.balanced_softmax_cross_entropy(z, y, class_counts=counts),
+              losses.ldam_loss(jnp.tanh(z), y, class_counts=counts),
+              losses.class_balanced_weights(counts, beta=beta))
+
+    la, bs, ldam, cb = f(z, y, counts, 1.0, 0.9999)
+    np.testing.assert_allclose(la, np_ce(z + np_log_prior(COUNTS), y),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bs, la, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ldam, np_ldam(np.tanh(z), y, COUNTS),
+                               rtol=1e-5, atol=1e-5)
+    # Traced beta takes log(beta) in float32: slightly looser.
+    np.testing.assert_allclose(cb, np_cb_weights(COUNTS, 0.9999), rtol=1e-3)
+
+  def test_bad_inputs_raise(self):
+    z, y = _lt_batch(0)
+    la = losses.logit_adjusted_cross_entropy
+    with self.assertRaisesRegex(ValueError, "4 entries.*K = 6"):
+      la(z, y, class_counts=[1, 2, 3, 4])
+    with self.assertRaisesRegex(ValueError, "4 entries.*K = 6"):
+      losses.posthoc_logit_adjust(z, class_counts=[1, 2, 3, 4])
+    with self.assertRaisesRegex(ValueError, "4 entries.*K = 6"):
+      losses.balanced_softmax_cross_entropy(z, y, class_counts=[1, 2, 3, 4])
+    with self.assertRaisesRegex(ValueError, "4 entries.*K = 6"):
+      losses.ldam_loss(z, y, class_counts=[1, 2, 3, 4])
+    with self.assertRaisesRegex(ValueError, r"\(K,\)"):
+      la(z, y, class_counts=np.ones((2, 3)))
+    with self.assertRaisesRegex(ValueError, "tau"):
+      la(z, y, class_counts=COUNTS, tau=-0.5)
+    with self.assertRaisesRegex(ValueError, "tau"):
+      losses.posthoc_logit_adjust(z, class_counts=COUNTS, tau=-1.0)
+    with self.assertRaisesRegex(ValueError, "non-negative"):
+      la(z, y, class_counts=[5, 4, -1, 3, 2, 1])
+    with self.assertRaisesRegex(ValueError, "positive"):
+      losses.balanced_softmax_cross_entropy(
+          z, y, class_counts=[5, 4, 0, 3, 2, 1])
+    with self.assertRaisesRegex(ValueError, "positive"):
+      losses.ldam_margins([5, 0, 3])
+    with self.assertRaisesRegex(ValueError, "max_margin"):
+      losses.ldam_margins([5, 4, 3], max_margin=-0.1)
+    with self.assertRaisesRegex(ValueError, "scale"):
+      losses.ldam_loss(z, y, class_counts=COUNTS, scale=0.0)
+    with self.assertRaisesRegex(ValueError, r"\(B, K\)"):
+      la(z[0], y, class_counts=COUNTS)
+    with self.assertRaisesRegex(ValueError, "entries"):
+      losses.ldam_loss(z, y[:3], class_counts=COUNTS)
+    with self.assertRaisesRegex(TypeError, "integer"):
+      losses.balanced_softmax_cross_entropy(
+          z, y.astype(np.float32), class_counts=COUNTS)
+    with self.assertRaisesRegex(TypeError, "floating"):
+      la(z.astype(np.int32), y, class_counts=COUNTS)
+    for beta in (0.0, 1.0, 1.5, -0.2):
+      with self.assertRaisesRegex(ValueError, "beta"):
+        losses.class_balanced_weights(COUNTS, beta=beta)
+    with self.assertRaisesRegex(ValueError, "all zero"):
+      losses.class_balanced_weights([0, 0, 0])
+    with self.assertRaisesRegex(ValueError, "non-negative"):
+      losses.class_balanced_weights([3, -1, 2])
+    per = np.ones(12, np.float32)
+    w = np.ones(6, np.float32)
+    with self.assertRaisesRegex(ValueError, "entries"):
+      losses.class_weighted_mean(per, y[:5], w)
+    with self.assertRaisesRegex(ValueError, r"\(B,\)"):
+      losses.class_weighted_mean(per[None], y, w)
+    with self.assertRaisesRegex(ValueError, r"\(K,\)"):
+      losses.class_weighted_mean(per, y, w[None])
+    with self.assertRaisesRegex(ValueError, "mask"):
+      losses.class_weighted_mean(per, y, w, mask=np.ones(3, bool))
+    with self.assertRaisesRegex(TypeError, "floating"):
+      losses.class_weighted_mean(per, y, np.ones(6, np.int32))
+    with self.assertRaisesRegex(ValueError, "shape of features"):
+      losses.dot_loss(np.ones((4, 3), np.float32), np.ones((4, 2), np.float32))
+    with self.assertRaisesRegex(TypeError, "floating"):
+      losses.dot_loss(np.ones((4, 3), np.int32), np.ones((4, 3), np.float32))
