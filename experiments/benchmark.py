@@ -33,7 +33,10 @@ from absl import flags
 from experiments import xla_defaults
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet32", "Backbone name.")
-_METHOD = flags.DEFINE_string("method", "etf_dr", "etf_dr, etf_ce, ce, ce_frozen.")
+_METHOD = flags.DEFINE_string("method", "etf_dr",
+                              "A method of nc_jax.methods.METHODS (etf_dr, "
+                              "etf_ce, etf_dot, ce, ce_frozen, la, bs, "
+                              "ldam_drw).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype.")
@@ -68,52 +71,35 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
                   mixup_alpha: float = 1.0) -> dict:
   """Times the real compiled steps; returns the measurements as a dict."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from nc_jax import etf as etf_lib
+  from nc_jax import builder
+  from nc_jax import data as data_lib
   from nc_jax import models
-  from nc_jax import optim
   from nc_jax import sharding
   from nc_jax import steps as steps_lib
-  from nc_jax.train import DTYPES
   from experiments.configs import cifar_lt
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh)
-  m = steps_lib.get_method(method)
-  convs = models.backbone_conv_impl(backbone, conv_impl, DTYPES[dtype])
-  opts = {"dtype": DTYPES[dtype]}
-  if "conv_impl" in models.backbone_options(backbone):
-    opts["conv_impl"] = conv_impl
-  if m.head == "linear":
-    opts["freeze_classifier"] = m.freeze_classifier
-  model = models.create_model(backbone, num_classes=num_classes, head=m.head,
-                              **opts)
-  config = cifar_lt.get_config()
-  tx, schedule = optim.make_optimizer(config.optim, 100, 20000)
-  cfg = steps_lib.StepConfig(
-      method=m, num_classes=num_classes, mean=(0.5, 0.5, 0.5),
-      std=(0.25, 0.25, 0.25), mixup_alpha=mixup_alpha, given_ew=True,
-      dr_form="reference", e_w=1.0, e_h=1.0, reg_lam=0.0,
-      compute_dtype=DTYPES[dtype])
-  train_step, eval_step = steps_lib.compile_steps(
-      steps_lib.make_train_step(model, tx, schedule, cfg),
-      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=num_seeds,
-      replica_mode=seeds_mode)
+  convs = models.backbone_conv_impl(backbone, conv_impl,
+                                    builder.DTYPES[dtype])
+  config = cifar_lt.get_config(f"method={method}")
+  config.unlock()
+  config.update(dict(backbone=backbone, compute_dtype=dtype,
+                     num_seeds=num_seeds, seeds_mode=seeds_mode,
+                     conv_impl=conv_impl, mixup_alpha=float(mixup_alpha)))
+  config.lock()
+  # A CIFAR-10-LT-like profile (r = 0.01) over K classes, at least 1 each.
+  counts = [max(1, c) for c in data_lib.long_tail_counts(
+      max(50000 // num_classes, 1), 0.01, num_classes=num_classes)]
   shape = (image_size, image_size, 3)
-  init = lambda k: steps_lib.init_state(model, tx, k, shape)
-  keys = jnp.stack([jax.random.PRNGKey(r) for r in range(num_seeds)])
-  rep = sharding.replicated(mesh)
-  if num_seeds == 1:
-    state = jax.jit(init, out_shardings=rep)(keys[0])
-    etf = etf_lib.simplex_etf(num_classes, model.feature_dim) if m.head == "etf" \
-        else jnp.zeros((model.feature_dim, num_classes))
-  else:
-    state = jax.jit(jax.vmap(init), out_shardings=rep)(keys)
-    etf = jnp.stack([etf_lib.simplex_etf(num_classes, model.feature_dim, seed=r)
-                     for r in range(num_seeds)])
-  etf = jax.device_put(etf, rep)
+  built = builder.build(config, num_classes=num_classes, image_shape=shape,
+                        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                        class_counts=counts, steps_per_epoch=100,
+                        total_steps=20000, mesh=mesh)
+  train_step, eval_step, etf = built.train_step, built.eval_step, built.etf
+  state = built.init_state()
   rng = np.random.default_rng(0)
   batch = sharding.to_global({
       "image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),

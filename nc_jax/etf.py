@@ -24,7 +24,8 @@ def min_feature_dim(num_classes: int) -> int:
   return max(num_classes - 1, 1)
 
 
-def _check_dims(num_classes: int, feature_dim: int) -> None:
+def check_dims(num_classes: int, feature_dim: int) -> None:
+  """Raises ValueError unless a K-class simplex ETF fits in d dimensions."""
   if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
     raise ValueError(
         f"simplex_etf needs num_classes >= 2 (an integer), got {num_classes!r}.")
@@ -77,7 +78,7 @@ def simplex_etf(num_classes: int,
   References:
     Yang et al. 2022, Eq. (1) and Sec. 3.
   """
-  _check_dims(num_classes, feature_dim)
+  check_dims(num_classes, feature_dim)
   k, d = int(num_classes), int(feature_dim)
   rng = np.random.default_rng(seed)
   centre = np.eye(k) - np.full((k, k), 1.0 / k)
@@ -109,3 +110,34 @@ def etf_gram(num_classes: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
   k = num_classes
   return jnp.asarray(
       k / (k - 1) * (np.eye(k) - np.full((k, k), 1.0 / k)), dtype=dtype)
+
+
+def replica_etfs(num_classes: int,
+                 feature_dim: int,
+                 *,
+                 seed: int,
+                 num_replicas: int = 1) -> jax.Array:
+  """The fixed classifiers of `num_replicas` independent runs.
+
+  Replica r gets `simplex_etf(num_classes, feature_dim, seed=seed + r)`, so
+  replica 0 of an S-seed run trains against the same ETF as a single run
+  with the same `seed`. This is the only place the training code builds
+  ETFs; the model never holds one (the ETF head takes it as an input).
+
+  Args:
+    num_classes: K >= 2.
+    feature_dim: d >= K - 1.
+    seed: the run's `etf_seed`.
+    num_replicas: S >= 1.
+
+  Returns:
+    float32 `(d, K)` for S = 1, else `(S, d, K)`.
+
+  Raises:
+    ValueError: as `simplex_etf`, or for `num_replicas < 1`.
+  """
+  if num_replicas < 1:
+    raise ValueError(f"num_replicas must be >= 1, got {num_replicas}.")
+  mats = [simplex_etf(num_classes, feature_dim, seed=int(seed) + r)
+          for r in range(num_replicas)]
+  return mats[0] if num_replicas == 1 else jnp.stack(mats)

@@ -1,18 +1,26 @@
-"""The compiled train and eval steps, pure functions of (state, batch).
+"""The compiled train and eval steps, pure functions of (state, batch, etf).
 
 `make_train_step` and `make_eval_step` return functions for ONE replica;
-`compile_steps` wraps them for S replicas (vmap over a stacked state, one
-program for all seeds) and jit-compiles them over the data-parallel mesh:
-state replicated, batch split along its leading axis, old state donated.
+`compile_steps` wraps them for S replicas (vmap over a stacked state, or
+unrolled; one program for all seeds) and jit-compiles them over the
+data-parallel mesh: state replicated, batch split along its leading axis,
+old state donated. `nc_jax.builder.build` is the one place that assembles
+them from a config.
 
-Methods (the paper's three, plus the reference code's frozen baseline):
+What a step computes is decided by its `StepConfig`, above all the method
+(`nc_jax.methods`: a head plus a loss). The train step normalises the uint8
+batch, applies mixup (one lambda per batch, rng folded with the step), runs
+the model, packs logits, features, labels, the classifier, the training
+subset's class counts, the batch's class lengths, the step and the epoch
+into a `methods.LossContext`, and asks the method for the batch loss; with
+mixup it combines `lam * L(y_a) + (1 - lam) * L(y_b)` for every method that
+does not handle mixup itself. The eval step reduces each batch to counts,
+after the method's eval logit scale and the optional post-hoc logit
+adjustment `z - tau * log(pi)` (`eval_logit_adjust_tau`).
 
-| method     | head            | loss                                      |
-|------------|-----------------|-------------------------------------------|
-| etf_dr     | fixed ETF       | dot regression, per-batch class lengths   |
-| etf_ce     | fixed ETF       | softmax CE on h @ M                       |
-| ce         | learnable Dense | softmax CE                                |
-| ce_frozen  | frozen Dense    | softmax CE (reference CIFAR baseline)     |
+The fixed ETF is the third argument of both steps, `(d, K)` per replica (or
+None for heads that learn their classifier). It is built once, from the
+config's `etf_seed`, by the builder, and is never part of the state.
 """
 
 from __future__ import annotations
@@ -28,31 +36,10 @@ from flax import struct
 from jax.sharding import Mesh
 
 from nc_jax import losses
+from nc_jax import methods as methods_lib
 from nc_jax import metrics as metrics_lib
+from nc_jax import models
 from nc_jax import sharding
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  head: str  # "etf" or "linear"
-  loss: str  # "dr" or "ce"
-  freeze_classifier: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "etf_dr": Method(head="etf", loss="dr"),
-    "etf_ce": Method(head="etf", loss="ce"),
-    "ce": Method(head="linear", loss="ce"),
-    "ce_frozen": Method(head="linear", loss="ce", freeze_classifier=True),
-}
-
-
-def get_method(name: str) -> Method:
-  if name not in METHODS:
-    raise ValueError(
-        f"Unknown method {name!r}; choose one of {', '.join(METHODS)} "
-        "(--config.method=...).")
-  return METHODS[name]
 
 
 class TrainState(struct.PyTreeNode):
@@ -70,17 +57,29 @@ class TrainState(struct.PyTreeNode):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static choices the compiled steps close over."""
-  method: Method
+  """Static choices the compiled steps close over (built by the builder).
+
+  Attributes:
+    method: the training method (head + loss).
+    num_classes: K.
+    mean, std: per-channel normalisation of the uint8 images.
+    mixup_alpha: Beta(alpha, alpha) mixup; 0 turns it off.
+    steps_per_epoch: steps in one epoch (the loss context's epoch).
+    class_counts: K per-class counts of the training subset.
+    options: the loss hyper-parameters (`config.loss`).
+    eval_logit_adjust_tau: post-hoc logit adjustment at evaluation (0: off).
+    compute_dtype: the backbone's compute dtype.
+  """
+  method: methods_lib.Method
   num_classes: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
   mixup_alpha: float
-  given_ew: bool
-  dr_form: str  # "reference" or "paper"
-  e_w: float
-  e_h: float
-  reg_lam: float
+  steps_per_epoch: int
+  class_counts: tuple[int, ...]
+  options: methods_lib.LossOptions = dataclasses.field(
+      default_factory=methods_lib.LossOptions)
+  eval_logit_adjust_tau: float = 0.0
   compute_dtype: Any = jnp.float32
 
 
@@ -105,22 +104,9 @@ def mixup(rng: jax.Array, x: jax.Array, alpha: float
   return mixed, perm, lam
 
 
-def _etf_logits(features: jax.Array, etf: jax.Array) -> jax.Array:
-  """`h @ M` in full float32 (accelerators may otherwise round to TF32)."""
-  return jnp.dot(features.astype(jnp.float32), etf.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST)
-
-
-def _per_example_loss(cfg: StepConfig, logits, features, classifier, labels,
-                      lengths):
-  if cfg.method.loss == "ce":
-    return losses.cross_entropy(logits, labels)
-  if cfg.dr_form == "paper":
-    targets = jnp.sqrt(cfg.e_w) * losses.etf_targets(classifier, labels)
-    return losses.dot_regression_loss(features, targets, e_w=cfg.e_w,
-                                      e_h=cfg.e_h, reg_lam=cfg.reg_lam)
-  targets = losses.etf_targets(classifier, labels, lengths=lengths)
-  return losses.dot_regression_loss(features, targets, reg_lam=cfg.reg_lam)
+def _classifier_input(cfg: StepConfig, etf):
+  """What the model's `classifier=` gets: the ETF for fixed heads, else None."""
+  return etf if cfg.method.fixed_classifier else None
 
 
 def make_train_step(model, tx: optax.GradientTransformation,
@@ -128,36 +114,45 @@ def make_train_step(model, tx: optax.GradientTransformation,
   """Returns `train_step(state, batch, etf) -> (state, metrics)` (1 replica).
 
   `batch` holds uint8 `image` `(B, H, W, C)` (already cropped/flipped) and
-  int32 `label` `(B,)`; `etf` is the `(d, K)` constant (ignored by the linear
-  heads).
+  int32 `label` `(B,)`; `etf` is the `(d, K)` fixed classifier, or None for
+  heads that learn theirs.
   """
+  method = cfg.method
+  counts = tuple(float(c) for c in cfg.class_counts)
 
   def train_step(state: TrainState, batch, etf):
     rng = jax.random.fold_in(state.rng, state.step)
     x = normalize(batch["image"], cfg.mean, cfg.std, cfg.compute_dtype)
     labels = batch["label"]
-    if cfg.mixup_alpha > 0:
+    mixing = cfg.mixup_alpha > 0
+    if mixing:
       x, perm, lam = mixup(rng, x, cfg.mixup_alpha)
-      labels_b = labels[perm]
+      partner = labels[perm]
     else:
-      lam, labels_b = jnp.float32(1.0), labels
+      lam, partner = jnp.float32(1.0), labels
     # The reference computes class lengths from the unmixed batch labels.
-    lengths = (losses.batch_class_lengths(labels, cfg.num_classes)
-               if cfg.given_ew else None)
+    lengths = losses.batch_class_lengths(labels, cfg.num_classes)
 
     def loss_fn(params):
+      variables = {"params": params, **state.model_state}
       (logits, features), new_model_state = model.apply(
-          {"params": params, **state.model_state}, x, train=True,
-          mutable=["batch_stats"])
-      if cfg.method.head == "etf":
-        logits = _etf_logits(features, etf)
-      la = _per_example_loss(cfg, logits, features, etf, labels, lengths)
-      if cfg.mixup_alpha > 0:
-        lb = _per_example_loss(cfg, logits, features, etf, labels_b, lengths)
-        per_example = losses.mixup_loss(la, lb, lam)
+          variables, x, train=True, mutable=["batch_stats"],
+          classifier=_classifier_input(cfg, etf))
+      classifier = (etf if method.fixed_classifier
+                    else models.classifier_weights(model, variables))
+      ctx = methods_lib.LossContext(
+          logits=logits, features=features, labels=labels,
+          classifier=classifier,
+          class_counts=jnp.asarray(counts, jnp.float32), lengths=lengths,
+          step=state.step, epoch=state.step // cfg.steps_per_epoch,
+          batch_labels=labels, partner_labels=partner, lam=lam,
+          options=cfg.options)
+      if mixing and method.combine_mixup:
+        loss = (lam * method.loss(ctx)
+                + (1.0 - lam) * method.loss(ctx.replace(labels=partner)))
       else:
-        per_example = la
-      return jnp.mean(per_example), (new_model_state, logits, features)
+        loss = method.loss(ctx)
+      return loss, (new_model_state, logits, features)
 
     (loss, (new_ms, logits, features)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
@@ -181,11 +176,23 @@ def make_train_step(model, tx: optax.GradientTransformation,
   return train_step
 
 
+def eval_logits(cfg: StepConfig, logits: jax.Array) -> jax.Array:
+  """The logits evaluation scores: the method's scale, then the optional
+  post-hoc adjustment `z - tau * log(pi)` (Menon et al. 2021, Eq. 9)."""
+  if cfg.method.eval_logit_scale is not None:
+    logits = logits * cfg.options[cfg.method.eval_logit_scale]
+  if cfg.eval_logit_adjust_tau:
+    logits = losses.posthoc_logit_adjust(
+        logits, class_counts=jnp.asarray(cfg.class_counts, jnp.float32),
+        tau=cfg.eval_logit_adjust_tau)
+  return logits
+
+
 def make_eval_step(model, cfg: StepConfig, *, with_features: bool = False
                    ) -> Callable:
   """Returns `eval_step(state, batch, etf) -> counts` (1 replica).
 
-  `counts` are `nc_jax.metrics.batch_counts` of the batch (padding rows
+  `counts` are `nc_jax.metrics.batch_counts` of `eval_logits` (padding rows
   masked out); with `with_features` the `(B, d)` features also come back,
   for neural-collapse statistics.
   """
@@ -193,11 +200,10 @@ def make_eval_step(model, cfg: StepConfig, *, with_features: bool = False
   def eval_step(state: TrainState, batch, etf):
     x = normalize(batch["image"], cfg.mean, cfg.std, cfg.compute_dtype)
     logits, features = model.apply(
-        {"params": state.params, **state.model_state}, x, train=False)
-    if cfg.method.head == "etf":
-      logits = _etf_logits(features, etf)
-    out = metrics_lib.batch_counts(logits, batch["label"], batch["mask"],
-                                   num_classes=cfg.num_classes)
+        {"params": state.params, **state.model_state}, x, train=False,
+        classifier=_classifier_input(cfg, etf))
+    out = metrics_lib.batch_counts(eval_logits(cfg, logits), batch["label"],
+                                   batch["mask"], num_classes=cfg.num_classes)
     if with_features:
       out["features"] = features.astype(jnp.float32)
     return out
@@ -219,7 +225,8 @@ def _unrolled(fn: Callable, num_replicas: int) -> Callable:
   """
 
   def run(state, batch, etf):
-    outs = [fn(jax.tree.map(lambda a: a[r], state), batch, etf[r])
+    outs = [fn(jax.tree.map(lambda a: a[r], state), batch,
+               None if etf is None else etf[r])
             for r in range(num_replicas)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
@@ -243,8 +250,8 @@ def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, *,
 
   State and ETF are replicated, batches split over the data axis; the
   train step donates its input state so parameters are updated in place.
-  With `num_replicas > 1` every leaf of state and ETF has a leading replica
-  axis; `replica_mode` ("auto", "vmap", "unroll"; see
+  With `num_replicas > 1` every leaf of state and ETF (None for learnt
+  heads) has a leading replica axis; `replica_mode` ("auto", "vmap", "unroll"; see
   `resolve_replica_mode`) picks how the replicas share the program.
   """
   if num_replicas > 1:
@@ -264,10 +271,17 @@ def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, *,
 
 def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                image_shape: tuple[int, int, int]) -> TrainState:
-  """Initialises one replica from `rng` (raw uint32 key)."""
+  """Initialises one replica from `rng` (raw uint32 key).
+
+  A fixed-classifier head only needs its input's shape at init, so a zero
+  placeholder stands in for the ETF: nothing of it is stored.
+  """
   k_init, k_state = jax.random.split(rng)
+  classifier = None
+  if model.head_name in models.FIXED_CLASSIFIER_HEADS:
+    classifier = jnp.zeros((model.feature_dim, model.num_classes), jnp.float32)
   variables = model.init(k_init, jnp.zeros((1, *image_shape), jnp.float32),
-                         train=False)
+                         train=False, classifier=classifier)
   variables = flax.core.unfreeze(variables)
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from nc_jax import builder as builder_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
 from nc_jax.data.archive import resolve_data_dir
-from nc_jax import etf as etf_lib
 from nc_jax import metrics as metrics_lib
 from nc_jax import models
 from nc_jax import nc_metrics
@@ -36,7 +36,7 @@ from nc_jax import sharding
 from nc_jax import steps as steps_lib
 from nc_jax.reporting import say
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = builder_lib.DTYPES
 SCALAR_KEYS = ("top1", "top5", "head", "medium", "tail", "ece", "loss")
 
 
@@ -59,7 +59,11 @@ def validate_config(config: ConfigDict) -> None:
 
 
 def _validate(config: ConfigDict) -> None:
-  steps_lib.get_method(config.method)
+  # The method registry checks the name, its options and combinations.
+  builder_lib.check_config(config)
+  if config.sampler not in data_lib.SAMPLERS:
+    raise ValueError(f"sampler must be one of {data_lib.SAMPLERS}, got "
+                     f"{config.sampler!r} (--config.sampler=...).")
   data_lib.dataset_info(config.dataset)  # raises for unknown datasets
   r = config.imb_factor
   if not (isinstance(r, (int, float)) and 0 < r <= 1) or math.isnan(r):
@@ -99,19 +103,6 @@ def _validate(config: ConfigDict) -> None:
     raise ValueError("No training length: set num_epochs or num_steps "
                      "(epochs=N or steps=N in the config argument).")
   data_lib.check_data_dir(config.dataset, resolve_data_dir(config.data_dir))
-
-
-def _etf_constants(config: ConfigDict, model, num_replicas: int) -> jax.Array:
-  """The fixed classifier of each replica, `(d, K)` or `(S, d, K)`."""
-  if model.feature_dim < etf_lib.min_feature_dim(model.num_classes):
-    etf_lib.simplex_etf(model.num_classes, model.feature_dim)  # raises
-  if steps_lib.get_method(config.method).head != "etf":
-    m = jnp.zeros((model.feature_dim, model.num_classes), jnp.float32)
-    return m if num_replicas == 1 else jnp.stack([m] * num_replicas)
-  mats = [etf_lib.simplex_etf(model.num_classes, model.feature_dim,
-                              seed=config.etf_seed + r)
-          for r in range(num_replicas)]
-  return mats[0] if num_replicas == 1 else jnp.stack(mats)
 
 
 def _summaries(per_replica_totals: list[dict], groups) -> list[dict]:
@@ -194,7 +185,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
     ckpt_lib.check_or_write_config(workdir, config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  method = steps_lib.get_method(config.method)
   s = int(config.num_seeds)
 
   # ---------------------------------------------------------------- data
@@ -204,7 +194,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       config.dataset, data_dir=data_dir, imb_factor=config.imb_factor,
       profile=config.imb_profile, selection_seed=config.selection_seed,
       batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-      pipeline=config.pipeline,
+      pipeline=config.pipeline, sampler=config.sampler,
       imagenet_lt_train_list=config.imagenet_lt_train_list,
       train_splits=config.train_splits or None)
   eval_input = data_lib.make_eval_input(
@@ -227,32 +217,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
                                     default=total)
 
   # --------------------------------------------------------------- model
-  model = models.create_model(
-      config.backbone, num_classes=info.num_classes, head=method.head,
-      **_model_options(config, method))
-  etf = _etf_constants(config, model, s)
-  tx, schedule = optim.make_optimizer(config.optim, spe, total)
-  cfg = steps_lib.StepConfig(
-      method=method, num_classes=info.num_classes, mean=tuple(info.mean),
-      std=tuple(info.std), mixup_alpha=float(config.mixup_alpha),
-      given_ew=bool(config.loss.given_ew), dr_form=config.loss.dr_form,
-      e_w=float(config.loss.e_w), e_h=float(config.loss.e_h),
-      reg_lam=float(config.loss.reg_lam),
-      compute_dtype=DTYPES[config.compute_dtype])
-  train_step, eval_step = steps_lib.compile_steps(
-      steps_lib.make_train_step(model, tx, schedule, cfg),
-      steps_lib.make_eval_step(model, cfg, with_features=config.nc_metrics),
-      mesh, num_replicas=s, replica_mode=config.seeds_mode)
-
-  keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
-                    for r in range(s)])
-  init = jax.jit(
-      (lambda k: steps_lib.init_state(model, tx, k, info.image_shape))
-      if s == 1 else jax.vmap(
-          lambda k: steps_lib.init_state(model, tx, k, info.image_shape)),
-      out_shardings=sharding.replicated(mesh))
-  state = init(keys[0] if s == 1 else keys)
-  etf = jax.device_put(etf, sharding.replicated(mesh))
+  try:
+    built = builder_lib.build(
+        config, num_classes=info.num_classes, image_shape=info.image_shape,
+        mean=info.mean, std=info.std, class_counts=train_input.counts,
+        steps_per_epoch=spe, total_steps=total, mesh=mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  method, model, etf = built.method, built.model, built.etf
+  train_step, eval_step = built.train_step, built.eval_step
+  state = built.init_state()
   n_params = sum(x.size for x in jax.tree.leaves(state.params)) // s
   replicas = f"{s} replica(s)"
   if s > 1:
@@ -286,7 +260,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
         f"(epoch {start / spe:.2f}) in {checkpointer.directory}")
   start = int(start or 0)
 
-  classifier_fn = _classifier_fn(model, method, s)
+  classifier_fn = lambda state, etf: built.classifiers(state)  # noqa: E731
   evaluator = _Evaluator(eval_step, eval_input, num_replicas=s,
                          num_classes=info.num_classes, groups=groups,
                          classifier_fn=classifier_fn,
@@ -372,30 +346,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
   writer.close()
   checkpointer.close()
   return results
-
-
-def _model_options(config: ConfigDict, method: steps_lib.Method) -> dict:
-  opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype]}
-  if "conv_impl" in models.backbone_options(config.backbone):
-    opts["conv_impl"] = config.conv_impl
-  if method.head == "etf":
-    opts.update(etf_seed=config.etf_seed, l2_normalize=config.l2_normalize)
-  else:
-    opts.update(freeze_classifier=method.freeze_classifier)
-  return opts
-
-
-def _classifier_fn(model, method, num_replicas):
-  """(state, etf) -> the `(d, K)` (or `(S, d, K)`) classifier in use."""
-  def fn(state, etf):
-    if method.head == "etf":
-      return np.asarray(jax.device_get(etf))
-    def one(params, model_state):
-      return models.classifier_weights(model, {"params": params, **model_state})
-    if num_replicas == 1:
-      return np.asarray(one(state.params, state.model_state))
-    return np.asarray(jax.vmap(one)(state.params, state.model_state))
-  return fn
 
 
 def _results(config, train_input, history, num_replicas) -> dict[str, Any]:

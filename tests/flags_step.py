@@ -16,22 +16,15 @@ xla_defaults.apply(backbone="resnet8", conv_impl=CONV_IMPL)
 import jax  # noqa: E402  (after the flags, as in the entry points)
 import numpy as np  # noqa: E402
 
-from nc_jax import etf as etf_lib  # noqa: E402
 from nc_jax import sharding  # noqa: E402
-from nc_jax import steps as steps_lib  # noqa: E402
-from tests.tiny_step import tiny_step_setup  # noqa: E402
+from tests.tiny_step import tiny_build  # noqa: E402
 
 
 def main():
-  model, tx, schedule, cfg = tiny_step_setup("etf_dr", conv_impl=CONV_IMPL)
   mesh = sharding.make_mesh()
-  train_step, eval_step = steps_lib.compile_steps(
-      steps_lib.make_train_step(model, tx, schedule, cfg),
-      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=1)
-  rep = sharding.replicated(mesh)
-  state = jax.jit(lambda k: steps_lib.init_state(model, tx, k, (16, 16, 3)),
-                  out_shardings=rep)(jax.random.PRNGKey(0))
-  etf = jax.device_put(etf_lib.simplex_etf(10, model.feature_dim), rep)
+  built = tiny_build("etf_dr", conv_impl=CONV_IMPL, mesh=mesh)
+  train_step, etf = built.train_step, built.etf
+  state = built.init_state()
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(3):

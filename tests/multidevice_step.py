@@ -13,31 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nc_jax import etf as etf_lib
 from nc_jax import sharding
-from nc_jax import steps as steps_lib
-from tests.tiny_step import tiny_step_setup
+from tests.tiny_step import tiny_build
 
 
 def main():
   assert jax.device_count() == 8, jax.devices()
   method = sys.argv[1] if len(sys.argv) > 1 else "etf_dr"
-  model, tx, schedule, cfg = tiny_step_setup(method)
   rng = np.random.default_rng(0)
   batches = [{"image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
               "label": rng.integers(0, 10, 16).astype(np.int32)}
              for _ in range(3)]
-  etf = etf_lib.simplex_etf(10, model.feature_dim)
   results = {}
   for n in (8, 1):
     mesh = sharding.make_mesh(jax.devices()[:n])
-    train_step, _ = steps_lib.compile_steps(
-        steps_lib.make_train_step(model, tx, schedule, cfg),
-        steps_lib.make_eval_step(model, cfg), mesh, num_replicas=1)
-    state = jax.jit(lambda k: steps_lib.init_state(model, tx, k, (16, 16, 3)),
-                    out_shardings=sharding.replicated(mesh))(
-                        jax.random.PRNGKey(0))
-    e = jax.device_put(etf, sharding.replicated(mesh))
+    built = tiny_build(method, mesh=mesh)
+    train_step, e = built.train_step, built.etf
+    state = built.init_state()
     losses = []
     for b in batches:
       gb = sharding.to_global(b, mesh)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nc_jax import etf as etf_lib
 from nc_jax import models
 from nc_jax import onednn
 from nc_jax.models import conv as conv_lib
@@ -102,11 +103,14 @@ def test_model_is_the_same_with_either_kernels():
   for impl in ("xla", "onednn"):
     model = models.create_model("resnet8", num_classes=10, head="etf",
                                 conv_impl=impl)
-    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    etf = etf_lib.simplex_etf(10, model.feature_dim)
+    variables = model.init(jax.random.PRNGKey(0), images, train=False,
+                           classifier=etf)
 
-    def loss_fn(params, model=model, variables=variables):
+    def loss_fn(params, model=model, variables=variables, etf=etf):
       (logits, _), _ = model.apply(dict(variables, params=params), images,
-                                   train=True, mutable=["batch_stats"])
+                                   train=True, mutable=["batch_stats"],
+                                   classifier=etf)
       return jnp.mean((logits - jax.nn.one_hot(labels, 10)) ** 2)
 
     outs[impl] = (variables, jax.jit(jax.value_and_grad(loss_fn))(

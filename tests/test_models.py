@@ -25,9 +25,23 @@ def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+@functools.lru_cache(maxsize=None)
+def _etf(k: int, d: int, seed: int = 7) -> jax.Array:
+  return etf_lib.simplex_etf(k, d, seed=seed)
+
+
+def _clf(model) -> dict:
+  """The `classifier=` keyword an etf-head model needs (the fixed ETF is an
+  input of the head, never built by it); nothing for learnt heads."""
+  if model.head_name == "etf":
+    return {"classifier": _etf(model.num_classes, model.feature_dim)}
+  return {}
+
+
 def _shapes(model, images):
   """Variables' shapes without allocating them (cheap for big models)."""
-  return jax.eval_shape(lambda k: model.init(k, images, train=False), KEY)
+  return jax.eval_shape(
+      lambda k: model.init(k, images, train=False, **_clf(model)), KEY)
 
 
 def _images(shape=(4, 8, 8, 3), seed=1):
@@ -45,7 +59,8 @@ def _variables(name: str, k: int, head: str, freeze: bool = False):
   """
   opts = {"freeze_classifier": True} if freeze else {}
   model = models.create_model(name, num_classes=k, head=head, **opts)
-  return jax.jit(lambda key: model.init(key, _images((1, 8, 8, 3))))(KEY)
+  return jax.jit(lambda key: model.init(key, _images((1, 8, 8, 3)),
+                                       **_clf(model)))(KEY)
 
 
 # ---------------------------------------------------------------------------
@@ -147,7 +162,7 @@ def test_resnet32_forward_shapes(shape, head):
   assert (model.num_classes, model.feature_dim, model.head_name) == (
       10, 64, head)
   logits, feats = model.apply(_variables("resnet32", 10, head),
-                              _images(shape), train=False)
+                              _images(shape), train=False, **_clf(model))
   chex.assert_shape(logits, (shape[0], 10))
   chex.assert_shape(feats, (shape[0], 64))
   chex.assert_tree_all_finite((logits, feats))
@@ -171,7 +186,8 @@ def test_other_backbones_output_shapes(name, k, dim, head):
   for train in (False, True):
     (logits, feats), new_vars = jax.eval_shape(
         lambda v, train=train: model.apply(v, images, train=train,
-                                           mutable=["batch_stats"]),
+                                           mutable=["batch_stats"],
+                                           **_clf(model)),
         variables)
     assert logits.shape == (2, k) and feats.shape == (2, dim)
     assert logits.dtype == feats.dtype == jnp.float32
@@ -201,11 +217,11 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     assert leaf.dtype == jnp.float32
   variables = _variables("resnet32", 10, "etf")
   (logits, feats), _ = model.apply(variables, images, train=True,
-                                   mutable=["batch_stats"])
+                                   mutable=["batch_stats"], **_clf(model))
   assert logits.dtype == feats.dtype == jnp.float32
   ref = models.create_model("resnet32", num_classes=10, head="etf")
-  ref_logits, _ = ref.apply(variables, images, train=False)
-  bf_logits, _ = model.apply(variables, images, train=False)
+  ref_logits, _ = ref.apply(variables, images, train=False, **_clf(ref))
+  bf_logits, _ = model.apply(variables, images, train=False, **_clf(model))
   np.testing.assert_allclose(bf_logits, ref_logits, atol=0.1)
 
 
@@ -245,7 +261,7 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_stats():
   variables = _variables("resnet32", 10, "etf")
   images = _images()
   (_, feats), updates = model.apply(variables, images, train=True,
-                                    mutable=["batch_stats"])
+                                    mutable=["batch_stats"], **_clf(model))
   # Train mode: the head's BN normalises with this batch's statistics.
   np.testing.assert_allclose(feats.mean(0), 0.0, atol=1e-4)
   np.testing.assert_allclose(feats.var(0), 1.0, rtol=1e-2)
@@ -259,19 +275,21 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_stats():
   assert not np.allclose(old_stem, new_stem)
   # Eval mode: running stats (initially mean 0, var 1, eps 1e-5), so each
   # example's output is independent of the rest of the batch.
-  _, eval_feats = model.apply(variables, images, train=False)
+  _, eval_feats = model.apply(variables, images, train=False, **_clf(model))
   h_eval = _backbone_features(model, variables, images, train=False)
   np.testing.assert_allclose(eval_feats, h_eval / np.sqrt(1 + 1e-5),
                              rtol=1e-5, atol=1e-5)
   others = images.at[1:].set(_images(seed=2)[1:])
-  _, eval_others = model.apply(variables, others, train=False)
+  _, eval_others = model.apply(variables, others, train=False,
+                               **_clf(model))
   np.testing.assert_allclose(eval_others[0], eval_feats[0], rtol=1e-4,
                              atol=1e-4)
   (_, train_others), _ = model.apply(variables, others, train=True,
-                                     mutable=["batch_stats"])
+                                     mutable=["batch_stats"], **_clf(model))
   assert not np.allclose(train_others[0], feats[0], atol=1e-3)
   # Eval mode after the update uses the new running statistics.
-  _, eval_new = model.apply({**variables, **updates}, images, train=False)
+  _, eval_new = model.apply({**variables, **updates}, images, train=False,
+                            **_clf(model))
   assert not np.allclose(eval_new, eval_feats, atol=1e-3)
 
 
@@ -282,41 +300,52 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_stats():
 
 @pytest.fixture(scope="module")
 def etf_model():
-  model = models.create_model("resnet32", num_classes=10, head="etf",
-                              etf_seed=7)
+  model = models.create_model("resnet32", num_classes=10, head="etf")
   return model, _variables("resnet32", 10, "etf"), _images()
 
 
-def test_etf_logits_are_unit_features_times_fixed_etf(etf_model):
+def test_etf_logits_are_unit_features_times_the_given_etf(etf_model):
   model, variables, images = etf_model
   m = np.asarray(etf_lib.simplex_etf(10, 64, seed=7), np.float64)
-  chex.assert_trees_all_equal(models.classifier_weights(model, variables),
-                              jnp.asarray(m, jnp.float32))
+  etf = jnp.asarray(m, jnp.float32)
+  chex.assert_trees_all_equal(
+      models.classifier_weights(model, variables, classifier=etf), etf)
   for train in (False, True):
     (logits, feats), _ = model.apply(variables, images, train=train,
-                                     mutable=["batch_stats"])
+                                     mutable=["batch_stats"], classifier=etf)
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(logits, np.asarray(feats, np.float64) @ m,
                                atol=1e-6)
 
 
-def test_etf_is_not_a_variable(etf_model):
-  model, variables, _ = etf_model
+def test_etf_is_not_a_variable_and_must_be_given(etf_model):
+  model, variables, images = etf_model
   assert set(variables) == {"params", "batch_stats"}
   assert set(variables["params"]["head"]) == {"bn"}
   for leaf in jax.tree.leaves(variables):
     assert leaf.shape != (64, 10)
+  with pytest.raises(ValueError, match="needs its fixed classifier"):
+    model.apply(variables, images)
+  with pytest.raises(ValueError, match=r"shape \(64, 10\)"):
+    model.apply(variables, images, classifier=jnp.zeros((10, 64)))
+  with pytest.raises(ValueError, match="classifier="):
+    models.classifier_weights(model, variables)
+  linear = models.create_model("resnet32", num_classes=10, head="linear")
+  with pytest.raises(ValueError, match="learns its own classifier"):
+    linear.apply(_variables("resnet32", 10, "linear"), images,
+                 classifier=jnp.zeros((64, 10)))
 
 
 def test_sgd_step_changes_params_but_not_the_etf(etf_model):
   model, variables, images = etf_model
   labels = jnp.array([0, 3, 5, 9])
-  etf_before = np.array(models.classifier_weights(model, variables))
+  etf = _etf(10, 64)
+  etf_before = np.array(etf)
 
   def loss_fn(params):
     (logits, _), _ = model.apply(
         {"params": params, "batch_stats": variables["batch_stats"]}, images,
-        train=True, mutable=["batch_stats"])
+        train=True, mutable=["batch_stats"], classifier=etf)
     return optax.softmax_cross_entropy_with_integer_labels(
         logits, labels).mean()
 
@@ -329,31 +358,26 @@ def test_sgd_step_changes_params_but_not_the_etf(etf_model):
   assert not np.allclose(new_params["head"]["bn"]["scale"],
                          variables["params"]["head"]["bn"]["scale"])
   new_vars = {"params": new_params, "batch_stats": variables["batch_stats"]}
-  etf_after = np.asarray(models.classifier_weights(model, new_vars))
-  chex.assert_trees_all_equal(etf_before, etf_after)
-  logits, feats = model.apply(new_vars, images, train=False)
+  chex.assert_trees_all_equal(etf_before, np.asarray(etf))
+  logits, feats = model.apply(new_vars, images, train=False, classifier=etf)
   np.testing.assert_allclose(logits, np.asarray(feats) @ etf_before,
                              atol=1e-6)
 
 
-def test_etf_seed_and_l2_option():
-  a = models.create_model("resnet32", num_classes=10, head="etf", etf_seed=0)
-  b = models.create_model("resnet32", num_classes=10, head="etf", etf_seed=1)
-  assert not np.allclose(models.classifier_weights(a, {}),
-                         models.classifier_weights(b, {}))
+def test_replica_etfs_and_l2_option():
+  stacked = etf_lib.replica_etfs(10, 64, seed=3, num_replicas=2)
+  assert stacked.shape == (2, 64, 10)
+  for r in range(2):
+    chex.assert_trees_all_equal(stacked[r],
+                                etf_lib.simplex_etf(10, 64, seed=3 + r))
+  chex.assert_trees_all_equal(etf_lib.replica_etfs(10, 64, seed=3),
+                              stacked[0])
   raw = models.create_model("resnet32", num_classes=10, head="etf",
                             l2_normalize=False)
   variables = _variables("resnet32", 10, "etf")
-  logits, feats = raw.apply(variables, _images())
+  logits, feats = raw.apply(variables, _images(), **_clf(raw))
   assert not np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-2)
-  np.testing.assert_allclose(
-      logits, feats @ models.classifier_weights(raw, variables), atol=1e-4)
-
-
-def test_etf_cache_returns_read_only_shared_array():
-  first = heads.cached_etf(10, 64, 3)
-  assert heads.cached_etf(10, 64, 3) is first
-  assert not first.flags.writeable
+  np.testing.assert_allclose(logits, feats @ _etf(10, 64), atol=1e-4)
 
 
 def test_l2_normalize_has_finite_gradient_at_zero():
@@ -366,7 +390,8 @@ def test_feature_dim_too_small_for_etf_raises_etf_error():
     models.create_model("resnet32", num_classes=100, head="etf")
   # d = K - 1 is enough.
   model = models.create_model("resnet32", num_classes=65, head="etf")
-  assert models.classifier_weights(model, {}).shape == (64, 65)
+  assert model.feature_dim == 64
+  assert etf_lib.replica_etfs(65, 64, seed=0).shape == (64, 65)
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +436,27 @@ def test_learnable_linear_head_features_are_pooled_backbone_output():
       logits, feats @ w + variables["params"]["head"]["bias"], atol=1e-4)
 
 
+def test_cosine_head_gives_cosines_of_unit_features_and_columns():
+  model = models.create_model("resnet32", num_classes=10, head="cosine")
+  variables = _variables("resnet32", 10, "cosine")
+  assert set(variables["params"]["head"]) == {"kernel"}  # No bias.
+  kernel = variables["params"]["head"]["kernel"]
+  assert kernel.shape == (64, 10) and float(jnp.max(jnp.abs(kernel))) <= 1
+  images = _images()
+  logits, feats = model.apply(variables, images)
+  np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-6)
+  h = np.asarray(_backbone_features(model, variables, images, train=False),
+                 np.float64)
+  w = np.asarray(kernel, np.float64)
+  want = (h / np.linalg.norm(h, axis=1, keepdims=True)) @ (
+      w / np.linalg.norm(w, axis=0, keepdims=True))
+  np.testing.assert_allclose(logits, want, atol=1e-5)
+  assert float(jnp.max(jnp.abs(logits))) <= 1 + 1e-6
+  cw = models.classifier_weights(model, variables)
+  np.testing.assert_allclose(np.linalg.norm(cw, axis=0), 1.0, atol=1e-6)
+  np.testing.assert_allclose(logits, feats @ cw, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Registry errors.
 # ---------------------------------------------------------------------------
@@ -420,22 +466,26 @@ def test_unknown_backbone_head_and_option_raise():
   with pytest.raises(ValueError, match="densenet_bc, resnet20, resnet32, "
                      "resnet32_c100, resnet50, resnet8"):
     models.create_model("resnet18", num_classes=10, head="etf")
-  with pytest.raises(ValueError, match="valid heads: etf, linear"):
-    models.create_model("resnet32", num_classes=10, head="cosine")
-  with pytest.raises(ValueError, match="valid options: .*etf_seed"):
+  with pytest.raises(ValueError, match="valid heads: cosine, etf, linear"):
+    models.create_model("resnet32", num_classes=10, head="arcface")
+  with pytest.raises(ValueError, match="valid options: .*l2_normalize"):
     models.create_model("resnet32", num_classes=10, head="etf", widht=2)
+  # The ETF is an input of the head, not an option of it.
+  with pytest.raises(ValueError, match="Unknown option 'etf_seed'"):
+    models.create_model("resnet32", num_classes=10, head="etf", etf_seed=3)
   with pytest.raises(ValueError, match="wide_layer4"):
     models.create_model("resnet32", num_classes=10, head="etf",
                         wide_layer4=True)
   # Another head's option is accepted and ignored.
   model = models.create_model("resnet32", num_classes=10, head="linear",
-                              etf_seed=3, l2_normalize=False)
+                              l2_normalize=False)
   assert model.head_name == "linear"
 
 
 def test_registries_are_explicit_dicts():
   assert set(models.BACKBONES) == {"resnet8", "resnet20", "resnet32",
                                    "resnet32_c100", "densenet_bc", "resnet50"}
-  assert set(models.HEADS) == {"linear", "etf"}
+  assert set(models.HEADS) == {"linear", "cosine", "etf"}
+  assert models.FIXED_CLASSIFIER_HEADS == {"etf"}
   assert isinstance(models.create_model("resnet32", num_classes=10,
                                         head="etf"), flax.linen.Module)

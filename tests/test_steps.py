@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nc_jax import etf as etf_lib
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
-from tests.tiny_step import tiny_step_setup
+from tests.tiny_step import tiny_build
 
 S = 2
 
@@ -24,20 +23,10 @@ def _batches(n=2, b=8):
 
 
 def _run(mode):
-  model, tx, schedule, cfg = tiny_step_setup("etf_dr")
   mesh = sharding.make_mesh()
-  train_step, eval_step = steps_lib.compile_steps(
-      steps_lib.make_train_step(model, tx, schedule, cfg),
-      steps_lib.make_eval_step(model, cfg), mesh, num_replicas=S,
-      replica_mode=mode)
-  keys = jnp.stack([jax.random.PRNGKey(r) for r in range(S)])
-  rep = sharding.replicated(mesh)
-  state = jax.jit(jax.vmap(
-      lambda k: steps_lib.init_state(model, tx, k, (16, 16, 3))),
-                  out_shardings=rep)(keys)
-  etf = jax.device_put(jnp.stack(
-      [etf_lib.simplex_etf(10, model.feature_dim, seed=r) for r in range(S)]),
-                       rep)
+  built = tiny_build("etf_dr", mesh=mesh, num_seeds=S, seeds_mode=mode)
+  train_step, eval_step, etf = built.train_step, built.eval_step, built.etf
+  state = built.init_state()
   outs = []
   for b in _batches():
     batch = sharding.to_global({k: v for k, v in b.items() if k != "mask"},

@@ -10,9 +10,11 @@ list of `key=value` and bare variant names, e.g.
     imagenet_lt                   (the ImageNet-LT recipe)
     cifar10_r0.01_etf_dr          (a named preset, see `presets()`)
 
-Recognised keys: dataset, imb, method, backbone, mixup (alpha; 0 = off),
-seed, profile, pipeline, epochs, steps (the training length; giving one
-clears the other). Every field can then be overridden with
+Recognised keys: dataset, imb, method (etf_dr, etf_ce, etf_dot, ce,
+ce_frozen, la, bs, ldam_drw: `nc_jax.methods.METHODS`), backbone, mixup
+(alpha; 0 = off), seed, profile, pipeline, sampler (random or
+class_balanced), epochs, steps (the training length; giving one clears the
+other). Every field can then be overridden with
 `--config.FIELD=VALUE`; the returned config is locked, so a misspelt field
 stops the run before any work.
 
@@ -48,7 +50,7 @@ PAPER_DATASETS = ("cifar10", "cifar100", "svhn", "stl10")
 PAPER_RATIOS = ("0.005", "0.01", "0.02")
 PAPER_METHODS = ("ce", "etf_dr")
 KEYS = ("dataset", "imb", "method", "backbone", "mixup", "seed", "profile",
-        "pipeline", "epochs", "steps")
+        "pipeline", "sampler", "epochs", "steps")
 
 
 def presets() -> dict[str, str]:
@@ -153,7 +155,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.e_w = 1.0
   c.loss.e_h = 1.0
   c.loss.reg_lam = 0.0
+  # Long-tail baselines (method.md section 9; nc_jax.methods).
+  c.loss.la_tau = 1.0  # method=la: CE(z + la_tau * log(prior))
+  c.loss.ldam_max_margin = 0.5  # method=ldam_drw: the rarest class's margin
+  c.loss.ldam_scale = 30.0  # method=ldam_drw: scale of the cosine logits
+  # method=ldam_drw: 0-based epoch from which the loss is re-weighted by
+  # class_balanced_weights(counts, cb_beta) (160 of 200: the first decay).
+  c.loss.drw_epoch = 160
+  c.loss.cb_beta = 0.9999
   c.mixup_alpha = float(kv.get("mixup", 1.0))  # 0 turns mixup off
+  # "random" (each image once per epoch) or "class_balanced" (the
+  # reference's CLS_BALAN: N draws with replacement, weight 1/n_c per image,
+  # so every class is equally likely); works with every method.
+  c.sampler = kv.get("sampler", "random")
 
   # --- optimisation (durations: *_epochs or *_steps, see nc_jax.optim)
   c.num_epochs = ml_collections.FieldReference(200.0, field_type=float)
@@ -180,6 +194,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.nc_metrics = False  # neural-collapse statistics at each evaluation
   c.nc_train_metrics = False  # ...also on the (unaugmented) train subset
   c.ece_bins = 15
+  # Post-hoc logit adjustment at evaluation: logits - tau * log(prior)
+  # before top-1/top-5/ECE (Menon et al. 2021); 0 = off.
+  c.eval_logit_adjust_tau = 0.0
 
   # --- seeds
   c.seed = int(kv.get("seed", 0))  # init, data order, mixup
@@ -196,6 +213,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_epochs = 16.0
     c.optim.warmup_epochs = 1
     c.optim.decay_epochs = (12, 14)
+    c.loss.drw_epoch = 12  # DRW starts with the first decay, as at 160/200
     c.eval_every_epochs = 4.0
     c.checkpoint_every_epochs = 2.0
   if "tiny" in variants:  # for tests: seconds, not minutes
@@ -203,6 +221,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
     c.num_epochs = 1.0
     c.optim.warmup_epochs = 0
+    c.loss.drw_epoch = 0  # one epoch: re-weight from the start
     c.log_every_steps = 1
   if "imagenet_lt" in variants or c.dataset == "imagenet_lt":
     c.dataset = "imagenet_lt"

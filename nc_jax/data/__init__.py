@@ -6,7 +6,8 @@ Public API:
   the reference's per-class counts.
 - `dataset_info(name) -> DatasetInfo`, `REGISTRY`, `check_data_dir`.
 - `make_train_input(name, *, data_dir, imb_factor, profile, selection_seed,
-  batch_size, seed, mesh, pipeline, imagenet_lt_train_list) -> TrainInput`
+  batch_size, seed, mesh, pipeline, sampler, imagenet_lt_train_list)
+  -> TrainInput`
   (`.iterate(start_step)` yields global sharded uint8 batches).
 - `make_eval_input(name, *, data_dir, batch_size, mesh, split, ...)
   -> EvalInput` (`.iterate()` covers every image once, with a mask).
@@ -19,6 +20,7 @@ from nc_jax.data.long_tail import select_long_tail
 from nc_jax.data.pipeline import EVAL_SPLITS
 from nc_jax.data.pipeline import EvalInput
 from nc_jax.data.pipeline import PIPELINES
+from nc_jax.data.pipeline import SAMPLERS
 from nc_jax.data.pipeline import TrainInput
 from nc_jax.data.pipeline import make_eval_input
 from nc_jax.data.pipeline import make_train_input
@@ -34,7 +36,7 @@ def check_data_dir(name: str, data_dir) -> None:
 
 
 __all__ = [
-    "PROFILES", "PIPELINES", "EVAL_SPLITS", "REGISTRY", "DatasetInfo",
+    "PROFILES", "PIPELINES", "SAMPLERS", "EVAL_SPLITS", "REGISTRY", "DatasetInfo",
     "TrainInput", "EvalInput", "check_data_dir", "check_imb_factor",
     "dataset_info", "long_tail_counts", "make_eval_input", "make_train_input",
     "select_long_tail",

@@ -4,8 +4,14 @@ The plan is the single definition of *which* images a training batch holds
 and *how* they are augmented; both pipelines use it, so they yield the same
 batches bit for bit:
 
-- epoch order: `jax.random.permutation(fold_in(fold_in(key(seed), 0),
-  epoch), N)`; global step `s` of epoch `e = s // S` takes positions
+- epoch order, by sampler (`SAMPLERS`):
+  "random": `jax.random.permutation(fold_in(fold_in(key(seed), 0), epoch),
+  N)`, every image once;
+  "class_balanced" (the reference's `CLS_BALAN`): N draws with
+  replacement, each a uniform class among those present, then a uniform
+  image of it (probability proportional to 1/n_c per image), from
+  `fold_in(fold_in(key(seed), 2), epoch)`;
+  global step `s` of epoch `e = s // S` takes positions
   `[(s % S) * B, (s % S + 1) * B)` of it (the last `N % B` of the epoch are
   dropped, and they differ from epoch to epoch);
 - augmentation draws for row `r` of global step `s`: three uint32 words from
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +43,8 @@ from jax.sharding import Mesh
 from nc_jax import sharding
 
 PAD = 4  # CIFAR's RandomCrop(32, padding=4)
-_PERM_STREAM, _AUG_STREAM = 0, 1
+_PERM_STREAM, _AUG_STREAM, _BALANCED_STREAM = 0, 1, 2
+SAMPLERS = ("random", "class_balanced")
 
 
 def epoch_permutation(seed: jax.Array | int, epoch: jax.Array | int,
@@ -46,6 +53,70 @@ def epoch_permutation(seed: jax.Array | int, epoch: jax.Array | int,
   key = jax.random.fold_in(jax.random.key(seed), _PERM_STREAM)
   return jax.random.permutation(jax.random.fold_in(key, epoch),
                                 n).astype(jnp.int32)
+
+
+def class_balanced_indices(seed: jax.Array | int, epoch: jax.Array | int,
+                           order: jax.Array, starts: jax.Array,
+                           counts: jax.Array, present: jax.Array
+                           ) -> jax.Array:
+  """`(N,)` int32 class-balanced draws with replacement for `epoch`.
+
+  Each draw picks a class uniformly among `present`, then one of its images
+  uniformly: image i of class c has probability 1 / (P * n_c), the
+  reference's per-image weight 1/n_c. Integer threefry arithmetic only
+  (`randint` with a per-draw bound), so every backend and process count
+  draws the same indices.
+
+  Args:
+    seed, epoch: as `epoch_permutation` (traceable).
+    order: `(N,)` int32 image indices sorted by class (stable).
+    starts: `(K,)` int32 offset of each class's run in `order`.
+    counts: `(K,)` int32 images per class.
+    present: `(P,)` int32 classes with at least one image.
+
+  Returns:
+    `(N,)` int32 indices into the train set, N = len(order).
+  """
+  n = order.shape[0]
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed),
+                                              _BALANCED_STREAM), epoch)
+  k_class, k_image = jax.random.split(key)
+  cls = present[jax.random.randint(k_class, (n,), 0, present.shape[0])]
+  within = jax.random.randint(k_image, (n,), 0, counts[cls])
+  return order[starts[cls] + within].astype(jnp.int32)
+
+
+def class_table(labels: np.ndarray) -> tuple[np.ndarray, ...]:
+  """`(order, starts, counts, present)` of `class_balanced_indices`."""
+  labels = np.asarray(labels, np.int64)
+  k = int(labels.max()) + 1 if labels.size else 0
+  counts = np.bincount(labels, minlength=k)
+  order = np.argsort(labels, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  present = np.flatnonzero(counts > 0)
+  return tuple(a.astype(np.int32) for a in (order, starts, counts, present))
+
+
+def check_sampler(sampler: str) -> str:
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
+  return sampler
+
+
+def epoch_order_fn(sampler: str, labels: np.ndarray
+                   ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`(seed, epoch) -> (N,)` int32 image order of `sampler` (traceable).
+
+  "random" is `epoch_permutation`; "class_balanced" is
+  `class_balanced_indices` over the class table of `labels` (baked in as
+  constants).
+  """
+  check_sampler(sampler)
+  n = int(np.asarray(labels).shape[0])
+  if sampler == "random":
+    return functools.partial(epoch_permutation, n=n)
+  table = class_table(labels)
+  return lambda seed, epoch: class_balanced_indices(seed, epoch, *table)
 
 
 def augment_draws(seed: jax.Array | int, step: jax.Array | int, rows: jax.Array,
@@ -134,6 +205,26 @@ def host_context() -> contextlib.AbstractContextManager:
 host_permutation = jax.jit(lambda seed, epoch, n: epoch_permutation(
     seed, epoch, n), static_argnums=2)
 host_augment_draws = jax.jit(jax.vmap(augment_draws, in_axes=(None, 0, None)))
+_host_balanced = jax.jit(class_balanced_indices)
+
+
+def host_epoch_order(sampler: str, seed: int, labels: np.ndarray
+                     ) -> Callable[[int], np.ndarray]:
+  """`epoch -> (N,)` numpy order of `sampler` computed on the host CPU.
+
+  Identical to what `DeviceTrainPipeline` computes on the accelerators.
+  """
+  check_sampler(sampler)
+  n = int(np.asarray(labels).shape[0])
+  seed_u = np.uint32(seed)
+  table = class_table(labels) if sampler == "class_balanced" else None
+
+  def order(epoch: int) -> np.ndarray:
+    with host_context():
+      if table is None:
+        return np.asarray(host_permutation(seed_u, np.int32(epoch), n))
+      return np.asarray(_host_balanced(seed_u, np.int32(epoch), *table))
+  return order
 
 
 class DeviceTrainPipeline:
@@ -146,10 +237,12 @@ class DeviceTrainPipeline:
     seed: data seed of the plan.
     mesh: the data-parallel mesh.
     augment: "crop_flip" or "none".
+    sampler: "random" or "class_balanced" (`SAMPLERS`).
   """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray, *,
-               batch_size: int, seed: int, mesh: Mesh, augment: str):
+               batch_size: int, seed: int, mesh: Mesh, augment: str,
+               sampler: str = "random"):
     if augment not in ("crop_flip", "none"):
       raise ValueError(f"The device pipeline supports the 'crop_flip' and "
                        f"'none' augmentations, not {augment!r}; use "
@@ -167,8 +260,7 @@ class DeviceTrainPipeline:
     repl, out = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     # Jitted per instance (the shardings are the mesh's); the seed, epoch and
     # step are traced, so a run compiles each function once.
-    self._perm = jax.jit(functools.partial(epoch_permutation, n=n),
-                         out_shardings=repl)
+    self._perm = jax.jit(epoch_order_fn(sampler, labels), out_shardings=repl)
     self._batch = jax.jit(
         functools.partial(_make_batch, batch_size=self.batch_size,
                           steps_per_epoch=self.steps_per_epoch,

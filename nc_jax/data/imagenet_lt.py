@@ -6,8 +6,9 @@ The subset is given by the standard split file (ImageNet_LT_train.txt,
 
 - an image-folder tree (`train/<wnid>/*.JPEG`, `test/<wnid>/*.JPEG`): the
   list's paths are read relative to `data_dir`, so only the subset is read
-  and every epoch is a full random permutation from the shared plan
-  (`device.epoch_permutation`), exactly as for the small datasets;
+  and every epoch's order comes from the shared plan (`device.py`: a full
+  random permutation, or class-balanced draws), exactly as for the small
+  datasets;
 - tfds `imagenet2012` (manual download): examples are matched on their
   `file_name` feature against the list; each epoch streams the whole split
   (tfrecords allow no random access), keeps the listed images and shuffles
@@ -146,7 +147,8 @@ def _selection(source: sources.Source, train_list: str | None
 
 def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
                       train_list: str | None, batch_size: int, seed: int,
-                      rows: tuple[int, int], block: int = 4096) -> Stream:
+                      rows: tuple[int, int], block: int = 4096,
+                      sampler: str = "random") -> Stream:
   """The ImageNet-LT train stream of this process's rows.
 
   Args:
@@ -157,12 +159,20 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
     seed: order/augmentation seed.
     rows: `[start, stop)` rows of each global batch built here.
     block: shuffle block of the tfds stream.
+    sampler: "random" or "class_balanced" (the shared plan of `device.py`;
+      image folders only, since tfds records allow no random access).
 
   Returns:
     A `Stream`; `iterate_local(start_step)` yields {'image': uint8
     (R, 224, 224, 3), 'label': int32 (R,)}.
   """
   source = sources.check_data_dir(info.name, data_dir)
+  device_lib.check_sampler(sampler)
+  if sampler != "random" and source.kind != "folder":
+    raise ValueError(
+        f"sampler={sampler!r} draws images in any order, which the tfds "
+        "ImageNet stream (sequential tfrecords) cannot; use an image-folder "
+        "data_dir or sampler='random'.")
   paths, labels = _selection(source, train_list)
   k = info.num_classes
   counts = long_tail.class_histogram(labels, k)
@@ -198,7 +208,7 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
 
   if source.kind == "folder":
     paths_t, labels_t = tf.constant(paths), tf.constant(labels)
-    perm_fn = _host_permutation(seed, n)
+    perm_fn = device_lib.host_epoch_order(sampler, seed, labels)
 
     def epoch_ds(epoch: int, first: int) -> tf.data.Dataset:
       order = perm_fn(epoch)[:spe * b].reshape(spe, b)[first:, r0:r1]
@@ -243,15 +253,6 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
         (imgs, ys, tf.fill([r1 - r0], s), tf.range(r0, r1, dtype=tf.int64))))
     return finish(ds, start_step)
   return Stream(info, counts, n, local)
-
-
-def _host_permutation(seed: int, n: int) -> Callable[[int], np.ndarray]:
-  """`epoch -> (n,)` numpy permutation of the shared plan, on the host CPU."""
-  def perm(epoch: int) -> np.ndarray:
-    with device_lib.host_context():
-      return np.asarray(device_lib.host_permutation(
-          np.uint32(seed), np.int32(epoch), n))
-  return perm
 
 
 # --------------------------------------------------------------------- eval

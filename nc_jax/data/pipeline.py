@@ -37,6 +37,7 @@ from nc_jax.data import long_tail
 from nc_jax.data import sources
 
 PIPELINES = ("tfdata", "device")
+SAMPLERS = device_lib.SAMPLERS
 EVAL_SPLITS = ("test", "train_lt", "train")
 
 Batch = dict[str, Any]
@@ -125,22 +126,23 @@ class TrainInput:
     return self._local(int(start_step))
 
 
-def _host_plan(seed: int, n: int, rows: np.ndarray, augment: str
+def _host_plan(seed: int, labels: np.ndarray, rows: np.ndarray, augment: str,
+               sampler: str = "random"
                ) -> Callable[[int, int, int], tuple[np.ndarray, ...]]:
   """Per-epoch plan computed with JAX on the host CPU (see device.py).
 
   Returns a function `(epoch, spe, B, first, stop) -> (idx, dy, dx, flip,
   steps)` for the in-epoch steps `first <= i < stop` of `epoch` (spe steps
   of B per epoch), each `(S, R)` int32 (steps: the global steps, `(S,)`),
-  R = len(rows).
+  R = len(rows); the epoch's order comes from `sampler`.
   """
   rows_j = np.asarray(rows, np.int32)
   seed_u = np.uint32(seed)
+  epoch_order = device_lib.host_epoch_order(sampler, seed, labels)
 
   def plan(epoch: int, spe: int, b: int, first: int, stop: int):
+    perm = epoch_order(epoch)
     with device_lib.host_context():
-      perm = np.asarray(device_lib.host_permutation(seed_u, np.int32(epoch),
-                                                    n))
       steps = np.arange(epoch * spe + first, epoch * spe + stop,
                         dtype=np.int32)
       idx = perm[:spe * b].reshape(spe, b)[first:stop][:, rows_j]
@@ -179,14 +181,14 @@ def tf_crop_flip_gather(images: tf.Tensor, idx: tf.Tensor, dy: tf.Tensor,
 
 
 def _array_tfdata(split: sources.ArraySplit, *, batch_size: int, seed: int,
-                  augment: str, rows: tuple[int, int]
+                  augment: str, rows: tuple[int, int], sampler: str = "random"
                   ) -> Callable[[int], Iterator[Batch]]:
   """tf.data over an in-memory subset; returns `start_step -> iterator`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   n = split.labels.size
   b = batch_size
   spe = n // b
-  plan = _host_plan(seed, n, np.arange(*rows), augment)
+  plan = _host_plan(seed, split.labels, np.arange(*rows), augment, sampler)
   # Captured once; tf.data passes it to the map function by reference.
   images_t = tf.constant(split.images)
   labels_t = tf.constant(split.labels)
@@ -221,6 +223,7 @@ def make_train_input(name: str, *,
                      seed: int,
                      mesh: Mesh,
                      pipeline: str = "tfdata",
+                     sampler: str = "random",
                      imagenet_lt_train_list: str | None = None,
                      train_splits: tuple[str, ...] | None = None,
                      _process: tuple[int, int] | None = None) -> TrainInput:
@@ -237,6 +240,9 @@ def make_train_input(name: str, *,
     seed: data-order and augmentation seed.
     mesh: the data-parallel mesh.
     pipeline: "tfdata" or "device".
+    sampler: "random" (each image once per epoch) or "class_balanced"
+      (N draws with replacement, every class equally likely; see
+      `device.py`); both pipelines yield the same batches either way.
     imagenet_lt_train_list: path of ImageNet_LT_train.txt (ImageNet-LT).
     train_splits: source splits to subsample (None: the dataset's, e.g.
       SVHN's train + extra).
@@ -251,6 +257,7 @@ def make_train_input(name: str, *,
                      f"{pipeline!r}.")
   if not 0 <= int(seed) < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
+  device_lib.check_sampler(sampler)
   rows = local_rows(batch_size, mesh, _process)
   data_dir = os.fspath(data_dir) if data_dir is not None else None
 
@@ -262,7 +269,7 @@ def make_train_input(name: str, *,
                        f"supports {sources.IN_MEMORY}. Use pipeline='tfdata'.")
     stream = imagenet_lt.make_train_stream(
         info, data_dir=data_dir, train_list=imagenet_lt_train_list,
-        batch_size=batch_size, seed=seed, rows=rows)
+        batch_size=batch_size, seed=seed, rows=rows, sampler=sampler)
     return TrainInput(stream.info, stream.counts, stream.num_examples,
                       batch_size, stream.num_examples // batch_size,
                       pipeline, mesh, None, stream.iterate_local)
@@ -284,11 +291,12 @@ def make_train_input(name: str, *,
   if pipeline == "device":
     dev = device_lib.DeviceTrainPipeline(
         split.images, split.labels, batch_size=batch_size, seed=seed,
-        mesh=mesh, augment=info.train_augment)
+        mesh=mesh, augment=info.train_augment, sampler=sampler)
     return TrainInput(info, counts, n, batch_size, n // batch_size, pipeline,
                       mesh, dev.iterate, None, split.subset_record())
   local = _array_tfdata(split, batch_size=batch_size, seed=seed,
-                        augment=info.train_augment, rows=rows)
+                        augment=info.train_augment, rows=rows,
+                        sampler=sampler)
   return TrainInput(info, counts, n, batch_size, n // batch_size, pipeline,
                     mesh, None, local, split.subset_record())
 

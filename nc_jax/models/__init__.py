@@ -7,14 +7,19 @@ head (features -> logits). Both are looked up in explicit registries:
              smoke runs), resnet32 (64-d), resnet32_c100 (128-d), densenet_bc (510-d),
              resnet50 (4096-d; `wide_layer4=False` for 2048-d)
   HEADS      linear (learnable, or frozen with `freeze_classifier=True`),
-             etf (fixed simplex ETF; options `etf_seed`, `l2_normalize`)
+             cosine (LDAM's normalised linear layer, cosine logits),
+             etf (fixed simplex ETF given at call time; option
+             `l2_normalize`)
 
 Usage:
   model = create_model("resnet32", num_classes=10, head="etf")
-  variables = model.init(key, images, train=False)   # params, batch_stats
-  logits, feats = model.apply(variables, images, train=False)
+  etf = nc_jax.etf.replica_etfs(10, model.feature_dim, seed=0)
+  variables = model.init(key, images, train=False, classifier=etf)
+  logits, feats = model.apply(variables, images, train=False, classifier=etf)
   (logits, feats), updates = model.apply(
-      variables, images, train=True, mutable=["batch_stats"])
+      variables, images, train=True, mutable=["batch_stats"], classifier=etf)
+
+Heads with learnable weights take no `classifier` argument.
 
 References:
   Yang, Chen, Li, Xie, Lin, Tao. Inducing Neural Collapse in Imbalanced
@@ -32,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from nc_jax.models import conv, densenet, heads, resnet, resnet_cifar
-from nc_jax.models.heads import ETFHead, LinearHead
+from nc_jax.models.heads import CosineHead, ETFHead, LinearHead
 
 # name -> factory(*, **backbone_options) returning a backbone Module with a
 # `feature_dim` property. Keyword-only parameters of the factory are the
@@ -49,8 +54,12 @@ BACKBONES: Mapping[str, Callable[..., nn.Module]] = {
 # name -> factory(num_classes, feature_dim, *, **head_options).
 HEADS: Mapping[str, Callable[..., nn.Module]] = {
     "linear": heads.linear_head,
+    "cosine": heads.cosine_head,
     "etf": heads.etf_head,
 }
+
+# Heads whose classifier is fixed and passed in (`classifier=`), not learnt.
+FIXED_CLASSIFIER_HEADS = frozenset({"etf"})
 
 
 class ImageClassifier(nn.Module):
@@ -58,7 +67,7 @@ class ImageClassifier(nn.Module):
 
   Attributes:
     backbone: images `(B, H, W, 3)` -> features `(B, d)`; has `feature_dim`.
-    head: a `LinearHead` or `ETFHead` built for `(d, num_classes)`.
+    head: a `LinearHead`, `CosineHead` or `ETFHead` for `(d, num_classes)`.
 
   Variables: `params/{backbone,head}/...`, `batch_stats/{backbone,head}/...`
   and, for a frozen linear head, `frozen/head/{kernel,bias}`.
@@ -79,22 +88,26 @@ class ImageClassifier(nn.Module):
   def head_name(self) -> str:
     return self.head.head_name
 
-  def __call__(self, images: jax.Array,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, images: jax.Array, train: bool = False,
+               classifier: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """Classifies a batch of images.
 
     Args:
       images: `(B, H, W, 3)` NHWC float images (normalised by the caller).
       train: BatchNorm uses batch statistics and updates `batch_stats`
         (pass `mutable=['batch_stats']` to `apply`); eval uses running ones.
+      classifier: the `(d, K)` fixed classifier for heads in
+        `FIXED_CLASSIFIER_HEADS` (the ETF); None for the others.
 
     Returns:
       `(logits, features)`: `(B, num_classes)` and `(B, feature_dim)`, both
       float32. `features` are what the classifier sees: for `etf`, after
-      BatchNorm and L2 normalisation; for `linear`, the pooled backbone
-      output.
+      BatchNorm and L2 normalisation; for `cosine`, L2-normalised; for
+      `linear`, the pooled backbone output.
     """
-    return self.head(self.backbone(images, train=train), train=train)
+    return self.head(self.backbone(images, train=train), train=train,
+                     classifier=classifier)
 
 
 def _keyword_options(factory: Callable[..., Any]) -> dict[str, Any]:
@@ -147,7 +160,7 @@ def create_model(name: str, *, num_classes: int, head: str,
       `jnp.bfloat16`; parameters stay float32 and outputs are float32;
       `conv_impl` for the CIFAR ResNets, see `nc_jax.models.conv`;
       `wide_layer4` for `resnet50`) and head options (`freeze_classifier`
-      for `linear`; `etf_seed` and `l2_normalize` for `etf`). An option that
+      for `linear`; `l2_normalize` for `etf`). An option that
       belongs to the other head is accepted and ignored (so one config can
       drive both heads; none of them changes the chosen head's meaning).
 
@@ -188,29 +201,41 @@ def create_model(name: str, *, num_classes: int, head: str,
 
 
 def classifier_weights(module: ImageClassifier,
-                       variables: Mapping[str, Any]) -> jax.Array:
+                       variables: Mapping[str, Any],
+                       classifier: jax.Array | None = None) -> jax.Array:
   """The classifier matrix `(d, K)` that the logits are computed with.
+
+  Differentiable in `variables`, so a loss may use it (e.g. a learnt head's
+  class vectors).
 
   Args:
     module: a model from `create_model`.
     variables: its variables (as returned by `init`, or a train state's).
+    classifier: the fixed `(d, K)` matrix passed to an `etf` head's calls;
+      required for it, ignored by the others.
 
   Returns:
-    For `etf`, the fixed ETF (rebuilt from the seed, independent of
-    `variables`); for `linear`, the kernel from `params` or, when frozen,
-    from `frozen`. Float32.
+    For `etf`, `classifier` itself (the head has no weights of its own);
+    for `linear`, the kernel from `params` or, when frozen, from `frozen`;
+    for `cosine`, the kernel with unit-norm columns. Float32.
   """
   head = module.head
   if isinstance(head, ETFHead):
-    return head.etf()
+    if classifier is None:
+      raise ValueError("The etf head's classifier is the fixed ETF passed to "
+                       "it; give it as classifier=.")
+    return jnp.asarray(classifier, jnp.float32)
   if isinstance(head, LinearHead):
     collection = "frozen" if head.freeze else "params"
     return jnp.asarray(variables[collection]["head"]["kernel"], jnp.float32)
+  if isinstance(head, CosineHead):
+    return heads.normalized_columns(variables["params"]["head"]["kernel"])
   raise TypeError(f"No classifier weights for head {type(head).__name__}.")
 
 
 __all__ = [
-    "BACKBONES", "HEADS", "ImageClassifier", "backbone_conv_impl",
+    "BACKBONES", "FIXED_CLASSIFIER_HEADS", "HEADS", "ImageClassifier",
+    "backbone_conv_impl",
     "backbone_options", "create_model",
     "classifier_weights",
 ]

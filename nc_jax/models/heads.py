@@ -1,19 +1,24 @@
 """Classifier heads, and the layer conventions every backbone shares.
 
-Two heads sit on top of a backbone's pooled features `(B, d)`:
+Three heads sit on top of a backbone's pooled features `(B, d)`:
 
 - `LinearHead`: the usual `nn.Linear(d, K)` with bias. With `freeze=True` it
   reproduces the reference code's CIFAR-ResNet baseline, whose "learnable"
   classifier has `requires_grad = False`: the kernel and bias then live in a
   separate `frozen` variable collection, so an optimizer over `params` never
   sees (or weight-decays) them.
+- `CosineHead`: LDAM's `NormedLinear`: cosine logits between L2-normalised
+  features and L2-normalised class vectors, no bias, values in [-1, 1]; the
+  loss applies its own scale (LDAM: 30).
 - `ETFHead`: BatchNorm over the features, row-wise L2 normalisation
   `h / max(||h||, 1e-8)` (optional; ImageNet-LT switches it off), then
-  `logits = h @ M` with `M` the fixed simplex ETF of `nc_jax.etf`. `M` is not
-  a variable: it is a constant rebuilt from `etf_seed`, so it can never be
-  trained, decayed or lost from a checkpoint (the seed travels in the config).
+  `logits = h @ M` with `M` the fixed simplex ETF. `M` is an *input* of the
+  call (`classifier=`), never a variable and never built here: one place
+  (`nc_jax.etf.replica_etfs`, called by `nc_jax.builder`) makes it from the
+  config's `etf_seed`, and the very same array reaches the loss, the logits
+  and the neural-collapse metrics, per replica.
 
-Both heads run in float32 whatever the backbone's compute dtype: they cost
+All heads run in float32 whatever the backbone's compute dtype: they cost
 almost nothing, and the dot-regression loss looks at cosines close to 1, where
 bfloat16's 8-bit mantissa would be too coarse.
 
@@ -22,20 +27,20 @@ References:
   Learning: Do We Really Need a Learnable Classifier at the End of Deep Neural
   Network? NeurIPS 2022. arXiv:2203.09081. (Sec. 3; the reference code's
   `ETF_Classifier` and its BatchNorm + normalisation feature head.)
+  Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with
+  Label-Distribution-Aware Margin Loss. NeurIPS 2019. (`NormedLinear`.)
   He, Zhang, Ren, Sun. Delving Deep into Rectifiers. ICCV 2015. (The
   Kaiming-normal initialisation.)
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nc_jax import etf as etf_lib
 from nc_jax.models import norm
@@ -99,23 +104,6 @@ def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-@functools.lru_cache(maxsize=8)
-def cached_etf(num_classes: int, feature_dim: int, seed: int) -> np.ndarray:
-  """`etf.simplex_etf(num_classes, feature_dim, seed=seed)` as float32 numpy.
-
-  Cached because the QR behind it takes about a second at ImageNet-LT size
-  (K = 1000, d = 4096) and every trace of a head would otherwise redo it. The
-  array is made read-only so no caller can corrupt the cached copy.
-
-  Raises:
-    ValueError: (from `nc_jax.etf`) if `feature_dim < num_classes - 1`.
-  """
-  m = np.array(etf_lib.simplex_etf(num_classes, feature_dim, seed=seed,
-                                   dtype=jnp.float32))
-  m.setflags(write=False)
-  return m
-
-
 def _l2_normalize(h: jax.Array) -> jax.Array:
   """Row-wise `h / max(||h||, NORM_EPS)`, with finite gradients at h = 0.
 
@@ -132,6 +120,27 @@ def _check_features(features: jax.Array, feature_dim: int, head: str) -> None:
     raise ValueError(
         f"The {head} head was built for features of shape (B, {feature_dim}),"
         f" got {features.shape}.")
+
+
+def _no_classifier_input(classifier, head: str) -> None:
+  if classifier is not None:
+    raise ValueError(
+        f"The {head} head learns its own classifier; classifier= is only for "
+        "heads with a fixed one (etf).")
+
+
+def _symmetric_uniform(bound: float) -> nn.initializers.Initializer:
+  """U(-bound, bound), as PyTorch's `weight.uniform_(-1, 1)` in LDAM."""
+
+  def init(key: jax.Array, shape: tuple[int, ...],
+           dtype: Dtype = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def normalized_columns(kernel: jax.Array) -> jax.Array:
+  """`(d, K)` kernel with each column scaled to unit L2 norm (float32)."""
+  return _l2_normalize(kernel.astype(jnp.float32).T).T
 
 
 class LinearHead(nn.Module):
@@ -156,13 +165,15 @@ class LinearHead(nn.Module):
   head_name = "linear"
 
   @nn.compact
-  def __call__(self, features: jax.Array,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, features: jax.Array, train: bool = False,
+               classifier: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """Classifies pooled features.
 
     Args:
       features: `(B, d)` pooled backbone output (any float dtype).
       train: unused; kept so every head has the same signature.
+      classifier: must be None: this head owns its weights.
 
     Returns:
       `(logits, features)`: `(B, K)` and `(B, d)`, both float32; the features
@@ -170,6 +181,7 @@ class LinearHead(nn.Module):
     """
     del train
     _check_features(features, self.feature_dim, self.head_name)
+    _no_classifier_input(classifier, self.head_name)
     h = features.astype(jnp.float32)
     shape_w, shape_b = (self.feature_dim, self.num_classes), (self.num_classes,)
     bias_init = torch_linear_bias_init(self.feature_dim)
@@ -189,51 +201,105 @@ class LinearHead(nn.Module):
     return logits, h
 
 
+class CosineHead(nn.Module):
+  """Cosine classifier `logits_j = <h / ||h||, w_j / ||w_j||>` (no bias).
+
+  LDAM's `NormedLinear`: the logits are cosines in [-1, 1], so the loss must
+  supply the temperature (`ldam_loss(..., scale=30)`) and its margins are
+  in cosine units.
+
+  Attributes:
+    num_classes: K.
+    feature_dim: d.
+
+  Variables: `params/kernel (d, K)`, initialised U(-1, 1) as the reference
+  (the scale is irrelevant: columns are normalised in the forward pass).
+  """
+  num_classes: int
+  feature_dim: int
+
+  head_name = "cosine"
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False,
+               classifier: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """Cosine logits of pooled features.
+
+    Args:
+      features: `(B, d)` pooled backbone output (any float dtype).
+      train: unused; kept so every head has the same signature.
+      classifier: must be None: this head owns its weights.
+
+    Returns:
+      `(logits, h)`: `(B, K)` cosines and the `(B, d)` L2-normalised
+      features that enter the classifier, both float32.
+    """
+    del train
+    _check_features(features, self.feature_dim, self.head_name)
+    _no_classifier_input(classifier, self.head_name)
+    kernel = self.param("kernel", _symmetric_uniform(1.0),
+                        (self.feature_dim, self.num_classes))
+    h = _l2_normalize(features.astype(jnp.float32))
+    logits = jnp.dot(h, normalized_columns(kernel),
+                     precision=jax.lax.Precision.HIGHEST)
+    return logits, h
+
+
 class ETFHead(nn.Module):
-  """BatchNorm -> L2 normalisation -> fixed simplex-ETF classifier.
+  """BatchNorm -> L2 normalisation -> a fixed classifier given at call time.
 
   Attributes:
     num_classes: K.
     feature_dim: d; must be at least K - 1 (checked by `nc_jax.etf`).
-    etf_seed: seed of the ETF's random rotation. The matrix is a constant of
-      the computation, rebuilt from this seed; it is never a variable.
     l2_normalize: if False, skip the normalisation (the reference's
       ImageNet-LT setting: BatchNorm only).
 
   Variables: `params/bn/{scale,bias} (d,)`, `batch_stats/bn/{mean,var} (d,)`.
+  The ETF itself is the `classifier` argument, so it is never a variable,
+  never trained or decayed, and each replica of a multi-seed run can pass
+  its own.
   """
   num_classes: int
   feature_dim: int
-  etf_seed: int = 0
   l2_normalize: bool = True
 
   head_name = "etf"
 
-  def etf(self) -> jax.Array:
-    """The fixed classifier `M`, `(d, K)` float32; usable without binding."""
-    return jnp.asarray(
-        cached_etf(self.num_classes, self.feature_dim, self.etf_seed))
-
   @nn.compact
-  def __call__(self, features: jax.Array,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, features: jax.Array, train: bool = False,
+               classifier: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
     """Classifies pooled features against the fixed ETF.
 
     Args:
       features: `(B, d)` pooled backbone output (any float dtype).
       train: BatchNorm uses (and updates) batch statistics when True.
+      classifier: the `(d, K)` fixed ETF (`nc_jax.etf.replica_etfs`).
 
     Returns:
       `(logits, h)`: `(B, K)` logits `h @ M` and the `(B, d)` features `h`
       after BatchNorm and (if enabled) L2 normalisation, both float32.
+
+    Raises:
+      ValueError: if `classifier` is missing or not `(d, K)`.
     """
     _check_features(features, self.feature_dim, self.head_name)
+    want = (self.feature_dim, self.num_classes)
+    if classifier is None or tuple(classifier.shape) != want:
+      got = None if classifier is None else tuple(classifier.shape)
+      raise ValueError(
+          f"The etf head needs its fixed classifier as an input, "
+          f"classifier= of shape {want}, got {got}. Build it with "
+          "nc_jax.etf.replica_etfs (the builder does) and pass it to "
+          "model.apply(..., classifier=etf).")
     h = batch_norm(train, name="bn")(features.astype(jnp.float32))
     if self.l2_normalize:
       h = _l2_normalize(h)
     # HIGHEST: on accelerators the default float32 matmul may round inputs to
     # TF32/bfloat16, which would blur cosines near 1 that the DR loss fits.
-    logits = jnp.dot(h, self.etf(), precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.dot(h, classifier.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
     return logits, h
 
 
@@ -244,13 +310,18 @@ def linear_head(num_classes: int, feature_dim: int, *,
                     freeze=freeze_classifier)
 
 
-def etf_head(num_classes: int, feature_dim: int, *, etf_seed: int = 0,
-             l2_normalize: bool = True) -> ETFHead:
-  """Registry factory for `ETFHead` (options: `etf_seed`, `l2_normalize`).
+def cosine_head(num_classes: int, feature_dim: int) -> CosineHead:
+  """Registry factory for `CosineHead` (no options)."""
+  return CosineHead(num_classes=num_classes, feature_dim=feature_dim)
 
-  Builds (and caches) the ETF eagerly so an impossible `(K, d)` fails here,
-  with `nc_jax.etf`'s ValueError, rather than at the first trace.
+
+def etf_head(num_classes: int, feature_dim: int, *,
+             l2_normalize: bool = True) -> ETFHead:
+  """Registry factory for `ETFHead` (option: `l2_normalize`).
+
+  Checks `(K, d)` eagerly so an impossible pair fails here, with
+  `nc_jax.etf`'s ValueError, rather than at the first trace.
   """
-  cached_etf(num_classes, feature_dim, int(etf_seed))
+  etf_lib.check_dims(num_classes, feature_dim)
   return ETFHead(num_classes=num_classes, feature_dim=feature_dim,
-                 etf_seed=int(etf_seed), l2_normalize=l2_normalize)
+                 l2_normalize=l2_normalize)

@@ -1,0 +1,225 @@
+"""One builder: config -> model, fixed ETF, optimiser, compiled steps, state.
+
+Training (`nc_jax.train`), the benchmark (`experiments.benchmark`) and the
+tests (`tests/tiny_step.py`) all call `build`, so the three can never
+disagree on how a method is assembled, and `steps.StepConfig` is made here
+only. The data-dependent facts (class counts, epoch length, image shape,
+normalisation) are arguments: the builder reads no data.
+
+    built = build(config, num_classes=10, image_shape=(32, 32, 3),
+                  mean=..., std=..., class_counts=train_input.counts,
+                  steps_per_epoch=96, total_steps=19200, mesh=mesh)
+    state = built.init_state()
+    state, metrics = built.train_step(state, batch, built.etf)
+    counts = built.eval_step(state, eval_batch, built.etf)
+
+The ETF has one owner: `build` makes it from `config.etf_seed` (replica r
+uses `etf_seed + r`, `nc_jax.etf.replica_etfs`), and that array is what the
+train step's loss, the logits of both steps and `Built.classifiers` (the
+neural-collapse metrics) all see. It is never in the train state, so the
+optimiser cannot touch it; a resumed run rebuilds the identical matrix from
+the seed that `config.json` pins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from nc_jax import etf as etf_lib
+from nc_jax import methods as methods_lib
+from nc_jax import models
+from nc_jax import optim
+from nc_jax import sharding
+from nc_jax import steps as steps_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _training_epochs(config: ConfigDict) -> float | None:
+  """The training length in epochs when the config gives it so, else None."""
+  if config.get("num_steps"):
+    return None
+  epochs = config.get("num_epochs")
+  return float(epochs) if epochs else None
+
+
+def check_config(config: ConfigDict, *,
+                 total_epochs: float | None = None) -> methods_lib.Method:
+  """Checks the method and its options; returns the method.
+
+  Runs before any work (from `nc_jax.train`'s validation) with the training
+  length known only when it is given in epochs, and again inside `build`
+  with the real one.
+
+  Args:
+    config: the run's config.
+    total_epochs: training length in epochs; None to read it from
+      `config.num_epochs` (unknown when the config gives steps).
+
+  Raises:
+    ValueError: an unknown method, or an option or combination that
+      cannot work; the message names the fix.
+  """
+  method = methods_lib.get_method(config.method)
+  if total_epochs is None:
+    total_epochs = _training_epochs(config)
+  tau = config.eval_logit_adjust_tau
+  if not tau >= 0:
+    raise ValueError(f"eval_logit_adjust_tau must be >= 0 (0 = off, 1 = the "
+                     f"post-hoc adjustment of Menon et al.), got {tau}.")
+  if method.check is not None:
+    method.check(config, total_epochs)
+  return method
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What `build` returns.
+
+  Attributes:
+    method: the `methods.Method`.
+    model: the unbound `models.ImageClassifier`.
+    etf: the fixed classifiers, replicated over the mesh, `(d, K)` or
+      `(S, d, K)`; None when the head learns its classifier. Pass it as the
+      steps' third argument.
+    tx, schedule: the optimiser and its learning-rate schedule.
+    step_config: the `steps.StepConfig` the steps close over.
+    train_step: compiled `(state, batch, etf) -> (state, metrics)`; donates
+      the state.
+    eval_step: compiled `(state, batch, etf) -> counts` (plus `features`
+      when built with `with_features`).
+    num_replicas: S.
+    init_state: `() -> TrainState`, the initial state (stacked over S),
+      replicated over the mesh; replica r draws from
+      `fold_in(PRNGKey(config.seed), r)`.
+  """
+  method: methods_lib.Method
+  model: models.ImageClassifier
+  etf: jax.Array | None
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  step_config: steps_lib.StepConfig
+  train_step: Callable
+  eval_step: Callable
+  num_replicas: int
+  init_state: Callable[[], steps_lib.TrainState]
+
+  def classifiers(self, state: steps_lib.TrainState) -> np.ndarray:
+    """The `(d, K)` (or `(S, d, K)`) classifier the logits use, as numpy."""
+    if self.etf is not None:
+      return np.asarray(jax.device_get(self.etf))
+
+    def one(params, model_state):
+      return models.classifier_weights(self.model,
+                                       {"params": params, **model_state})
+    if self.num_replicas == 1:
+      return np.asarray(one(state.params, state.model_state))
+    return np.asarray(jax.vmap(one)(state.params, state.model_state))
+
+
+def step_config(config: ConfigDict, method: methods_lib.Method, *,
+                num_classes: int, mean: Sequence[float],
+                std: Sequence[float], class_counts: Sequence[int],
+                steps_per_epoch: int) -> steps_lib.StepConfig:
+  """The `StepConfig` of `config` (the only place one is made).
+
+  Raises:
+    ValueError: class counts not of length K, or post-hoc adjustment with
+      a class that has no training examples (its log-prior is -inf).
+  """
+  counts = tuple(int(c) for c in class_counts)
+  if len(counts) != num_classes:
+    raise ValueError(f"class_counts has {len(counts)} entries for "
+                     f"{num_classes} classes.")
+  tau = float(config.eval_logit_adjust_tau)
+  if tau > 0 and min(counts) <= 0:
+    raise ValueError(
+        "eval_logit_adjust_tau > 0 needs every class in the training subset "
+        f"(log-prior of an empty class is -inf); counts: {list(counts)}. Set "
+        "--config.eval_logit_adjust_tau=0.")
+  return steps_lib.StepConfig(
+      method=method, num_classes=num_classes, mean=tuple(mean),
+      std=tuple(std), mixup_alpha=float(config.mixup_alpha),
+      steps_per_epoch=int(steps_per_epoch), class_counts=counts,
+      options=methods_lib.LossOptions(config.loss.to_dict()),
+      eval_logit_adjust_tau=tau,
+      compute_dtype=DTYPES[config.compute_dtype])
+
+
+def create_model(config: ConfigDict, method: methods_lib.Method, *,
+                 num_classes: int) -> models.ImageClassifier:
+  """The classifier of `config` with the method's head."""
+  opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype],
+                          # Ignored by heads other than etf.
+                          "l2_normalize": bool(config.l2_normalize),
+                          **method.head_options}
+  if "conv_impl" in models.backbone_options(config.backbone):
+    opts["conv_impl"] = config.conv_impl
+  return models.create_model(config.backbone, num_classes=num_classes,
+                             head=method.head, **opts)
+
+
+def build(config: ConfigDict, *, num_classes: int,
+          image_shape: tuple[int, int, int], mean: Sequence[float],
+          std: Sequence[float], class_counts: Sequence[int],
+          steps_per_epoch: int, total_steps: int, mesh: Mesh) -> Built:
+  """Assembles everything a run needs from `config`; see the module doc.
+
+  Args:
+    config: the run's config (method, backbone, loss, optim, seeds, ...).
+    num_classes: K.
+    image_shape: `(H, W, C)` of the batches.
+    mean, std: per-channel normalisation (0-1 scale).
+    class_counts: K per-class counts of the training subset.
+    steps_per_epoch: steps in one epoch.
+    total_steps: steps of the whole run.
+    mesh: the data-parallel mesh.
+
+  Returns:
+    A `Built`.
+
+  Raises:
+    ValueError: for a config that cannot work (the message names the fix).
+  """
+  method = check_config(config,
+                        total_epochs=total_steps / max(steps_per_epoch, 1))
+  s = int(config.num_seeds)
+  model = create_model(config, method, num_classes=num_classes)
+  rep = sharding.replicated(mesh)
+  etf = None
+  if method.fixed_classifier:
+    etf = jax.device_put(
+        etf_lib.replica_etfs(num_classes, model.feature_dim,
+                             seed=int(config.etf_seed), num_replicas=s), rep)
+  tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch,
+                                      total_steps)
+  cfg = step_config(config, method, num_classes=num_classes, mean=mean,
+                    std=std, class_counts=class_counts,
+                    steps_per_epoch=steps_per_epoch)
+  train_step, eval_step = steps_lib.compile_steps(
+      steps_lib.make_train_step(model, tx, schedule, cfg),
+      steps_lib.make_eval_step(model, cfg,
+                               with_features=bool(config.nc_metrics)),
+      mesh, num_replicas=s, replica_mode=config.seeds_mode)
+
+  def init_one(key):
+    return steps_lib.init_state(model, tx, key, tuple(image_shape))
+
+  def init_state() -> steps_lib.TrainState:
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(config.seed), r)
+                      for r in range(s)])
+    init = jax.jit(init_one if s == 1 else jax.vmap(init_one),
+                   out_shardings=rep)
+    return init(keys[0] if s == 1 else keys)
+
+  return Built(method=method, model=model, etf=etf, tx=tx,
+               schedule=schedule, step_config=cfg, train_step=train_step,
+               eval_step=eval_step, num_replicas=s, init_state=init_state)
