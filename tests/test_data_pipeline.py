@@ -101,9 +101,10 @@ def test_same_seed_same_batches_other_seed_differs(tree):
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
+@pytest.mark.parametrize("sampler", ["random", "class_balanced"])
 @pytest.mark.parametrize("kind", ["tfdata", "device"])
-def test_resume_reproduces_the_uninterrupted_stream(tree, kind):
-  ti = train_input(tree, pipeline=kind)
+def test_resume_reproduces_the_uninterrupted_stream(tree, kind, sampler):
+  ti = train_input(tree, pipeline=kind, sampler=sampler)
   spe = ti.steps_per_epoch
   full = take(ti.iterate(0), 2 * spe + 2)
   for k in (1, spe - 1, spe, 2 * spe + 1):
@@ -122,6 +123,57 @@ def test_device_pipeline_equals_tfdata(tree):
     hist = lambda bs: np.bincount(np.concatenate(  # noqa: E731
         [x["label"] for x in bs[lo:lo + t.steps_per_epoch]]), minlength=10)
     np.testing.assert_array_equal(hist(tb), hist(db))
+
+
+def test_class_balanced_device_equals_tfdata_and_is_balanced(tree):
+  t = train_input(tree, pipeline="tfdata", sampler="class_balanced")
+  d = train_input(tree, pipeline="device", sampler="class_balanced")
+  spe = t.steps_per_epoch
+  assert (t.num_examples, spe) == (d.num_examples, d.steps_per_epoch)
+  epochs = 4
+  tb, db = take(t.iterate(0), epochs * spe), take(d.iterate(0), epochs * spe)
+  assert_same(tb, db)
+  counts = np.asarray(t.counts)
+  assert counts.max() / counts.min() == 10  # the instance order's imbalance
+  hists = [np.bincount(np.concatenate(
+      [x["label"] for x in db[e * spe:(e + 1) * spe]]), minlength=10)
+           for e in range(epochs)]
+  assert all(h.sum() == spe * B for h in hists)  # same samples per epoch
+  total = np.sum(hists, 0)
+  # About 1/K each (a 10x imbalance otherwise): every class within 50%.
+  assert np.all(np.abs(total / total.mean() - 1) < 0.5), total
+  assert hists[0].tolist() != hists[1].tolist()  # fresh draws each epoch
+  # With replacement: the tail's images repeat within an epoch.
+  arrays = subset(tree)
+  order = np.asarray(device_lib.epoch_order_fn("class_balanced",
+                                               arrays.labels)(3, 0))
+  tail = order[arrays.labels[order] == 9]
+  assert len(tail) > counts[9] and len(set(tail.tolist())) <= counts[9]
+
+
+def test_class_balanced_draws_are_uniform_over_classes_then_images():
+  rng = np.random.default_rng(0)
+  counts = np.asarray(data.long_tail_counts(500, 0.01, num_classes=10))
+  labels = rng.permutation(np.repeat(np.arange(10), counts))
+  n = labels.size
+  epochs = 10
+  draw = jax.jit(device_lib.epoch_order_fn("class_balanced", labels))
+  order = np.concatenate([np.asarray(draw(7, e)) for e in range(epochs)])
+  per_class = np.bincount(labels[order], minlength=10)
+  expected = epochs * n / 10
+  # Chi-square against uniform classes (9 dof; 27.9 is the 0.1% level),
+  # where the instance order would put 40% of the draws on class 0.
+  chi2 = float(((per_class - expected) ** 2 / expected).sum())
+  assert chi2 < 27.9, (chi2, per_class)
+  tail = np.flatnonzero(labels == 9)  # 5 images, each about 1/5 of its class
+  hits = np.array([(order == i).sum() for i in tail])
+  assert np.all(np.abs(hits / (per_class[9] / len(tail)) - 1) < 0.25), hits
+  # A pure function of (seed, epoch), equal on the host path.
+  host = device_lib.host_epoch_order("class_balanced", 7, labels)
+  np.testing.assert_array_equal(host(2), order[2 * n:3 * n])
+  assert not np.array_equal(host(2), host(3))
+  with pytest.raises(ValueError, match="sampler must be one of"):
+    device_lib.epoch_order_fn("weighted", labels)
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -209,6 +261,8 @@ def test_eval_over_the_long_tailed_train_subset(tree):
 def test_argument_errors(tree):
   with pytest.raises(ValueError, match="pipeline"):
     train_input(tree, pipeline="grain")
+  with pytest.raises(ValueError, match="sampler"):
+    train_input(tree, sampler="balanced")
   with pytest.raises(ValueError, match=r"\(0, 1\]"):
     train_input(tree, imb_factor=0)
   with pytest.raises(ValueError, match="split"):

@@ -26,8 +26,10 @@ def _count(tree) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _etf(k: int, d: int, seed: int = 7) -> jax.Array:
-  return etf_lib.simplex_etf(k, d, seed=seed)
+def _etf(k: int, d: int, seed: int = 7) -> np.ndarray:
+  # Often first called while tracing: build it eagerly, keep it as numpy.
+  with jax.ensure_compile_time_eval():
+    return np.asarray(etf_lib.simplex_etf(k, d, seed=seed))
 
 
 def _clf(model) -> dict:

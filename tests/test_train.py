@@ -15,6 +15,7 @@ import pytest
 from experiments.configs import cifar_lt as cfg_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
+from nc_jax import methods
 from nc_jax import train
 
 BACKBONE = "resnet8"
@@ -37,9 +38,16 @@ def tiny_config(data_dir, *, arg: str = "", **overrides):
   return c
 
 
-@pytest.mark.parametrize("method", ["etf_dr", "etf_ce", "ce", "ce_frozen"])
-def test_each_method_trains_one_epoch(method, tiny_image_folder, tmp_path):
-  config = tiny_config(tiny_image_folder, arg=f"method={method}")
+@pytest.mark.parametrize("method,overrides", [
+    *[(m, {}) for m in methods.METHODS],
+    ("etf_dr", {"sampler": "class_balanced"}),
+    ("ldam_drw", {"sampler": "class_balanced", "eval_logit_adjust_tau": 1.0}),
+    ("ce", {"eval_logit_adjust_tau": 1.0, "mixup_alpha": 0.0}),
+])
+def test_each_method_trains_one_epoch(method, overrides, tiny_image_folder,
+                                      tmp_path):
+  config = tiny_config(tiny_image_folder, arg=f"method={method}",
+                       **overrides)
   res = train.train_and_evaluate(config, tmp_path)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["final"] == res["final"]
@@ -51,10 +59,32 @@ def test_each_method_trains_one_epoch(method, tiny_image_folder, tmp_path):
     assert len(saved[block]["per_class"]) == 10
   assert saved["final"]["num_examples"] == 60  # every test image once
   assert saved["config"]["method"] == method
+  for key, value in overrides.items():
+    assert saved["config"][key] == value
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   kinds = {json.loads(l)["kind"] for l in lines}
   assert kinds == {"train", "eval"}
   assert list((tmp_path / "tensorboard").iterdir())
+
+
+def _ce_plus_zero(ctx: methods.LossContext):
+  """A 'new' loss, registered as docs/architecture.md shows."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from nc_jax import losses  # pylint: disable=g-import-not-at-top
+  per = losses.cross_entropy(ctx.logits, ctx.labels)
+  return jnp.mean(per) + 0.0 * ctx.options["la_tau"] * ctx.epoch
+
+
+def test_a_registered_method_trains_end_to_end(tiny_image_folder, tmp_path):
+  methods.register_method("my_ce", methods.Method(head="linear",
+                                                  loss=_ce_plus_zero))
+  try:
+    res = train.train_and_evaluate(
+        tiny_config(tiny_image_folder, arg="method=my_ce,steps=3"), tmp_path)
+  finally:
+    del methods.METHODS["my_ce"]
+  assert res["config"]["method"] == "my_ce"
+  assert np.isfinite(res["final"]["loss"])
 
 
 def test_tfdata_pipeline_and_nc_metrics(tiny_image_folder, tmp_path):
@@ -194,12 +224,34 @@ def test_corrupt_checkpoint_stops_and_is_kept(tiny_image_folder, tmp_path,
     (dict(seeds_mode="pmap"), "seeds_mode"),
     (dict(conv_impl="cudnn"), "Unknown conv_impl 'cudnn'"),
     (dict(conv_impl="onednn", compute_dtype="bfloat16"), "not float32"),
+    (dict(sampler="balanced"), "sampler must be one of"),
+    (dict(eval_logit_adjust_tau=-1.0), "eval_logit_adjust_tau must be >= 0"),
+    (dict(method="la", **{"loss.la_tau": -1.0}), "la_tau must be >= 0"),
+    (dict(method="ldam_drw", **{"loss.cb_beta": 1.0}),
+     r"cb_beta must lie in \(0, 1\)"),
+    (dict(method="ldam_drw", **{"loss.cb_beta": -0.1}),
+     r"cb_beta must lie in \(0, 1\)"),
+    # tiny trains 1 epoch: DRW from epoch 1 would never start.
+    (dict(method="ldam_drw", **{"loss.drw_epoch": 1}),
+     "past the end of training"),
+    (dict(method="etf_dot", l2_normalize=False), "needs l2_normalize=True"),
 ])
 def test_bad_config_values(tiny_image_folder, tmp_path, override, match):
   config = tiny_config(tiny_image_folder, **override)
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()  # stopped before any work
+
+
+def test_drw_epoch_past_a_length_in_steps_is_refused(tiny_image_folder,
+                                                     tmp_path):
+  """With the length in steps, the epoch length is known only once the data
+  is read; the run still stops before building or training anything."""
+  config = tiny_config(tiny_image_folder, arg="method=ldam_drw,steps=3",
+                       **{"loss.drw_epoch": 1})
+  with pytest.raises(train.ConfigError, match="past the end of training"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
 
 
 def test_missing_data_dir(tmp_path):

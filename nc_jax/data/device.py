@@ -77,6 +77,8 @@ def class_balanced_indices(seed: jax.Array | int, epoch: jax.Array | int,
   Returns:
     `(N,)` int32 indices into the train set, N = len(order).
   """
+  order, starts, counts, present = (
+      jnp.asarray(a, jnp.int32) for a in (order, starts, counts, present))
   n = order.shape[0]
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed),
                                               _BALANCED_STREAM), epoch)
