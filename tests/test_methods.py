@@ -283,3 +283,21 @@ def test_posthoc_adjustment_needs_every_class():
     builder.step_config(cfg, methods.get_method("ce"), num_classes=3,
                         mean=(0.5,), std=(0.5,), class_counts=(5, 0, 2),
                         steps_per_epoch=1)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "unroll"])
+def test_learnt_heads_run_as_replicas_without_an_etf(mode):
+  built = tiny_step.tiny_build("ldam_drw", num_seeds=2, seeds_mode=mode)
+  assert built.etf is None
+  mesh = sharding.make_mesh()
+  state = built.init_state()
+  state, out = built.train_step(state, sharding.to_global(_batch(), mesh),
+                                None)
+  assert out["loss"].shape == (2,)
+  assert not np.allclose(out["loss"][0], out["loss"][1])
+  counts = built.eval_step(state, sharding.to_global(
+      dict(_batch(1), mask=np.ones(16, bool)), mesh), None)
+  assert counts["count"].shape == (2, 10)
+  w = built.classifiers(state)
+  assert w.shape == (2, 64, 10)
+  np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-5)
