@@ -206,12 +206,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       batch_size=config.batch_size, seed=config.seed, mesh=mesh,
       pipeline=config.pipeline,
       imagenet_lt_train_list=config.imagenet_lt_train_list,
-      train_splits=config.train_splits or None)
+      train_splits=config.train_splits or None,
+      color_jitter=config.color_jitter)
   eval_input = data_lib.make_eval_input(
       config.dataset, data_dir=data_dir,
       batch_size=config.eval_batch_size, mesh=mesh)
   info = train_input.info
-  groups = dict(info.class_groups)
+  groups = {**info.class_groups, **train_input.extra_groups}
   say(f"data: {config.dataset}-LT r={config.imb_factor} ({config.imb_profile}) "
       f"{train_input.num_examples} train images, per class "
       f"{list(train_input.counts)}; {eval_input.num_examples} test images "
@@ -414,6 +415,10 @@ def _results(config, train_input, history, num_replicas) -> dict[str, Any]:
       "train_counts": [int(c) for c in train_input.counts],
       "num_train_examples": int(train_input.num_examples),
       "num_seeds": num_replicas,
+      "class_groups": {"note": train_input.groups_note,
+                       **{k: list(v) for k, v in (
+                           {**train_input.info.class_groups,
+                            **train_input.extra_groups}).items()}},
       "final": final,
       "best": best,
       # Every evaluation, per seed: the headline numbers and per-class

@@ -143,6 +143,11 @@ def test_folder_imagenet_lt(tmp_path):
             mesh=MESH, imagenet_lt_train_list=str(lst))
   ti = data.make_train_input("imagenet_lt", **kw)
   assert ti.counts[:3] == [4, 3, 2] and ti.steps_per_epoch == 3
+  # Both groupings reach the training loop, and the note names them.
+  assert set(ti.extra_groups) == {"many_shot", "medium_shot", "few_shot"}
+  assert set(ti.info.class_groups) == {"head", "medium", "tail"}
+  assert ti.extra_groups["few_shot"][:3] == (0, 1, 2)  # all < 20 images
+  assert "390-835" in ti.groups_note and "< 20" in ti.groups_note
   full = take(ti.iterate(0), 7)
   assert full[0]["image"].shape == (3, 224, 224, 3)
   assert np.bincount(np.concatenate([b["label"] for b in full[:3]])
