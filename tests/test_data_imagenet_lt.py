@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from nc_jax import data
 from nc_jax import sharding
+from nc_jax.data import device as device_lib
 from nc_jax.data import imagenet_lt
 from nc_jax.data import long_tail
 from nc_jax.data import sources
@@ -97,6 +98,8 @@ def test_tfds_imagenet_lt_train_stream(mock_imagenet):
         full[1 + s]["image"])
   with pytest.raises(ValueError, match="tfdata"):
     data.make_train_input("imagenet_lt", pipeline="device", **kw)
+  with pytest.raises(ValueError, match="image-folder"):
+    data.make_train_input("imagenet_lt", sampler="class_balanced", **kw)
 
 
 def test_tfds_imagenet_lt_eval(mock_imagenet):
@@ -160,6 +163,15 @@ def test_folder_imagenet_lt(tmp_path):
   assert ev.num_examples == 15 and mask.sum() == 15 and len(evs) == 4
   assert np.bincount(np.concatenate([b["label"] for b in evs])[mask]
                      ).tolist() == [5, 5, 5]
+  # The class-balanced sampler: the shared plan's draws, resumable.
+  cb = data.make_train_input("imagenet_lt", sampler="class_balanced", **kw)
+  draws = take(cb.iterate(0), 6)
+  order = device_lib.host_epoch_order(
+      "class_balanced", 0, np.repeat(np.arange(3), [4, 3, 2]))(0)
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"] for b in draws[:3]]),
+      np.repeat(np.arange(3), [4, 3, 2])[order[:9]])
+  assert_same(take(cb.iterate(4), 2), draws[4:])
 
 
 def test_tfds_stream_detects_listed_images_missing(mock_imagenet, tmp_path):
