@@ -1,8 +1,8 @@
 """Image-folder trees shipped as archives (`.tar.gz`, `.tgz`, `.tar`, `.zip`).
 
 `data_dir` may name such an archive instead of a directory: it is extracted
-once into a cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`) and the
-tree inside is used. Extraction goes to a temporary folder renamed into place,
+once into nc_jax's cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`;
+see `nc_jax.cache`) and the tree inside is used. Extraction goes to a temporary folder renamed into place,
 so concurrent processes on one host and a kill mid-extraction are both safe.
 """
 
@@ -16,6 +16,8 @@ import tarfile
 import tempfile
 import zipfile
 
+from nc_jax import cache
+
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
@@ -24,8 +26,7 @@ def is_archive(path: str | os.PathLike | None) -> bool:
 
 
 def cache_root() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("NC_JAX_CACHE",
-                                     pathlib.Path.home() / ".cache" / "nc_jax"))
+  return cache.cache_root()
 
 
 def _find_tree(root: pathlib.Path) -> pathlib.Path:
