@@ -90,11 +90,27 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   return []  # not reached
 
 
+def _adopt_help(module_name: str, program: str) -> None:
+  """Makes --help of a console script show `module_name`'s flags and doc.
+
+  absl's help lists the flags of the module run as `__main__`; a console
+  script's `__main__` is a stub that imports the entry module instead.
+  """
+  if module_name == "__main__" or module_name not in sys.modules:
+    return
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(program, flag)
+  main_module = sys.modules.get("__main__")
+  if main_module is not None and not main_module.__doc__:
+    main_module.__doc__ = sys.modules[module_name].__doc__
+
+
 def run_app(main: Callable[[list[str]], None],
             argv: Sequence[str] | None = None) -> None:
   """`absl.app.run(main)` where input mistakes end as one `error:` line."""
   argv = list(sys.argv if argv is None else argv)
   sys.argv[:] = argv  # config_flags reads the overrides from sys.argv
+  _adopt_help(main.__module__, argv[0])
 
   def guarded(args):
     try:
