@@ -82,8 +82,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       fail(f"--{name} is required{hint}. Run with --helpshort for all flags.")
     fail(f"{msg}. Run with --helpshort for all flags.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if "Error whilst parsing config file" in str(e):
+      # A config file's get_config refused its argument.
+      fail(f"bad --config: {_one_line(e)}")
     # A --config.FIELD override that the locked config refuses (misspelt
-    # field, wrong type), or a config argument that does not parse.
+    # field, wrong type).
     msg = " ".join(re.sub(r"\\n|[\\'\"]", " ", _one_line(e)).split())
     fail(f"bad --config override: {msg}. Fields are listed in "
          f"{DEFAULT_CONFIG.relative_to(INSTALL_ROOT)}.")

@@ -27,6 +27,7 @@ from ml_collections import ConfigDict
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
 from nc_jax.data.archive import resolve_data_dir
+from nc_jax.data.sources import IN_MEMORY
 from nc_jax import etf as etf_lib
 from nc_jax import metrics as metrics_lib
 from nc_jax import models
@@ -125,6 +126,15 @@ def _validate(config: ConfigDict) -> None:
   if config.pipeline not in data_lib.PIPELINES:
     raise ValueError(f"pipeline must be one of {data_lib.PIPELINES}, got "
                      f"{config.pipeline!r}.")
+  if config.pipeline == "device" and config.dataset not in IN_MEMORY:
+    raise ValueError(f"{config.dataset!r} is streamed from disk; "
+                     "pipeline='device' holds the train set on the "
+                     f"accelerator and supports only {IN_MEMORY}. Pass "
+                     "--config.pipeline=tfdata.")
+  train_list = config.get("imagenet_lt_train_list")
+  if train_list and not os.path.isfile(os.path.expanduser(train_list)):
+    raise ValueError(f"imagenet_lt_train_list {train_list} is not a file. "
+                     "Pass the path of ImageNet_LT_train.txt.")
   for name in ("num", "eval_every", "checkpoint_every"):
     optim.duration_steps(config, name, 1)  # both-set conflicts
   if optim.duration_steps(config, "num", 1) is None:

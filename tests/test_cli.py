@@ -151,6 +151,18 @@ def test_data_and_config_mistakes_write_nothing(tiny_image_folder, tmp_path,
   assert not (cwd / "w").exists()  # nothing to block the corrected rerun
 
 
+def test_damaged_archive(tmp_path):
+  (tmp_path / "data.tar.gz").write_bytes(b"\x1f\x8b" + b"not really" * 10)
+  # (XLA's convolutions: no oneDNN kernels to build into the empty cache.)
+  out = _run([*TINY, "--config.data_dir=data.tar.gz", "--workdir", "w",
+              "--config.conv_impl=xla"],
+             cwd=tmp_path, NC_JAX_CACHE=str(tmp_path / "cache"))
+  _assert_clean_error(out, "data.tar.gz cannot be extracted",
+                      "pass an extracted folder")
+  assert not (tmp_path / "w").exists()
+  assert not list((tmp_path / "cache").iterdir())  # no half extraction
+
+
 def test_workdir_that_is_a_file(tiny_image_folder, tmp_path):
   (tmp_path / "notes.txt").write_text("mine")
   out = _run([*TINY, f"--config.data_dir={tiny_image_folder}",

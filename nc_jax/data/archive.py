@@ -51,7 +51,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
     A directory path (unchanged when `data_dir` is not an archive).
 
   Raises:
-    FileNotFoundError: when the archive does not exist.
+    FileNotFoundError: when the archive does not exist or holds no tree.
+    ValueError: when it cannot be extracted.
   """
   if not is_archive(data_dir):
     return None if data_dir is None else str(data_dir)
@@ -70,12 +71,18 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
   try:
-    if archive.suffix == ".zip":
-      with zipfile.ZipFile(archive) as z:
-        z.extractall(tmp)
-    else:
-      with tarfile.open(archive) as t:
-        t.extractall(tmp, filter="data")
+    try:
+      if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+          z.extractall(tmp)
+      else:
+        with tarfile.open(archive) as t:
+          t.extractall(tmp, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as e:
+      raise ValueError(
+          f"data_dir {archive} cannot be extracted ({type(e).__name__}: "
+          f"{' '.join(str(e).split())[:200]}): a damaged or incomplete "
+          "archive? Copy it again, or pass an extracted folder.") from e
     try:
       os.rename(tmp, target)
     except OSError:
