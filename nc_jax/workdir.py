@@ -101,8 +101,11 @@ def holder_state(holder: dict[str, Any]) -> str:
 def describe(holder: dict[str, Any]) -> str:
   if not holder:
     return "an unreadable lock"
+  command = str(holder.get("command", "?"))
+  if len(command) > 160:
+    command = command[:157] + "..."
   return (f"pid {holder.get('pid')} on host {holder.get('host')} (since "
-          f"{holder.get('started')}: {holder.get('command', '?')})")
+          f"{holder.get('started')}: {command})")
 
 
 def _refusal(workdir: pathlib.Path, holder: dict[str, Any], state: str

@@ -151,17 +151,19 @@ class Source:
     return split
 
 
-def accepted_forms(info: DatasetInfo) -> str:
-  """What `--config.data_dir` accepts for `info`, for error messages."""
+def accepted_forms(info: DatasetInfo, *, unset: bool = True) -> str:
+  """What `--config.data_dir` accepts for `info`, for error messages
+  (`unset`: mention that it may be left unset, for tfds to download)."""
   example = (" (e.g. ../shared/data/cifar10_jpeg.tar.gz, or its extracted "
              "cifar10_jpeg/ folder)" if info.name == "cifar10" else "")
   unset = (f"; or leave it unset to have tfds download and prepare "
            f"{info.tfds_name} in its data directory (needs internet)"
-           if info.name in IN_MEMORY else "")
-  return (f"Pass --config.data_dir= one of: an image-folder tree DIR with "
-          f"DIR/train/<class>/*.jpg|png and DIR/test/<class>/...; such a tree "
-          f"as a .tar.gz/.tgz/.tar/.zip archive{example}; a tfds data "
-          f"directory holding a prepared {info.tfds_name}/{unset}.")
+           if unset and info.name in IN_MEMORY else "")
+  return (f"Pass --config.data_dir= one of: an image-folder tree with "
+          f"train/ and test/ holding one folder of images per class "
+          f"(DIR/train/<class>/*.jpg|png); such a tree as a "
+          f".tar.gz/.tgz/.tar/.zip archive{example}; a tfds data directory "
+          f"holding a prepared {info.tfds_name}/{unset}.")
 
 
 def _expected(info: DatasetInfo) -> str:
@@ -276,7 +278,7 @@ def prepare_tfds(name: str, *,
     return ValueError(
         f"data_dir is not set, so {name!r} was to come from tfds "
         f"({info.tfds_name} in {where}), but tfds cannot provide it here: "
-        f"{why}. " + accepted_forms(info))
+        f"{why}. " + accepted_forms(info, unset=False))
 
   try:
     tfds = _tfds()
@@ -288,7 +290,7 @@ def prepare_tfds(name: str, *,
     raise refuse(f"{type(e).__name__}: {str(e)[:300]}") from e
   why = _unreachable(builder)
   if why:
-    raise refuse(f"it is not prepared in {where} and {why}; no internet?")
+    raise refuse(f"it is not prepared in {where} and {why} (no internet?)")
   notify(f"data: {info.tfds_name} is not in {where}; tfds downloads and "
          "prepares it there (once)")
   try:
