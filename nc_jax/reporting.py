@@ -19,9 +19,16 @@ def is_chief() -> bool:
   return jax.process_index() == 0
 
 
+_BAR = None  # the live tqdm bar, when stdout is a terminal
+
+
 def say(msg: str) -> None:
   """Prints a line from process 0, flushed (progress must show up live)."""
-  if is_chief():
+  if not is_chief():
+    return
+  if _BAR is not None:
+    _BAR.write(msg, file=sys.stdout)
+  else:
     print(msg, file=sys.stdout, flush=True)
 
 
@@ -76,32 +83,88 @@ class MetricWriter:
 
 
 class Progress:
-  """Per-interval throughput and ETA for the training loop."""
+  """Throughput, ETA and (on a terminal) a live bar for the training loop.
+
+  The rate is an exponential moving average over log intervals of training
+  time only: evaluation and checkpoint time is reported through `exclude`
+  and does not count. The ETA adds the remaining evaluations at their mean
+  measured duration. On a terminal a tqdm bar advances every step; in logs
+  and pipes only the progress lines are printed.
+  """
 
   def __init__(self, *, total_steps: int, steps_per_epoch: int,
-               batch_size: int, start_step: int):
+               batch_size: int, start_step: int, eval_every: int,
+               smoothing: float = 0.3, bar: bool | None = None):
     self.total = total_steps
     self.spe = steps_per_epoch
     self.batch = batch_size
+    self.eval_every = eval_every
+    self._alpha = smoothing
     self._t0 = time.perf_counter()
     self._step0 = start_step
+    self._excluded = 0.0
+    self._rate = None  # smoothed images/s
     self._first_interval = True
+    self._eval_times: list[float] = []
+    global _BAR
+    if bar is None:
+      bar = is_chief() and sys.stdout.isatty()
+    self._bar = None
+    if bar:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = _BAR = tqdm(total=total_steps, initial=start_step,
+                              unit="step", dynamic_ncols=True,
+                              file=sys.stdout, leave=False)
+
+  def step(self, n: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def exclude(self, seconds: float, *, evaluation: bool = False) -> None:
+    """Removes `seconds` (an evaluation or checkpoint) from the rate."""
+    self._excluded += seconds
+    if evaluation:
+      self._eval_times.append(seconds)
+
+  def eta_seconds(self, step: int) -> float | None:
+    if self._rate is None:
+      return None
+    train = (self.total - step) * self.batch / self._rate
+    evals_left = (self.total // self.eval_every - step // self.eval_every
+                  + (self.total % self.eval_every != 0))
+    mean_eval = (sum(self._eval_times) / len(self._eval_times)
+                 if self._eval_times else 0.0)
+    return train + evals_left * mean_eval
 
   def line(self, step: int, scalars: Mapping[str, float]) -> tuple[str, float]:
-    """Returns a progress line for `step` (done steps) and the images/s."""
+    """Returns a progress line for `step` (done steps) and the images/s of
+    the interval's training time."""
     now = time.perf_counter()
-    dt = max(now - self._t0, 1e-9)
+    dt = max(now - self._t0 - self._excluded, 1e-9)
     ips = (step - self._step0) * self.batch / dt
     # The first interval includes compilation; its rate says little.
+    if not self._first_interval:
+      self._rate = ips if self._rate is None else (
+          self._alpha * ips + (1 - self._alpha) * self._rate)
     rate_txt = "compiling" if self._first_interval else f"{ips:,.0f} img/s"
-    eta = (self.total - step) * self.batch / ips if ips > 0 else 0.0
-    eta_txt = "--:--" if self._first_interval else _fmt_seconds(eta)
-    self._t0, self._step0, self._first_interval = now, step, False
+    eta = self.eta_seconds(step)
+    eta_txt = "--:--" if eta is None else _fmt_seconds(eta)
+    self._t0, self._step0, self._excluded = now, step, 0.0
+    self._first_interval = False
     epoch = step / self.spe
     pct = 100.0 * step / self.total
     fields = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
+    if self._bar is not None:
+      self._bar.set_postfix_str(f"{fields} | {rate_txt} | ETA {eta_txt}",
+                                refresh=False)
     return (f"[{pct:5.1f}%] epoch {epoch:6.2f} step {step}/{self.total} "
             f"{fields} | {rate_txt} | ETA {eta_txt}", ips)
+
+  def close(self) -> None:
+    global _BAR
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = _BAR = None
 
 
 def eval_line(epoch: float, split: str, m: Mapping[str, Any]) -> str:

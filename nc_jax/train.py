@@ -342,7 +342,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
         batch_size=config.batch_size, seed=config.seed, mesh=mesh,
         pipeline=config.pipeline,
         imagenet_lt_train_list=config.imagenet_lt_train_list,
-        train_splits=config.train_splits or None)
+        train_splits=config.train_splits or None,
+        color_jitter=config.color_jitter)
     eval_input = data_lib.make_eval_input(
         config.dataset, data_dir=data_dir,
         batch_size=config.eval_batch_size, mesh=mesh)
@@ -351,7 +352,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
     # batch, a missing ImageNet-LT list): nothing has been written yet.
     raise ConfigError(str(e)) from e
   info = train_input.info
-  groups = dict(info.class_groups)
+  groups = {**info.class_groups, **train_input.extra_groups}
   say(f"data: {config.dataset}-LT r={config.imb_factor} ({config.imb_profile}) "
       f"{train_input.num_examples} train images, per class "
       f"{list(train_input.counts)}; {eval_input.num_examples} test images "
@@ -461,14 +462,18 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
 
   def run_eval(step: int) -> None:
     epoch = step / spe
+    t_eval = time.perf_counter()
     per_seed = evaluator(state, etf)
     entry = {"step": step, "epoch": epoch, "test": per_seed}
     if train_evaluator is not None:
       entry["train"] = train_evaluator(state, etf)
     history.append(entry)
     mean, _ = _aggregate(per_seed)
-    say(reporting.eval_line(round(epoch, 2), "test", mean))
+    seconds = time.perf_counter() - t_eval
+    say(reporting.eval_line(round(epoch, 2), "test", mean)
+        + f" [{seconds:.1f}s]")
     scalars = {k: mean[k] for k in SCALAR_KEYS if mean.get(k) is not None}
+    scalars["eval_seconds"] = seconds
     for split in ("test", "train"):
       if split in entry and "nc" in entry[split][0]:
         nc_mean, _ = _aggregate([m["nc"] for m in entry[split]])
@@ -480,35 +485,51 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
     writer.write(step, "eval", scalars)
 
   # ------------------------------------------------------------ train
-  progress = reporting.Progress(total_steps=total, steps_per_epoch=spe,
-                                batch_size=config.batch_size, start_step=start)
   say(f"training {total} steps ({total / spe:g} epochs of {spe} steps, batch "
       f"{config.batch_size}) from step {start}; workdir {workdir}")
+  progress = reporting.Progress(total_steps=total, steps_per_epoch=spe,
+                                batch_size=config.batch_size, start_step=start,
+                                eval_every=eval_every)
   step = start
   batches = train_input.iterate(start)
-  pending = None
-  while step < total:
-    batch = next(batches)
-    state, out = train_step(state, batch, etf)
-    step += 1
-    pending = out
-    if step % config.log_every_steps == 0 or step == total:
-      scalars = {k: float(np.mean(jax.device_get(v))) for k, v in
-                 pending.items()}
-      if not all(np.isfinite(v) for v in scalars.values()):
-        raise FloatingPointError(
-            f"Non-finite training metrics at step {step}: {scalars}. The last "
-            "good checkpoint is kept; lower optim.lr or check the data.")
-      line, ips = progress.line(step, {k: scalars[k] for k in
-                                       ("loss", "lr", "train_acc")})
-      say(line)
-      writer.write(step, "train", dict(scalars, images_per_sec=ips))
-    if step % eval_every == 0 or step == total:
-      run_eval(step)
-    if step % ckpt_every == 0 or step == total:
-      checkpointer.save(step, state, {
-          "history": history, "resumes": resumes,
-          "wall_s": wall_before + time.perf_counter() - t_start})
+  # Per-step metrics summed on device over the log interval (no host sync
+  # per step); the logged values are interval means, not the last batch's.
+  sums, n_sum = None, 0
+  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+  try:
+    while step < total:
+      batch = next(batches)
+      state, out = train_step(state, batch, etf)
+      step += 1
+      sums = out if sums is None else add(sums, out)
+      n_sum += 1
+      progress.step()
+      if step % config.log_every_steps == 0 or step == total:
+        scalars = {k: float(np.mean(jax.device_get(v))) / n_sum
+                   for k, v in sums.items()}
+        scalars["lr"] = float(np.mean(jax.device_get(out["lr"])))  # current
+        sums, n_sum = None, 0
+        if not all(np.isfinite(v) for v in scalars.values()):
+          raise FloatingPointError(
+              f"Non-finite training metrics around step {step}: {scalars}. "
+              "The last good checkpoint is kept; lower optim.lr or check the "
+              "data.")
+        line, ips = progress.line(step, {k: scalars[k] for k in
+                                         ("loss", "lr", "train_acc")})
+        say(line)
+        writer.write(step, "train", dict(scalars, images_per_sec=ips))
+      if step % eval_every == 0 or step == total:
+        t = time.perf_counter()
+        run_eval(step)
+        progress.exclude(time.perf_counter() - t, evaluation=True)
+      if step % ckpt_every == 0 or step == total:
+        t = time.perf_counter()
+        checkpointer.save(step, state, {
+            "history": history, "resumes": resumes,
+            "wall_s": wall_before + time.perf_counter() - t_start})
+        progress.exclude(time.perf_counter() - t)
+  finally:
+    progress.close()
 
   # ----------------------------------------------------------- results
   if start == total and not history:
@@ -570,6 +591,10 @@ def _results(config, train_input, history, num_replicas) -> dict[str, Any]:
       "train_counts": [int(c) for c in train_input.counts],
       "num_train_examples": int(train_input.num_examples),
       "num_seeds": num_replicas,
+      "class_groups": {"note": train_input.groups_note,
+                       **{k: list(v) for k, v in (
+                           {**train_input.info.class_groups,
+                            **train_input.extra_groups}).items()}},
       "final": final,
       "best": best,
       # Every evaluation, per seed: the headline numbers and per-class

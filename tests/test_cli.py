@@ -9,6 +9,7 @@ data and workdir mistakes use the tiny image folder and a tiny config.
 
 from __future__ import annotations
 
+import ast
 import configparser
 import os
 import pathlib
@@ -208,6 +209,8 @@ def test_console_scripts_work_from_any_directory(tmp_path):
   assert {"nc-jax-train", "nc-jax-report"} <= set(scripts)
   for name, target in scripts.items():
     module, func = target.split(":")
+    path = REPO / (module.replace(".", "/") + ".py")
+    summary = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]
     # What the installed script does: import the target and call it.
     code = f"import sys; from {module} import {func}; sys.exit({func}())"
     out = subprocess.run([sys.executable, "-c", code, "--helpshort"],
@@ -216,7 +219,8 @@ def test_console_scripts_work_from_any_directory(tmp_path):
     # absl ends --help with status 1; what counts is that the entry
     # module's own flags are listed.
     assert out.returncode in (0, 1), (name, out.stderr[-2000:])
-    assert "--workdir:" in out.stdout, (name, out.stdout[-2000:])
+    assert summary in out.stdout, (name, out.stdout[-2000:])
+    assert "\n  --" in out.stdout.split("flags:", 1)[-1], (name, out.stdout)
     assert "Traceback" not in out.stderr, (name, out.stderr[-2000:])
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from nc_jax import etf as etf_lib
 from nc_jax import models
-from nc_jax.models import densenet, heads, resnet_cifar
+from nc_jax.models import densenet, heads, resnet, resnet_cifar
 
 # Compiling threefry for ~100 differently shaped parameters takes XLA:CPU
 # several times longer than the network itself; the models do not care which
@@ -219,6 +219,57 @@ def test_kaiming_normal_fan_in_init():
   bn = params["backbone"]["bn1"]
   chex.assert_trees_all_equal(bn["scale"], jnp.ones(16))
   chex.assert_trees_all_equal(bn["bias"], jnp.zeros(16))
+
+
+def _rel_std(kernel, fan) -> float:
+  """Empirical std of `kernel` over the Kaiming-normal std for `fan`, - 1."""
+  return float(jnp.std(kernel)) / math.sqrt(2 / fan) - 1
+
+
+def test_resnet32_conv_init_is_fan_in():
+  # A conv whose fan-in (3*3*16) and fan-out (3*3*32) differ.
+  kernel = _variables("resnet32", 10, "linear")["params"]["backbone"][
+      "layer2_0"]["conv1"]["kernel"]
+  assert kernel.shape == (3, 3, 16, 32)
+  assert abs(_rel_std(kernel, 3 * 3 * 16)) < 0.05
+  assert abs(_rel_std(kernel, 3 * 3 * 32)) > 0.2
+
+
+def test_flax_fan_out_of_hwio_kernel_is_torch_fan_out():
+  # PyTorch's fan_out for a (out, in, kh, kw) weight is out * kh * kw.
+  kernel = heads.KAIMING_NORMAL_FAN_OUT(KEY, (3, 3, 128, 32))
+  assert abs(_rel_std(kernel, 32 * 3 * 3)) < 0.02
+  linear = heads.TORCH_LINEAR_KERNEL(KEY, (400, 100))  # (in, out)
+  assert float(jnp.max(jnp.abs(linear))) <= 1 / 20
+  assert abs(float(jnp.std(linear)) * math.sqrt(3 * 400) - 1) < 0.02
+
+
+def test_densenet_conv_init_is_fan_out():
+  layer = densenet.DenseLayer(growth_rate=32)
+  params = jax.jit(functools.partial(layer.init, train=False))(
+      KEY, jnp.zeros((1, 4, 4, 64)))["params"]
+  conv1, conv2 = params["conv1"]["kernel"], params["conv2"]["kernel"]
+  assert conv1.shape == (1, 1, 64, 128) and conv2.shape == (3, 3, 128, 32)
+  assert abs(_rel_std(conv1, 128)) < 0.05
+  assert abs(_rel_std(conv2, 3 * 3 * 32)) < 0.05
+  assert abs(_rel_std(conv2, 3 * 3 * 128)) > 0.5  # Not fan-in.
+  chex.assert_trees_all_equal(params["bn2"]["scale"], jnp.ones(128))
+  chex.assert_trees_all_equal(params["bn2"]["bias"], jnp.zeros(128))
+
+
+def test_resnet50_conv_init_is_fan_out():
+  # ResNet-50's own stem and bottleneck code, one stage of one block.
+  model = resnet.ResNet(stage_sizes=(1,), planes=(64,))
+  params = jax.jit(model.init)(KEY, jnp.zeros((1, 8, 8, 3)))["params"]
+  stem = params["conv1"]["kernel"]
+  block = params["layer1_0"]
+  assert stem.shape == (7, 7, 3, 64)
+  assert abs(_rel_std(stem, 7 * 7 * 64)) < 0.05
+  assert abs(_rel_std(block["conv2"]["kernel"], 3 * 3 * 64)) < 0.05
+  assert abs(_rel_std(block["conv3"]["kernel"], 256)) < 0.05  # 64 -> 256
+  assert abs(_rel_std(block["downsample_conv"]["kernel"], 256)) < 0.05
+  chex.assert_trees_all_equal(params["bn1"]["scale"], jnp.ones(64))
+  chex.assert_trees_all_equal(params["bn1"]["bias"], jnp.zeros(64))
 
 
 def test_option_a_shortcut_pads_channels_symmetrically():

@@ -128,6 +128,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train_splits = ""
   c.pipeline = kv.get("pipeline", "device")  # "device" or "tfdata"
   c.imagenet_lt_train_list = ml_collections.FieldReference(None, field_type=str)
+  # ImageNet-LT's ColorJitter(brightness, contrast, saturation) strength,
+  # after the random resized crop and flip (the reference's 0.4; 0 = off).
+  c.color_jitter = 0.4
   c.batch_size = 128  # global, over all devices and processes
   c.eval_batch_size = 500
 

@@ -92,6 +92,9 @@ class TrainInput:
     subset: which images were selected, `{"classes": [...], "images":
       [[ids of class 0], ...]}` (what `train_subset.json` holds), or None
       for streamed sets (ImageNet-LT: its list is the subset).
+    extra_groups: further class groups reported beside `info.class_groups`
+      (ImageNet-LT: the literature's many_shot / medium_shot / few_shot).
+    groups_note: how the groups were formed, for results.json.
   """
   info: sources.DatasetInfo
   counts: list[int]
@@ -103,6 +106,9 @@ class TrainInput:
   _global: Callable[[int], Iterator[Batch]] | None = None
   _local: Callable[[int], Iterator[Batch]] | None = None
   subset: dict | None = None
+  extra_groups: dict[str, tuple[int, ...]] = dataclasses.field(
+      default_factory=dict)
+  groups_note: str = ""
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Endless global batches from global step `start_step` on.
@@ -223,6 +229,7 @@ def make_train_input(name: str, *,
                      pipeline: str = "tfdata",
                      imagenet_lt_train_list: str | None = None,
                      train_splits: tuple[str, ...] | None = None,
+                     color_jitter: float = 0.4,
                      _process: tuple[int, int] | None = None) -> TrainInput:
   """The long-tailed training input of dataset `name`.
 
@@ -241,6 +248,8 @@ def make_train_input(name: str, *,
     imagenet_lt_train_list: path of ImageNet_LT_train.txt (ImageNet-LT).
     train_splits: source splits to subsample (None: the dataset's, e.g.
       SVHN's train + extra).
+    color_jitter: ImageNet-LT's ColorJitter strength (brightness, contrast,
+      saturation; 0 = off).
     _process: `(index, count)` to simulate a process (tests only).
 
   Returns:
@@ -263,10 +272,21 @@ def make_train_input(name: str, *,
                        f"supports {sources.IN_MEMORY}. Use pipeline='tfdata'.")
     stream = imagenet_lt.make_train_stream(
         info, data_dir=data_dir, train_list=imagenet_lt_train_list,
-        batch_size=batch_size, seed=seed, rows=rows)
-    return TrainInput(stream.info, stream.counts, stream.num_examples,
-                      batch_size, stream.num_examples // batch_size,
-                      pipeline, mesh, None, stream.iterate_local)
+        batch_size=batch_size, seed=seed, rows=rows,
+        color_jitter=color_jitter)
+    by_count = stream.class_groups_by_count
+    return TrainInput(
+        stream.info, stream.counts, stream.num_examples, batch_size,
+        stream.num_examples // batch_size, pipeline, mesh, None,
+        stream.iterate_local,
+        extra_groups={"many_shot": by_count["head"],
+                      "medium_shot": by_count["medium"],
+                      "few_shot": by_count["tail"]},
+        groups_note=(
+            "head/medium/tail: the reference's ranks 0-390 / 390-835 / "
+            "835-1000 of the classes sorted by descending train count; "
+            "many_shot/medium_shot/few_shot: > 100, 20-100, < 20 train "
+            "images (the literature's split)"))
 
   r = long_tail.check_imb_factor(imb_factor)
   sources.check_data_dir(name, data_dir)
@@ -288,11 +308,18 @@ def make_train_input(name: str, *,
         split.images, split.labels, batch_size=batch_size, seed=seed,
         mesh=mesh, augment=info.train_augment)
     return TrainInput(info, counts, n, batch_size, n // batch_size, pipeline,
-                      mesh, dev.iterate, None, split.subset_record())
+                      mesh, dev.iterate, None, split.subset_record(),
+                      groups_note=_RANGE_NOTE)
   local = _array_tfdata(split, batch_size=batch_size, seed=seed,
                         augment=info.train_augment, rows=rows)
   return TrainInput(info, counts, n, batch_size, n // batch_size, pipeline,
-                    mesh, None, local, split.subset_record())
+                    mesh, None, local, split.subset_record(),
+                    groups_note=_RANGE_NOTE)
+
+
+_RANGE_NOTE = ("head/medium/tail: fixed class-index ranges of the reference "
+               "configs (10 classes: 0-2 / 3-6 / 7-9; CIFAR-100: 0-35 / "
+               "36-70 / 71-99)")
 
 
 def _abspath(data_dir: str | None) -> str | None:

@@ -12,10 +12,13 @@ The paper's DenseNet rows use depth 150, growth k = 12, theta = 0.5:
 floor((150 - 4) / 6) = 24 layers per block, so the channels run
 24 -> 24 + 24*12 = 312 -> 156 -> 444 -> 222 -> 510: 510-d features.
 
-Initialisation follows this package's convention (Kaiming-normal, fan-in,
-for every conv); the PyTorch port draws conv weights with fan-out instead.
-The difference only changes the starting scale, which BatchNorm absorbs.
-Dropout (0 in the reference configs) is omitted.
+Initialisation as the reference (`models/densenet.py`, `DenseNet3`): every
+conv kernel is drawn from N(0, 2 / fan_out) with fan_out = kh * kw * out
+(`KAIMING_NORMAL_FAN_OUT`), every BatchNorm starts at scale 1, bias 0. The
+backbone has no linear layer; the reference's separate DenseNet classifier
+(`Classifier`) is Kaiming-normal fan-in with PyTorch's default bias, which
+is what `heads.LinearHead` does. Dropout (0 in the reference configs) is
+omitted.
 
 References:
   Huang, Liu, van der Maaten, Weinberger. Densely Connected Convolutional
@@ -31,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nc_jax.models.heads import KAIMING_NORMAL, batch_norm
+from nc_jax.models.heads import KAIMING_NORMAL_FAN_OUT, batch_norm
 
 Dtype = Any
 
@@ -97,12 +100,12 @@ class DenseLayer(nn.Module):
       out = batch_norm(train, activation="relu",
                        dtype=self.dtype, name="bn1")(out)
       out = nn.Conv(4 * self.growth_rate, (1, 1), use_bias=False,
-                    kernel_init=KAIMING_NORMAL, dtype=self.dtype,
+                    kernel_init=KAIMING_NORMAL_FAN_OUT, dtype=self.dtype,
                     name="conv1")(out)
     out = batch_norm(train, activation="relu",
                      dtype=self.dtype, name="bn2")(out)
     out = nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)),
-                  use_bias=False, kernel_init=KAIMING_NORMAL,
+                  use_bias=False, kernel_init=KAIMING_NORMAL_FAN_OUT,
                   dtype=self.dtype, name="conv2")(out)
     return jnp.concatenate([x, out.astype(x.dtype)], axis=-1)
 
@@ -122,7 +125,8 @@ class Transition(nn.Module):
     """`(B, H, W, C)` -> `(B, floor(H/2), floor(W/2), features)`."""
     x = batch_norm(train, activation="relu", dtype=self.dtype, name="bn")(x)
     x = nn.Conv(self.features, (1, 1), use_bias=False,
-                kernel_init=KAIMING_NORMAL, dtype=self.dtype, name="conv")(x)
+                kernel_init=KAIMING_NORMAL_FAN_OUT, dtype=self.dtype,
+                name="conv")(x)
     # 'VALID' floors odd sizes, like PyTorch's avg_pool2d(x, 2).
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
@@ -166,8 +170,8 @@ class DenseNet(nn.Module):
     n = layers_per_block(self.depth, self.bottleneck)
     x = x.astype(self.dtype)
     x = nn.Conv(2 * self.growth_rate, (3, 3), padding=((1, 1), (1, 1)),
-                use_bias=False, kernel_init=KAIMING_NORMAL, dtype=self.dtype,
-                name="conv1")(x)
+                use_bias=False, kernel_init=KAIMING_NORMAL_FAN_OUT,
+                dtype=self.dtype, name="conv1")(x)
     for block in range(NUM_BLOCKS):
       for j in range(n):
         x = DenseLayer(self.growth_rate, self.bottleneck, dtype=self.dtype,

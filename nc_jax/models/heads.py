@@ -50,6 +50,21 @@ from nc_jax.models import norm
 # Dense `(in, out)`, `kh * kw * in` for a Conv `(kh, kw, in, out)`.
 KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
+# Kaiming-normal, fan-out: std = sqrt(2 / fan_out), PyTorch's
+# `init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`, which the
+# reference uses for the convs of its DenseNet-BC and ImageNet ResNets. For a
+# Conv kernel `(kh, kw, in, out)` Flax's fan_out is `kh * kw * out`, the same
+# number as PyTorch's `out_channels * kh * kw` for its `(out, in, kh, kw)`.
+KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(
+    2.0, "fan_out", "normal")
+
+# PyTorch's default `nn.Linear` weight init, `kaiming_uniform_(a=sqrt(5))`:
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in). The
+# reference's ImageNet classifier (`models/resnet.py` `Classifier`) keeps it;
+# its bias is `torch_linear_bias_init`.
+TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform")
+
 # PyTorch's BatchNorm momentum 0.1 weights the NEW batch statistic; Flax's
 # momentum weights the OLD running value, so 0.1 there is 0.9 here.
 BN_MOMENTUM = 0.9

@@ -12,10 +12,14 @@ stage's planes, 512 -> 1024, so the features are 4 * 1024 = 4096-d (about
 63M parameters); `wide_layer4=False` gives the standard 2048-d ResNet-50
 (23,508,032 backbone parameters, torchvision's 25,557,032 less its fc).
 
-Initialisation follows this package's convention (Kaiming-normal, fan-in);
-the reference uses torchvision's fan-out variant. BatchNorm absorbs the
-difference in starting scale. No zero-init of the last BN (torchvision's
-default, `zero_init_residual=False`).
+Initialisation as the reference (`models/resnet.py`, `ResNet_FE`, i.e.
+torchvision's): every conv kernel is Kaiming-normal fan-out, N(0, 2 /
+fan_out) with fan_out = kh * kw * out (`KAIMING_NORMAL_FAN_OUT`); every
+BatchNorm starts at scale 1, bias 0; no zero-init of the last BN
+(`zero_init_residual=False`). The backbone has no linear layer; the
+reference's ImageNet classifier (`Classifier`) is a plain `nn.Linear` with
+PyTorch's default init (`heads.TORCH_LINEAR_KERNEL` and
+`heads.torch_linear_bias_init`).
 
 References:
   He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR
@@ -31,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nc_jax.models.heads import KAIMING_NORMAL, batch_norm
+from nc_jax.models.heads import KAIMING_NORMAL_FAN_OUT, batch_norm
 
 Dtype = Any
 
@@ -44,7 +48,7 @@ def _conv(features: int, kernel: int, stride: int = 1, *,
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=KAIMING_NORMAL, dtype=dtype, name=name)
+                 kernel_init=KAIMING_NORMAL_FAN_OUT, dtype=dtype, name=name)
 
 
 class Bottleneck(nn.Module):
