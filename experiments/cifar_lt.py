@@ -1,9 +1,11 @@
 r"""Train on a long-tailed image dataset with a fixed-ETF or learnable head.
 
-    python -m experiments.cifar_lt \
-      --config experiments/configs/cifar_lt.py:dataset=cifar10,imb=0.01,method=etf_dr \
+    nc-jax-train --config cifar10_r0.01_etf_dr \
       --config.data_dir=/path/to/cifar10_jpeg --workdir runs/c10_etf_dr
 
+(or `python -m experiments.cifar_lt ...`, from any directory). --config is a
+preset name, a config argument for experiments/configs/cifar_lt.py
+(`quick,method=ce`), or a config file `path/to/file.py[:ARGS]`.
 Restarting the same command resumes from the newest checkpoint in --workdir.
 Several hosts: start the same command on each with --coordinator_address,
 --num_processes and --process_id (or nothing on Cloud TPU pods / SLURM, with
@@ -12,19 +14,18 @@ Several hosts: start the same command on each with --coordinator_address,
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments import xla_defaults
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. experiments/configs/cifar_lt.py:quick.",
+    "config", None, "A preset name (cifar10_r0.01_etf_dr), a config argument "
+    "(quick,method=ce) or a config file (experiments/configs/cifar_lt.py:quick).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and results.json; an "
@@ -39,14 +40,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-_FLAGS_PARSED = False
-
-
 def main(argv: list[str]) -> None:
-  global _FLAGS_PARSED
-  _FLAGS_PARSED = True
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise cli.UsageProblem(
+        f"unexpected arguments: {' '.join(argv[1:])}. Flags take the form "
+        "--name=value.")
   # Import after flag parsing: the XLA defaults must be in the environment
   # before jax initialises its backends.
   config = _CONFIG.value
@@ -62,26 +60,18 @@ def main(argv: list[str]) -> None:
   sharding.maybe_initialize_distributed(_COORDINATOR.value,
                                         _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
-  from nc_jax import checkpoint
-  try:
-    train.train_and_evaluate(config, _WORKDIR.value)
-  except (train.ConfigError, checkpoint.CheckpointError) as e:
-    # Configuration, input and checkpoint problems: one clear message naming
-    # the fix, no traceback. Anything else is a bug and keeps its traceback.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  # Configuration, input, workdir and checkpoint problems (train.ConfigError,
+  # checkpoint.CheckpointError) end as one `error:` line with exit status 2
+  # (cli.run_app); anything else is a bug and keeps its traceback.
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
+def run(argv: list[str] | None = None) -> None:
+  """The `nc-jax-train` console entry point."""
+  cli.set_quiet_tensorflow()
+  argv = cli.resolve_config_argv(sys.argv if argv is None else argv)
+  cli.run_app(main, argv)
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  try:
-    app.run(main)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    if _FLAGS_PARSED:
-      raise
-    # A --config.FIELD override that the locked config refuses (misspelt
-    # field, wrong type): say which, without ml_collections' traceback.
-    msg = " ".join(re.sub(r"\\n|[\\'\"]", " ", str(e)).split())
-    print(f"error: bad --config override: {msg}. Fields are listed in "
-          "experiments/configs/cifar_lt.py.", file=sys.stderr)
-    sys.exit(2)
+  run()

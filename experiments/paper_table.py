@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import cli
 from experiments import xla_defaults
 from experiments.configs import cifar_lt as cfg_lib
 
@@ -233,9 +234,11 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  """Console entry point."""
+  """Console entry point (`nc-jax-paper-table`)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main)
+  # Flag mistakes as one `error:` line; --help lists this module's flags
+  # when run as the console script.
+  cli.run_app(main)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 r"""Figures and a comparison table for finished (or running) training runs.
 
-    python -m experiments.report --workdir runs/etf_dr --workdir runs/ce \
-        --out runs/report
+    nc-jax-report --workdir runs/etf_dr --workdir runs/ce --out runs/report
 
-Reads each workdir's `results.json` (if finished) and `metrics.jsonl`, and
-writes into --out:
+(or `python -m experiments.report ...`). Reads each workdir's `results.json`
+(if finished) and `metrics.jsonl`, and writes into --out:
   per_class_accuracy.png  final per-class test accuracy against train count
+                          (finished runs only)
   learning_curves.png     test top-1 over epochs and training loss over steps
+                          (unfinished runs too, as far as they got)
   nc_metrics.png          neural-collapse statistics over training (when the
                           runs logged them, config.nc_metrics=True)
   report.md               a markdown table comparing the runs
+A figure with nothing to show is not written. A workdir that does not exist,
+is no run directory, or has not logged anything yet stops the report with
+one `error:` line (exit status 2).
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import json
 import pathlib
 from typing import Any
 
-from absl import app
 from absl import flags
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from experiments import cli  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Run directories.")
 _OUT = flags.DEFINE_string("out", "report", "Output directory.")
@@ -34,26 +39,45 @@ NC_KEYS = ("nc1", "cos_mean_h", "self_duality", "minority_cos_w",
            "minority_cos_h", "norm_spread_h")
 
 
+class ReportError(FileNotFoundError):
+  """A workdir the report cannot use; the message names the fix."""
+
+
 def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Reads a run directory into {name, config, results, train, eval}."""
-  wd = pathlib.Path(workdir)
+  """Reads a run directory into {name, config, results, train, eval,
+  subset_size}.
+
+  Raises:
+    ReportError: `workdir` does not exist or is not a run directory.
+  """
+  wd = pathlib.Path(workdir).expanduser()
+  if not wd.exists():
+    raise ReportError(
+        f"--workdir {wd} does not exist. Pass the --workdir of a run of "
+        "nc-jax-train (python -m experiments.cifar_lt).")
   if not wd.is_dir():
-    raise FileNotFoundError(f"--workdir {wd} does not exist.")
+    raise ReportError(f"--workdir {wd} is a file, not a run directory.")
   cfg_path, res_path, met_path = (wd / "config.json", wd / "results.json",
                                   wd / "metrics.jsonl")
   if not cfg_path.exists():
-    raise FileNotFoundError(
+    raise ReportError(
         f"{wd} has no config.json: it is not a run directory of "
-        "experiments.cifar_lt.")
+        "nc-jax-train (python -m experiments.cifar_lt), or that run stopped "
+        "before it started training.")
   records = []
   if met_path.exists():
     records = [json.loads(l) for l in met_path.read_text().splitlines() if l]
+  subset = wd / "train_subset.json"
+  subset_size = None
+  if subset.exists():
+    subset_size = sum(len(c) for c in json.loads(subset.read_text())["images"])
   return {
       "name": wd.name,
       "config": json.loads(cfg_path.read_text()),
       "results": json.loads(res_path.read_text()) if res_path.exists() else None,
       "train": [r for r in records if r["kind"] == "train"],
       "eval": [r for r in records if r["kind"] == "eval"],
+      "subset_size": subset_size,
   }
 
 
@@ -87,7 +111,10 @@ def table(runs: list[dict]) -> str:
   return "\n".join(rows) + "\n"
 
 
-def plot_per_class(runs: list[dict], path: pathlib.Path) -> None:
+def plot_per_class(runs: list[dict], path: pathlib.Path) -> bool:
+  """Final per-class accuracy; False (nothing written) when no run finished."""
+  if not any(run["results"] for run in runs):
+    return False
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for run in runs:
     res = run["results"]
@@ -105,41 +132,53 @@ def plot_per_class(runs: list[dict], path: pathlib.Path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return True
 
 
-def plot_curves(runs: list[dict], path: pathlib.Path) -> None:
+def plot_curves(runs: list[dict], path: pathlib.Path) -> bool:
+  """Test top-1 and training loss; False (nothing written) when no run
+  logged any."""
+  if not any(run["eval"] or run["train"] for run in runs):
+    return False
+  by_epoch = all(_steps_per_epoch(run) for run in runs if run["eval"])
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
   for run in runs:
     ev = [r for r in run["eval"] if "top1" in r]
     if ev:
-      spe = _steps_per_epoch(run)
+      spe = _steps_per_epoch(run) if by_epoch else 1
       a1.plot([r["step"] / spe for r in ev], [r["top1"] for r in ev], "o-",
               label=run["name"])
     tr = run["train"]
     if tr:
       a2.plot([r["step"] for r in tr], [r["loss"] for r in tr],
               label=run["name"], alpha=0.8)
-  a1.set_xlabel("epoch")
+  a1.set_xlabel("epoch" if by_epoch else "step")
   a1.set_ylabel("test top-1 (%)")
   a1.set_title("Test accuracy")
   a2.set_xlabel("step")
   a2.set_ylabel("training loss")
   a2.set_yscale("log")
   a2.set_title("Training loss (each method's own loss)")
-  for a in (a1, a2):
+  for a, what in ((a1, "evaluation"), (a2, "training step")):
     a.grid(alpha=0.3)
-    a.legend(fontsize=8)
+    if a.get_legend_handles_labels()[0]:
+      a.legend(fontsize=8)
+    else:
+      a.text(0.5, 0.5, f"no {what} logged yet", ha="center", va="center",
+             transform=a.transAxes)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return True
 
 
-def _steps_per_epoch(run: dict) -> float:
-  res = run["results"]
-  c = run["config"]
-  if res:
-    return max(res["num_train_examples"] // c["batch_size"], 1)
-  return 1.0
+def _steps_per_epoch(run: dict) -> float | None:
+  """Steps per epoch, or None when the run does not tell."""
+  res, c = run["results"], run["config"]
+  n = res["num_train_examples"] if res else run.get("subset_size")
+  if n and c.get("batch_size"):
+    return max(n // c["batch_size"], 1)
+  return None
 
 
 def plot_nc(runs: list[dict], path: pathlib.Path) -> bool:
@@ -167,18 +206,47 @@ def plot_nc(runs: list[dict], path: pathlib.Path) -> bool:
   return True
 
 
+def progress_note(run: dict) -> str | None:
+  """How far an unfinished run got ("step 40 of 1536"), or None if finished."""
+  if run["results"]:
+    return None
+  steps = [r["step"] for r in run["train"] + run["eval"]]
+  if not steps:
+    return "no step logged yet"
+  c, spe = run["config"], _steps_per_epoch(run)
+  total = c.get("num_steps") or (
+      round(c["num_epochs"] * spe) if spe and c.get("num_epochs") else None)
+  return f"step {max(steps)}" + (f" of {total}" if total else "")
+
+
 def write_report(workdirs: list[str], out: str | pathlib.Path) -> list[pathlib.Path]:
-  """Writes the figures and report.md; returns the paths written."""
+  """Writes the figures and report.md; returns the paths written.
+
+  Raises:
+    ReportError: a workdir is no run directory, or no run logged anything
+      (nothing to report; nothing is written).
+  """
   runs = [load_run(w) for w in workdirs]
+  if not any(run["results"] or run["train"] or run["eval"] for run in runs):
+    raise ReportError(
+        f"nothing to report yet: {', '.join(map(str, workdirs))} "
+        f"{'has' if len(runs) == 1 else 'have'} no metrics.jsonl records and "
+        "no results.json. Run the report once training has logged a step "
+        "(every log_every_steps).")
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   written = []
-  plot_per_class(runs, out / "per_class_accuracy.png")
-  plot_curves(runs, out / "learning_curves.png")
-  written += [out / "per_class_accuracy.png", out / "learning_curves.png"]
+  if plot_per_class(runs, out / "per_class_accuracy.png"):
+    written.append(out / "per_class_accuracy.png")
+  if plot_curves(runs, out / "learning_curves.png"):
+    written.append(out / "learning_curves.png")
   if plot_nc(runs, out / "nc_metrics.png"):
     written.append(out / "nc_metrics.png")
   md = ["# Run comparison", "", table(runs)]
+  notes = [f"- {run['name']}: unfinished ({progress_note(run)}); curves "
+           "only, no final numbers" for run in runs if not run["results"]]
+  if notes:
+    md += notes + [""]
   md += [f"![{p.stem}]({p.name})" for p in written]
   (out / "report.md").write_text("\n".join(md) + "\n")
   written.append(out / "report.md")
@@ -186,11 +254,21 @@ def write_report(workdirs: list[str], out: str | pathlib.Path) -> list[pathlib.P
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  for p in write_report(_WORKDIRS.value, _OUT.value):
+  if len(argv) > 1:
+    raise cli.UsageProblem(f"unexpected arguments: {' '.join(argv[1:])}.")
+  try:
+    written = write_report(_WORKDIRS.value, _OUT.value)
+  except ReportError as e:
+    raise cli.UsageProblem(str(e)) from e
+  for p in written:
     print(f"wrote {p}")
   print((pathlib.Path(_OUT.value) / "report.md").read_text())
 
 
+def run(argv: list[str] | None = None) -> None:
+  """The `nc-jax-report` console entry point."""
+  cli.run_app(main, argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -1,11 +1,15 @@
 """Checkpoints and the work directory: resume, config checks, safe writes.
 
-A work directory holds `config.json` (the run's config, written at start and
-compared on every restart), `checkpoints/` (orbax, one folder per step),
-`metrics.jsonl`, TensorBoard event files and, once finished, `results.json`.
+A work directory holds `config.json` (the run's config, written once the
+config and the data have been checked and loaded, and compared on every
+restart), `checkpoints/` (orbax, one folder per step), `metrics.jsonl`,
+TensorBoard event files, `.lock` while a run is live (`nc_jax.workdir`) and,
+once finished, `results.json`.
 
 Rules that protect finished work:
-- A restart with a different config stops with the differing keys named.
+- A restart with a different config stops with the differing keys named. A
+  workdir whose run never saved a checkpoint has nothing to protect: a rerun
+  with another config starts afresh there.
 - A directory with `results.json` is finished: a rerun reports it and exits
   without touching anything.
 - An unreadable checkpoint stops the run with its path; it is never deleted
@@ -56,15 +60,48 @@ def config_to_dict(config: ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+def has_checkpoint(workdir: pathlib.Path) -> bool:
+  """Whether `workdir/checkpoints` holds a finished checkpoint (a step
+  folder; orbax's temporary folders do not count)."""
+  ckpts = pathlib.Path(workdir) / "checkpoints"
+  try:
+    return any(p.name.isdigit() and p.is_dir() for p in ckpts.iterdir())
+  except (FileNotFoundError, NotADirectoryError):
+    return False
+
+
+def check_config(workdir: pathlib.Path, config: ConfigDict) -> None:
+  """Raises ValueError if `workdir` holds a checkpointed run of another
+  config (read-only; a config without a checkpoint does not count)."""
+  path = workdir / "config.json"
+  if not path.exists() or not has_checkpoint(workdir):
+    return
+  try:
+    old = json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(
+        f"{path} is not valid JSON ({e}); the checkpoints beside it cannot be "
+        "matched to a config. Restore the file, or use another "
+        "--workdir.") from None
+  _compare(workdir, old, config_to_dict(config))
+
+
 def check_or_write_config(workdir: pathlib.Path, config: ConfigDict) -> None:
-  """Writes `config.json`, or checks the existing one matches `config`."""
+  """Writes `config.json`, or checks the existing one matches `config`.
+
+  A `config.json` beside no checkpoint (a run that stopped before its first
+  checkpoint) is replaced: that run starts from step 0 again either way.
+  """
   path = workdir / "config.json"
   new = config_to_dict(config)
-  if not path.exists():
+  if not path.exists() or not has_checkpoint(workdir):
     if jax.process_index() == 0:
       write_json_atomic(path, new)
     return
-  old = json.loads(path.read_text())
+  check_config(workdir, config)
+
+
+def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:
   a, b = _flatten(old), _flatten(new)
   diff = sorted(k for k in set(a) | set(b)
                 if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)

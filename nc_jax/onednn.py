@@ -11,9 +11,9 @@ against the oneDNN of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels
 and registers them with JAX. `nc_jax.models.conv` decides when to use them.
 
 The shared library is built once per (source, jaxlib, oneDNN, compiler) into
-`$NC_JAX_CACHE_DIR` (default `~/.cache/nc_jax`)/kernels, with a temporary
-file renamed into place, so concurrent processes may race safely. If
-anything is missing (no C++ compiler, no oneDNN headers, not x86-64 Linux)
+`$NC_JAX_CACHE/kernels` (`nc_jax.cache`; default `~/.cache/nc_jax/kernels`),
+with a temporary file renamed into place, so concurrent processes may race
+safely. If anything is missing (no C++ compiler, no oneDNN headers, not x86-64 Linux)
 `available()` is False, `unavailable_reason()` says why and what to install,
 and callers fall back to XLA's convolutions. `NC_JAX_NO_ONEDNN=1` switches
 the kernels off.
@@ -35,6 +35,8 @@ import threading
 
 import jax
 import numpy as np
+
+from nc_jax import cache
 
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "onednn_conv.cc"
 _TARGETS = {
@@ -90,9 +92,7 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def _cache_dir() -> pathlib.Path:
-  base = os.environ.get("NC_JAX_CACHE_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "nc_jax")
-  return pathlib.Path(base) / "kernels"
+  return cache.cache_root() / "kernels"
 
 
 def _build() -> pathlib.Path:
@@ -124,7 +124,7 @@ def _build() -> pathlib.Path:
   except OSError as e:
     raise OneDNNUnavailable(
         f"cannot write the kernel cache {out.parent} ({e}); set "
-        "NC_JAX_CACHE_DIR to a writable folder.") from e
+        f"{cache.ENV} to a writable folder.") from e
   cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC",
          f"-I{inc}", f"-I{ffi_inc}", str(_SOURCE),
          "-o", tmp, str(lib), f"-Wl,-rpath,{lib.parent}"]

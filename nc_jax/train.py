@@ -11,8 +11,10 @@ same command ends with the same numbers as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Any
@@ -26,6 +28,7 @@ from nc_jax import builder as builder_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
 from nc_jax.data.archive import resolve_data_dir
+from nc_jax.data.sources import IN_MEMORY
 from nc_jax import metrics as metrics_lib
 from nc_jax import models
 from nc_jax import nc_metrics
@@ -34,6 +37,7 @@ from nc_jax import provenance
 from nc_jax import reporting
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
+from nc_jax import workdir as workdir_lib
 from nc_jax.reporting import say
 
 DTYPES = builder_lib.DTYPES
@@ -47,6 +51,11 @@ class ConfigError(ValueError):
 def validate_config(config: ConfigDict) -> None:
   """Stops a bad config before any work, with one message naming the fix.
 
+  Checks the values and the data: an image-folder `data_dir` is listed, its
+  class folders counted and a sample of every class decoded. An unset
+  `data_dir` (tfds's default data directory) is not checked here;
+  `train_and_evaluate` prepares it before any work.
+
   Raises:
     ConfigError: wrapping the first problem found.
   """
@@ -54,8 +63,19 @@ def validate_config(config: ConfigDict) -> None:
     _validate(config)
   except ConfigError:
     raise
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, TypeError) as e:
     raise ConfigError(str(e)) from e
+
+
+def _positive_int(config: ConfigDict, name: str, what: str) -> None:
+  v = config.get(name)
+  if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    raise ValueError(f"{name}={v!r} must be a positive integer ({what}); "
+                     f"pass e.g. --config.{name}={_DEFAULTS.get(name, 1)}.")
+
+
+_DEFAULTS = {"batch_size": 128, "eval_batch_size": 500, "log_every_steps": 20,
+             "keep_checkpoints": 2, "ece_bins": 15}
 
 
 def _validate(config: ConfigDict) -> None:
@@ -70,6 +90,19 @@ def _validate(config: ConfigDict) -> None:
     raise ValueError(
         f"imb_factor={r} is outside (0, 1]: it is n_min / n_max (0.01 means "
         "a 100:1 imbalance, 1 means balanced). Pass e.g. imb=0.01.")
+  if config.imb_profile not in data_lib.PROFILES:
+    raise ValueError(f"imb_profile must be one of {data_lib.PROFILES}, got "
+                     f"{config.imb_profile!r} (profile= in the config "
+                     "argument).")
+  _positive_int(config, "batch_size", "the global batch, over all devices")
+  _positive_int(config, "eval_batch_size", "the global evaluation batch")
+  _positive_int(config, "log_every_steps", "steps between progress lines")
+  _positive_int(config, "keep_checkpoints", "checkpoints kept on disk")
+  _positive_int(config, "ece_bins", "calibration bins")
+  for name in ("seed", "selection_seed", "etf_seed"):
+    v = config.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+      raise ValueError(f"{name}={v!r} must be an integer in [0, 2**31).")
   if config.compute_dtype not in DTYPES:
     raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got "
                      f"{config.compute_dtype!r}.")
@@ -97,12 +130,97 @@ def _validate(config: ConfigDict) -> None:
   if config.pipeline not in data_lib.PIPELINES:
     raise ValueError(f"pipeline must be one of {data_lib.PIPELINES}, got "
                      f"{config.pipeline!r}.")
+  if config.pipeline == "device" and config.dataset not in IN_MEMORY:
+    raise ValueError(f"{config.dataset!r} is streamed from disk; "
+                     "pipeline='device' holds the train set on the "
+                     f"accelerator and supports only {IN_MEMORY}. Pass "
+                     "--config.pipeline=tfdata.")
+  train_list = config.get("imagenet_lt_train_list")
+  if train_list and not os.path.isfile(os.path.expanduser(train_list)):
+    raise ValueError(f"imagenet_lt_train_list {train_list} is not a file. "
+                     "Pass the path of ImageNet_LT_train.txt.")
   for name in ("num", "eval_every", "checkpoint_every"):
     optim.duration_steps(config, name, 1)  # both-set conflicts
   if optim.duration_steps(config, "num", 1) is None:
     raise ValueError("No training length: set num_epochs or num_steps "
                      "(epochs=N or steps=N in the config argument).")
-  data_lib.check_data_dir(config.dataset, resolve_data_dir(config.data_dir))
+  data_lib.check_data(config.dataset, resolve_data_dir(config.data_dir),
+                      train_splits=config.train_splits or None)
+
+
+# Files and folders a run writes into its workdir.
+_RUN_FILES = frozenset({
+    "config.json", "checkpoints", "metrics.jsonl", "tensorboard",
+    "results.json", "train_subset.json", workdir_lib.LOCK_NAME})
+
+
+def _workdir_path(workdir: str | os.PathLike) -> pathlib.Path:
+  # Orbax needs absolute paths; keep URLs (gs://...) as they are.
+  return (pathlib.Path(workdir) if "://" in str(workdir)
+          else pathlib.Path(workdir).expanduser().resolve())
+
+
+def _check_workdir(workdir: pathlib.Path, config: ConfigDict) -> None:
+  """Read-only checks that `workdir` can take this run (nothing written).
+
+  Raises:
+    ConfigError: `workdir` is a file, cannot be created or written, holds
+      files of something else, or a checkpointed run of another config.
+  """
+  if "://" in str(workdir):
+    return
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(
+        f"--workdir {workdir} is an existing file, not a directory. Pass a "
+        "new folder (it is created) or the folder of a run to resume.")
+  if not workdir.exists():
+    parent = workdir.parent
+    while not parent.exists():
+      parent = parent.parent
+    if not parent.is_dir():
+      raise ConfigError(f"--workdir {workdir} cannot be created: {parent} is "
+                        "a file. Pass a path under a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise ConfigError(f"--workdir {workdir} cannot be created: {parent} is "
+                        "not writable. Pass a folder you can write to.")
+    return
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir} is not writable. Pass a folder "
+                      "you can write to.")
+  names = {p.name for p in workdir.iterdir()}
+  others = sorted(n for n in names - _RUN_FILES if not n.startswith("."))
+  if others and "config.json" not in names:
+    shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    raise ConfigError(
+        f"--workdir {workdir} already holds other files ({shown}) and is not "
+        "a run directory (no config.json). Pass a new or empty folder.")
+  try:
+    ckpt_lib.check_config(workdir, config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def _on_chief(fn, what: str):
+  """Runs `fn` on process 0; every process raises if it failed there.
+
+  Process 0 alone checks and holds the workdir lock of a multi-host run.
+  Returns `fn()` on process 0, None elsewhere.
+  """
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except workdir_lib.WorkdirLocked as e:
+      error = ConfigError(str(e))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = int(multihost_utils.broadcast_one_to_all(
+        np.int32(error is not None)))
+    if failed and error is None:
+      raise ConfigError(f"process 0 could not {what}; its error says why.")
+  if error is not None:
+    raise error
+  return result
 
 
 def _summaries(per_replica_totals: list[dict], groups) -> list[dict]:
@@ -167,55 +285,98 @@ class _Evaluator:
 
 def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, Any]:
-  """Trains and evaluates per `config` in `workdir`; returns results.json."""
+  """Trains and evaluates per `config` in `workdir`; returns results.json.
+
+  Nothing is written into `workdir` before the config and the data are
+  known to be good (checked, then loaded). The run holds the workdir's lock
+  (`nc_jax.workdir`) until it returns or raises.
+
+  Raises:
+    ConfigError: the config, the data or the workdir cannot work (the
+      message names the fix).
+    checkpoint.CheckpointError: a checkpoint exists but cannot be restored.
+  """
+  with contextlib.ExitStack() as held:
+    return _train_and_evaluate(config, workdir, held)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
+                        held: contextlib.ExitStack) -> dict[str, Any]:
   validate_config(config)
-  # Orbax needs absolute paths; keep URLs (gs://...) as they are.
-  workdir = (pathlib.Path(workdir) if "://" in str(workdir)
-             else pathlib.Path(workdir).expanduser().resolve())
+  workdir = _workdir_path(workdir)
   results_path = workdir / "results.json"
-  if results_path.exists():
+  if results_path.is_file():
     say(f"{workdir} already holds a finished run ({results_path}); nothing to "
         "do. Use another --workdir to train again.")
     return json.loads(results_path.read_text())
+  _check_workdir(workdir, config)
+  if "://" not in str(workdir):
+    _on_chief(lambda: workdir_lib.check_free(workdir), "use the workdir")
   mesh = sharding.make_mesh()
   try:
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_lib.check_or_write_config(workdir, config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   s = int(config.num_seeds)
 
   # ---------------------------------------------------------------- data
   t0 = time.perf_counter()
-  data_dir = resolve_data_dir(config.data_dir)
-  train_input = data_lib.make_train_input(
-      config.dataset, data_dir=data_dir, imb_factor=config.imb_factor,
-      profile=config.imb_profile, selection_seed=config.selection_seed,
-      batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-      pipeline=config.pipeline, sampler=config.sampler,
-      imagenet_lt_train_list=config.imagenet_lt_train_list,
-      train_splits=config.train_splits or None,
-      color_jitter=config.color_jitter)
-  eval_input = data_lib.make_eval_input(
-      config.dataset, data_dir=data_dir,
-      batch_size=config.eval_batch_size, mesh=mesh)
+  try:
+    data_dir = resolve_data_dir(config.data_dir)
+    if data_dir is None:
+      data_lib.prepare_tfds(config.dataset, notify=say)
+    train_input = data_lib.make_train_input(
+        config.dataset, data_dir=data_dir, imb_factor=config.imb_factor,
+        profile=config.imb_profile, selection_seed=config.selection_seed,
+        batch_size=config.batch_size, seed=config.seed, mesh=mesh,
+        pipeline=config.pipeline, sampler=config.sampler,
+        imagenet_lt_train_list=config.imagenet_lt_train_list,
+        train_splits=config.train_splits or None,
+        color_jitter=config.color_jitter)
+    eval_input = data_lib.make_eval_input(
+        config.dataset, data_dir=data_dir,
+        batch_size=config.eval_batch_size, mesh=mesh)
+  except (ValueError, FileNotFoundError) as e:
+    # Data problems (a file that does not decode, too few images for one
+    # batch, a missing ImageNet-LT list): nothing has been written yet.
+    raise ConfigError(str(e)) from e
   info = train_input.info
   groups = {**info.class_groups, **train_input.extra_groups}
   say(f"data: {config.dataset}-LT r={config.imb_factor} ({config.imb_profile}) "
       f"{train_input.num_examples} train images, per class "
       f"{list(train_input.counts)}; {eval_input.num_examples} test images "
       f"[{time.perf_counter() - t0:.1f}s, pipeline={config.pipeline}]")
-  if train_input.subset is not None and reporting.is_chief():
-    ckpt_lib.write_json_atomic(workdir / "train_subset.json",
-                               train_input.subset)
 
   spe = train_input.steps_per_epoch
   total = optim.duration_steps(config, "num", spe)
   eval_every = optim.duration_steps(config, "eval_every", spe, default=total)
   ckpt_every = optim.duration_steps(config, "checkpoint_every", spe,
                                     default=total)
+  try:  # options that need the real length (a DRW epoch past the end)
+    builder_lib.check_config(config, total_epochs=total / spe)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+  # ------------------------------------------------------------- workdir
+  # Config and data are good: from here on the run writes into workdir.
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "://" not in str(workdir):
+      _on_chief(lambda: held.enter_context(workdir_lib.hold(workdir)),
+                "take the workdir's lock")
+    fresh = not ckpt_lib.has_checkpoint(workdir)
+    ckpt_lib.check_or_write_config(workdir, config)
+  except (ValueError, OSError) as e:
+    raise ConfigError(str(e)) from e
+  if fresh and reporting.is_chief():
+    # Starts from step 0: records of an attempt that never saved a
+    # checkpoint are redone, as a resume redoes those past its checkpoint.
+    (workdir / "metrics.jsonl").unlink(missing_ok=True)
+  if train_input.subset is not None and reporting.is_chief():
+    ckpt_lib.write_json_atomic(workdir / "train_subset.json",
+                               train_input.subset)
+
 
   # --------------------------------------------------------------- model
   try:

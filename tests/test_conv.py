@@ -164,7 +164,7 @@ def test_switched_off_falls_back_to_xla_and_says_so():
 
 def test_missing_compiler_falls_back_to_xla_and_says_so(tmp_path):
   r = _run(CHECK_FALLBACK, CXX="no-such-compiler-x",
-           NC_JAX_CACHE_DIR=str(tmp_path))
+           NC_JAX_CACHE=str(tmp_path))
   assert r.returncode == 0, r.stderr[-2000:]
   assert "no C++ compiler (no-such-compiler-x)" in r.stdout
   assert not list(tmp_path.rglob("*.so"))
@@ -175,7 +175,7 @@ def test_build_goes_to_the_cache_dir(tmp_path):
       from nc_jax import onednn
       assert onednn.available(), onednn.unavailable_reason()
       print(onednn.library_path())
-  """, NC_JAX_CACHE_DIR=str(tmp_path))
+  """, NC_JAX_CACHE=str(tmp_path))
   assert r.returncode == 0, r.stderr[-2000:]
   path = r.stdout.strip().splitlines()[-1]
   assert path.startswith(str(tmp_path / "kernels")) and path.endswith(".so")
@@ -190,12 +190,12 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
       assert onednn.available(), onednn.unavailable_reason()
       print(onednn.library_path())
   """
-  first = _run(code, NC_JAX_CACHE_DIR=str(tmp_path))
+  first = _run(code, NC_JAX_CACHE=str(tmp_path))
   assert first.returncode == 0, first.stderr[-2000:]
   path = first.stdout.strip().splitlines()[-1]
   with open(path, "wb") as f:
     f.write(b"not a shared library")
-  second = _run(code, NC_JAX_CACHE_DIR=str(tmp_path))
+  second = _run(code, NC_JAX_CACHE=str(tmp_path))
   assert second.returncode == 0, second.stderr[-2000:]
   assert second.stdout.strip().splitlines()[-1] == path
   assert os.path.getsize(path) > 10_000
@@ -204,9 +204,9 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
 def test_unwritable_cache_falls_back_and_names_the_fix(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("a file where the cache folder should go")
-  r = _run(CHECK_FALLBACK, NC_JAX_CACHE_DIR=str(blocker))
+  r = _run(CHECK_FALLBACK, NC_JAX_CACHE=str(blocker))
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "set NC_JAX_CACHE_DIR to a writable folder" in r.stdout
+  assert "set NC_JAX_CACHE to a writable folder" in r.stdout
 
 
 def test_backbone_conv_impl():

@@ -143,8 +143,9 @@ def test_unknown_dataset_lists_valid_names():
 
 
 def test_check_data_dir_messages(tmp_path):
-  with pytest.raises(ValueError, match="data_dir is not set.*cifar10_jpeg"):
-    data.check_data_dir("cifar10", None)
+  # Unset: tfds's default data directory (prepared by sources.prepare_tfds).
+  assert sources.check_data_dir("cifar10", None) == sources.Source(
+      "tfds", None, sources.REGISTRY["cifar10"])
   with pytest.raises(FileNotFoundError, match="does not exist.*cifar10_jpeg"):
     data.check_data_dir("cifar10", tmp_path / "missing")
   with pytest.raises(ValueError, match="neither.*train/ and test/"):

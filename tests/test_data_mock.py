@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from unittest import mock
 
 import jax
 import numpy as np
@@ -102,3 +103,34 @@ def test_stl10_mock_keeps_96x96(tfds_dir):
   assert evs[0]["image"].shape == (16, 96, 96, 3)
   assert sum(int(x["mask"].sum()) for x in evs) == 120
   assert not evs[-1]["mask"][-1]
+
+
+def test_unset_data_dir_trains_through_tfds(tmp_path, monkeypatch):
+  """With data_dir unset, training asks tfds for the dataset in tfds's
+  default data directory (download_and_prepare, then as_dataset), here
+  mocked by tfds itself."""
+  from nc_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  # A machine that can reach the dataset's host (no network probe).
+  monkeypatch.setattr(sources, "_unreachable", lambda builder: None)
+  asked = []
+  with tfds.testing.mock_data(num_examples=200):
+    mocked = tfds.core.DatasetBuilder.download_and_prepare
+
+    def spy(self, *args, **kwargs):
+      asked.append(self.name)
+      return mocked(self, *args, **kwargs)
+
+    config = tiny_config(None, arg="steps=2")
+    config.unlock()
+    config.data_dir = None
+    config.lock()
+    # (Restored before mock_data restores the original.)
+    with mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare",
+                           spy):
+      res = train.train_and_evaluate(config, tmp_path / "run")
+  assert asked == ["cifar10"]
+  # tfds's 200 random examples per split, long-tailed at r = 0.1.
+  assert res["final"]["num_examples"] == 200
+  assert 0 < res["num_train_examples"] <= 20 * 10
+  assert res["config"]["data_dir"] is None

@@ -246,24 +246,34 @@ def test_bad_config_values(tiny_image_folder, tmp_path, override, match):
 def test_drw_epoch_past_a_length_in_steps_is_refused(tiny_image_folder,
                                                      tmp_path):
   """With the length in steps, the epoch length is known only once the data
-  is read; the run still stops before building or training anything."""
+  is read; the run still stops before writing anything."""
   config = tiny_config(tiny_image_folder, arg="method=ldam_drw,steps=3",
                        **{"loss.drw_epoch": 1})
   with pytest.raises(train.ConfigError, match="past the end of training"):
-    train.train_and_evaluate(config, tmp_path)
-  assert not (tmp_path / "checkpoints").exists()
+    train.train_and_evaluate(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists()  # nothing written
 
 
-def test_missing_data_dir(tmp_path):
+def test_missing_data_dir(tmp_path, monkeypatch):
   config = tiny_config(tmp_path / "nowhere")
   with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
     train.train_and_evaluate(config, tmp_path / "w")
+  # Unset: tfds's route, which fails without internet (a proxy refusing
+  # every connection stands in for that) and names --config.data_dir.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path / "tfds"))
+  for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+    monkeypatch.setenv(var, "http://127.0.0.1:9")
+  monkeypatch.delenv("NO_PROXY", raising=False)
+  monkeypatch.delenv("no_proxy", raising=False)
   config = tiny_config(tmp_path)
   config.unlock()
   config.data_dir = None
   config.lock()
-  with pytest.raises((ValueError, FileNotFoundError), match="data_dir"):
+  with pytest.raises(train.ConfigError,
+                     match="data_dir is not set.*--config.data_dir="):
     train.train_and_evaluate(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
 
 
 def test_unknown_config_keys_fail():

@@ -4,7 +4,9 @@ Public API:
 
 - `long_tail_counts(num_per_class, imb_factor, *, num_classes, profile)`:
   the reference's per-class counts.
-- `dataset_info(name) -> DatasetInfo`, `REGISTRY`, `check_data_dir`.
+- `dataset_info(name) -> DatasetInfo`, `REGISTRY`, `check_data_dir`,
+  `check_data` (cheap checks before any work), `prepare_tfds` (an unset
+  data_dir: tfds downloads and prepares the dataset).
 - `make_train_input(name, *, data_dir, imb_factor, profile, selection_seed,
   batch_size, seed, mesh, pipeline, sampler, imagenet_lt_train_list)
   -> TrainInput`
@@ -35,9 +37,30 @@ def check_data_dir(name: str, data_dir) -> None:
   sources.check_data_dir(name, data_dir)
 
 
+def check_data(name: str, data_dir, *, train_splits=None) -> None:
+  """`check_data_dir`, and for an image-folder tree of a small dataset: its
+  listing, number of class folders and a decoded sample of every class.
+
+  Raises:
+    ValueError, FileNotFoundError: naming the problem and the fix.
+  """
+  from nc_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  source = sources.check_data_dir(name, data_dir)
+  sources.check_source(source, pipeline._splits_key(train_splits))  # pylint: disable=protected-access
+
+
+def prepare_tfds(name: str, **kwargs) -> None:
+  """For an unset data_dir: makes sure tfds has `name` prepared in its
+  default data directory, downloading it if needed (`sources.prepare_tfds`).
+  """
+  from nc_jax.data import sources  # pylint: disable=g-import-not-at-top
+  sources.prepare_tfds(name, **kwargs)
+
+
 __all__ = [
-    "PROFILES", "PIPELINES", "SAMPLERS", "EVAL_SPLITS", "REGISTRY", "DatasetInfo",
-    "TrainInput", "EvalInput", "check_data_dir", "check_imb_factor",
+    "PROFILES", "PIPELINES", "SAMPLERS", "EVAL_SPLITS", "REGISTRY",
+    "DatasetInfo", "TrainInput", "EvalInput", "check_data", "check_data_dir",
+    "check_imb_factor", "prepare_tfds",
     "dataset_info", "long_tail_counts", "make_eval_input", "make_train_input",
     "select_long_tail",
 ]

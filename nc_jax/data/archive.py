@@ -1,8 +1,8 @@
 """Image-folder trees shipped as archives (`.tar.gz`, `.tgz`, `.tar`, `.zip`).
 
 `data_dir` may name such an archive instead of a directory: it is extracted
-once into a cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`) and the
-tree inside is used. Extraction goes to a temporary folder renamed into place,
+once into nc_jax's cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`;
+see `nc_jax.cache`) and the tree inside is used. Extraction goes to a temporary folder renamed into place,
 so concurrent processes on one host and a kill mid-extraction are both safe.
 """
 
@@ -16,6 +16,8 @@ import tarfile
 import tempfile
 import zipfile
 
+from nc_jax import cache
+
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
@@ -24,8 +26,7 @@ def is_archive(path: str | os.PathLike | None) -> bool:
 
 
 def cache_root() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("NC_JAX_CACHE",
-                                     pathlib.Path.home() / ".cache" / "nc_jax"))
+  return cache.cache_root()
 
 
 def _find_tree(root: pathlib.Path) -> pathlib.Path:
@@ -50,7 +51,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
     A directory path (unchanged when `data_dir` is not an archive).
 
   Raises:
-    FileNotFoundError: when the archive does not exist.
+    FileNotFoundError: when the archive does not exist or holds no tree.
+    ValueError: when it cannot be extracted.
   """
   if not is_archive(data_dir):
     return None if data_dir is None else str(data_dir)
@@ -69,12 +71,18 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
   try:
-    if archive.suffix == ".zip":
-      with zipfile.ZipFile(archive) as z:
-        z.extractall(tmp)
-    else:
-      with tarfile.open(archive) as t:
-        t.extractall(tmp, filter="data")
+    try:
+      if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+          z.extractall(tmp)
+      else:
+        with tarfile.open(archive) as t:
+          t.extractall(tmp, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as e:
+      raise ValueError(
+          f"data_dir {archive} cannot be extracted ({type(e).__name__}: "
+          f"{' '.join(str(e).split())[:200]}): a damaged or incomplete "
+          "archive? Copy it again, or pass an extracted folder.") from e
     try:
       os.rename(tmp, target)
     except OSError:

@@ -167,11 +167,29 @@ def decode(paths: list[str], shape: tuple[int, int, int]) -> np.ndarray:
       return _decode_tf(paths, shape)
     return _decode_pil(paths, shape)
   except Exception as e:  # tf.errors.*, PIL errors, OSError, ValueError
-    raise ValueError(
-        f"Images under {os.path.dirname(os.path.dirname(paths[0]))} do not "
-        f"all decode to {tuple(shape)}: {_first_bad(paths, shape)}. Remove "
-        "or replace the file(s), or pass the tree of the dataset whose image "
-        "size they have.") from e
+    raise _decode_error(paths, shape) from e
+
+
+def check_decodes(paths: list[str], shape: tuple[int, int, int]) -> None:
+  """Decodes `paths` with Pillow (no TensorFlow): a quick check of a sample
+  before any work.
+
+  Raises:
+    ValueError: as `decode`, naming the first bad file.
+  """
+  try:
+    _decode_pil(paths, shape)
+  except Exception as e:  # PIL errors, OSError, ValueError
+    raise _decode_error(paths, shape) from e
+
+
+def _decode_error(paths: list[str], shape: tuple[int, int, int]
+                  ) -> ValueError:
+  return ValueError(
+      f"Images under {os.path.dirname(os.path.dirname(paths[0]))} do not "
+      f"all decode to {tuple(shape)}: {_first_bad(paths, shape)}. Remove "
+      "or replace the file(s), or pass the tree of the dataset whose image "
+      "size they have.")
 
 
 def _first_bad(paths: list[str], shape: tuple[int, int, int]) -> str:

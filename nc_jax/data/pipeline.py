@@ -238,7 +238,8 @@ def make_train_input(name: str, *,
 
   Args:
     name: a registry key (`sources.REGISTRY`).
-    data_dir: image-folder tree or tfds data directory (see `sources`).
+    data_dir: image-folder tree, tfds data directory, or None for tfds's
+      default one (see `sources`; `sources.prepare_tfds` downloads there).
     imb_factor: r in (0, 1] (ignored for ImageNet-LT: its list is the
       subset).
     profile: "exp" or "step".
@@ -296,13 +297,14 @@ def make_train_input(name: str, *,
 
   r = long_tail.check_imb_factor(imb_factor)
   sources.check_data_dir(name, data_dir)
-  split = sources.load_train_lt(name, os.path.abspath(data_dir), r, profile,
+  split = sources.load_train_lt(name, _abspath(data_dir), r, profile,
                                 int(selection_seed),
                                 _splits_key(train_splits))
   n = split.labels.size
   if n < batch_size:
     raise ValueError(f"{name}-LT r={r} has {n} images, fewer than one batch "
-                     f"of {batch_size}.")
+                     f"of {batch_size}. Lower --config.batch_size (to at most "
+                     f"{n}) or raise imb_factor.")
   counts = list(split.counts)
   logging.info("train input %s-LT r=%s (%s): %d images, per class %s; %d "
                "steps/epoch of %d, pipeline %s, rows [%d, %d) on this "
@@ -326,6 +328,11 @@ def make_train_input(name: str, *,
 _RANGE_NOTE = ("head/medium/tail: fixed class-index ranges of the reference "
                "configs (10 classes: 0-2 / 3-6 / 7-9; CIFAR-100: 0-35 / "
                "36-70 / 71-99)")
+
+
+def _abspath(data_dir: str | None) -> str | None:
+  """An absolute data_dir; None (tfds's default data directory) stays."""
+  return None if data_dir is None else os.path.abspath(data_dir)
 
 
 def _splits_key(train_splits) -> tuple[str, ...] | None:
@@ -399,7 +406,7 @@ def make_eval_input(name: str, *,
 
   Args:
     name: a registry key.
-    data_dir: image-folder tree or tfds data directory.
+    data_dir: image-folder tree, tfds data directory, or None (tfds's).
     batch_size: global batch size, divisible by the mesh size.
     mesh: the data-parallel mesh.
     split: "test" (the official test set), "train_lt" (the long-tailed
@@ -429,7 +436,7 @@ def make_eval_input(name: str, *,
                      math.ceil(stream.num_examples / batch_size), mesh,
                      stream.iterate_local)
 
-  root = os.path.abspath(data_dir)
+  root = _abspath(data_dir)
   if split == "train_lt":
     if imb_factor is None:
       raise ValueError("split='train_lt' needs imb_factor (and the profile "

@@ -9,7 +9,10 @@ train augmentation, head/medium/tail groups). `data_dir` is one of
   labels, files in natural order), which is how the shared CIFAR-10 JPEG
   archive is used, or
 - a tfds data directory holding the prepared dataset (`data_dir/cifar10/...`),
-  read with `tfds.builder(tfds_name, data_dir=data_dir)`.
+  read with `tfds.builder(tfds_name, data_dir=data_dir)`, or
+- None (unset): the dataset through tfds in its default data directory
+  (`~/tensorflow_datasets`, or `$TFDS_DATA_DIR`), downloaded and prepared
+  there by `prepare_tfds` when the machine can reach the dataset's host.
 
 Small datasets are decoded once into uint8 numpy arrays (`load_train_lt`,
 `load_split`): CIFAR-10-LT is 12,406 images, 38 MB. Labels are read first
@@ -27,7 +30,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Mapping
+from typing import Callable, Mapping
 
 from absl import logging
 import numpy as np
@@ -125,9 +128,10 @@ def _tfds():
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """Where a dataset's files are: kind "folder" or "tfds", and the root."""
+  """Where a dataset's files are: kind "folder" or "tfds", and the root
+  (None: tfds's default data directory)."""
   kind: str
-  root: str
+  root: str | None
   info: DatasetInfo
 
   def builder(self):
@@ -147,16 +151,23 @@ class Source:
     return split
 
 
+def accepted_forms(info: DatasetInfo, *, unset: bool = True) -> str:
+  """What `--config.data_dir` accepts for `info`, for error messages
+  (`unset`: mention that it may be left unset, for tfds to download)."""
+  example = (" (e.g. ../shared/data/cifar10_jpeg.tar.gz, or its extracted "
+             "cifar10_jpeg/ folder)" if info.name == "cifar10" else "")
+  unset = (f"; or leave it unset to have tfds download and prepare "
+           f"{info.tfds_name} in its data directory (needs internet)"
+           if unset and info.name in IN_MEMORY else "")
+  return (f"Pass --config.data_dir= one of: an image-folder tree with "
+          f"train/ and test/ holding one folder of images per class "
+          f"(DIR/train/<class>/*.jpg|png); such a tree as a "
+          f".tar.gz/.tgz/.tar/.zip archive{example}; a tfds data directory "
+          f"holding a prepared {info.tfds_name}/{unset}.")
+
+
 def _expected(info: DatasetInfo) -> str:
-  if info.name == "cifar10":
-    folder = ("extract ../shared/data/cifar10_jpeg.tar.gz and pass "
-              "--config.data_dir=<dir>/cifar10_jpeg, or pass the archive "
-              "itself")
-  else:
-    folder = "pass an image-folder tree <dir> with <dir>/train/<class>/*.jpg"
-  return (f"Expected either an image-folder tree (train/ and test/ holding "
-          f"one folder per class; {folder}) or a tfds data_dir containing "
-          f"{info.tfds_name}/ (prepared with tfds).")
+  return accepted_forms(info)
 
 
 def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
@@ -164,21 +175,24 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
 
   Args:
     name: registry key.
-    data_dir: an image-folder tree with train/ and test/ class folders, or a
-      tfds data directory containing `<tfds_name>/`.
+    data_dir: an image-folder tree with train/ and test/ class folders, a
+      tfds data directory containing `<tfds_name>/`, or None for tfds's
+      default data directory (see `prepare_tfds`; not checked here).
 
   Returns:
     The `Source`.
 
   Raises:
-    ValueError: unknown name, `data_dir` not given, or it holds neither.
+    ValueError: unknown name, or `data_dir` holds neither.
     FileNotFoundError: `data_dir` does not exist.
   """
   info = dataset_info(name)
   if data_dir is None or str(data_dir) == "":
-    raise ValueError(f"data_dir is not set for dataset {name!r}. "
-                     + _expected(info))
+    return Source("tfds", None, info)
   root = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+  if os.path.isfile(root):
+    raise ValueError(f"data_dir {root} is a file, not a folder or an archive "
+                     "(.tar.gz, .tgz, .tar, .zip). " + _expected(info))
   if not os.path.isdir(root):
     raise FileNotFoundError(f"data_dir {root} does not exist. "
                             + _expected(info))
@@ -189,6 +203,103 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
     return Source("tfds", root, info)
   raise ValueError(f"data_dir {root} holds neither an image-folder tree nor "
                    f"a tfds dataset for {name!r}. " + _expected(info))
+
+
+# How many images per class and split `check_source` decodes.
+SAMPLE_PER_CLASS = 2
+
+
+def check_source(source: Source, train_splits: tuple[str, ...] | None = None
+                 ) -> None:
+  """Cheap checks of an image-folder source before any work is done.
+
+  Lists the tree (no image files: error), checks the number of class
+  folders and decodes the first `SAMPLE_PER_CLASS` images of every class and
+  split with Pillow. A bad file among the rest is found by the full decode.
+  Only the in-memory datasets are checked (ImageNet-LT's folders hold images
+  of every size); tfds sources are not.
+
+  Raises:
+    ValueError: naming the problem and the fix.
+  """
+  if source.kind != "folder" or source.info.name not in IN_MEMORY:
+    return
+  for split in available_splits(source, train_splits) + ("test",):
+    index = split_index(source, split)
+    paths = source.tree().paths(split)
+    sample = [paths[i] for c in range(source.info.num_classes)
+              for i in np.flatnonzero(index.labels == c)[:SAMPLE_PER_CLASS]]
+    folders.check_decodes(sample, source.info.image_shape)
+
+
+def _unreachable(builder) -> str | None:
+  """Why the dataset's download URL cannot be reached from here, or None.
+
+  One HEAD request with a short timeout: tfds's own downloader retries for
+  minutes before it gives up on a machine without internet.
+  """
+  try:
+    urls = sorted(builder.url_infos or {})
+  except Exception:  # pylint: disable=broad-except
+    return None  # no registered URLs (e.g. manual downloads): let tfds say
+  if not urls:
+    return None
+  import requests  # pylint: disable=g-import-not-at-top
+  try:
+    requests.head(urls[0], timeout=15, allow_redirects=True)
+  except requests.RequestException as e:
+    return f"{urls[0]} cannot be reached ({type(e).__name__})"
+  return None
+
+
+def prepare_tfds(name: str, *,
+                 notify: Callable[[str], None] = logging.warning) -> Source:
+  """The source for an unset `data_dir`: `name` through tfds.
+
+  Downloads and prepares the dataset in tfds's default data directory
+  (`$TFDS_DATA_DIR`, default `~/tensorflow_datasets`) unless it is there
+  already.
+
+  Args:
+    name: registry key.
+    notify: told (one line) before a download starts.
+
+  Returns:
+    `Source("tfds", None, info)`.
+
+  Raises:
+    ValueError: tfds cannot provide the dataset here (no internet, a manual
+      download needed), saying why and naming `--config.data_dir`.
+  """
+  info = dataset_info(name)
+  where = "its default data directory"
+
+  def refuse(why: str) -> ValueError:
+    return ValueError(
+        f"data_dir is not set, so {name!r} was to come from tfds "
+        f"({info.tfds_name} in {where}), but tfds cannot provide it here: "
+        f"{why}. " + accepted_forms(info, unset=False))
+
+  try:
+    tfds = _tfds()
+    builder = tfds.builder(info.tfds_name)
+    where = str(builder.data_dir).split(f"/{info.tfds_name}/")[0]
+    if builder.is_prepared():
+      return Source("tfds", None, info)
+  except Exception as e:  # pylint: disable=broad-except
+    raise refuse(f"{type(e).__name__}: {str(e)[:300]}") from e
+  why = _unreachable(builder)
+  if why:
+    raise refuse(f"it is not prepared in {where} and {why} (no internet?)")
+  notify(f"data: {info.tfds_name} is not in {where}; tfds downloads and "
+         "prepares it there (once)")
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise refuse(f"download_and_prepare failed ({type(e).__name__}: "
+                 f"{first})") from e
+  return Source("tfds", None, info)
 
 
 def _folder_examples(source: Source, split: str

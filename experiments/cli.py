@@ -1,0 +1,199 @@
+"""What the command-line entry points share: clean errors, config lookup.
+
+Every entry point (`nc-jax-train` = `python -m experiments.cifar_lt`,
+`nc-jax-report` = `python -m experiments.report`, ...) is a module with a
+`run()` function that calls `run_app(main)`. An input mistake then ends the
+process with one line `error: ...` that names the fix and exit status 2,
+never a traceback: flag-parsing errors (unknown or missing flags, bad
+values), a config argument that does not parse, and the `UserError`s that
+`main` raises (`nc_jax.train.ConfigError`, `nc_jax.checkpoint.
+CheckpointError` and their subclasses).
+
+`--config` takes a preset name or a config argument for the bundled config
+file, or a path to a config file, from any working directory
+(`resolve_config`).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+EXIT_USAGE = 2
+# The folder that holds the `experiments` package: the repository root for
+# a checkout or an editable install, site-packages otherwise.
+INSTALL_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = INSTALL_ROOT / "experiments" / "configs" / "cifar_lt.py"
+CONFIG_FORMS = (
+    "a preset name (e.g. cifar10_r0.01_etf_dr; all in experiments.configs."
+    "cifar_lt.presets()), a config argument such as quick,method=etf_dr or "
+    "dataset=cifar100,imb=0.01, or a config file "
+    "experiments/configs/cifar_lt.py[:ARGS]")
+
+
+class UsageProblem(Exception):
+  """An input mistake found by an entry point; the message names the fix."""
+
+
+def fail(message: str) -> None:
+  """Prints `error: message` to stderr and exits with status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USAGE)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  # Imported lazily: nc_jax.train imports jax, which must not start before
+  # the entry point has set its XLA flags.
+  errors: list[type[BaseException]] = [UsageProblem]
+  if "nc_jax.train" in sys.modules:
+    errors.append(sys.modules["nc_jax.train"].ConfigError)
+  if "nc_jax.checkpoint" in sys.modules:
+    errors.append(sys.modules["nc_jax.checkpoint"].CheckpointError)
+  return tuple(errors)
+
+
+def _one_line(e: BaseException) -> str:
+  """A config_flags error without the traceback it embeds."""
+  text = str(e)
+  if "Traceback (most recent call last)" in text:
+    # config_flags re-raises get_config's error with its traceback in the
+    # message; the last line is the original error.
+    last = [l for l in text.strip().splitlines() if l.strip()][-1]
+    text = re.sub(r"^\w+(Error|Exception): ", "", last.strip())
+  return " ".join(re.sub(r"\\n", " ", text).split())
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with every error as one `error:` line."""
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    msg = _one_line(e)
+    missing = re.search(r"flag --(\w+)=None: Flag --\w+ must have a value", msg)
+    if missing:
+      name = missing.group(1)
+      hint = f": {CONFIG_FORMS}" if name == "config" else ""
+      fail(f"--{name} is required{hint}. Run with --helpshort for all flags.")
+    fail(f"{msg}. Run with --helpshort for all flags.")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if "Error whilst parsing config file" in str(e):
+      # A config file's get_config refused its argument.
+      fail(f"bad --config: {_one_line(e)}")
+    # A --config.FIELD override that the locked config refuses (misspelt
+    # field, wrong type).
+    msg = " ".join(re.sub(r"\\n|[\\'\"]", " ", _one_line(e)).split())
+    fail(f"bad --config override: {msg}. Fields are listed in "
+         f"{DEFAULT_CONFIG.relative_to(INSTALL_ROOT)}.")
+  return []  # not reached
+
+
+def _adopt_help(module_name: str, program: str) -> None:
+  """Makes --help of a console script show `module_name`'s flags and doc.
+
+  absl's help lists the flags of the module run as `__main__`; a console
+  script's `__main__` is a stub that imports the entry module instead.
+  """
+  if module_name == "__main__" or module_name not in sys.modules:
+    return
+  for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    flags.FLAGS.register_key_flag_for_module(program, flag)
+  main_module = sys.modules.get("__main__")
+  if main_module is not None and not main_module.__doc__:
+    main_module.__doc__ = sys.modules[module_name].__doc__
+
+
+def run_app(main: Callable[[list[str]], None],
+            argv: Sequence[str] | None = None) -> None:
+  """`absl.app.run(main)` where input mistakes end as one `error:` line."""
+  argv = list(sys.argv if argv is None else argv)
+  sys.argv[:] = argv  # config_flags reads the overrides from sys.argv
+  _adopt_help(main.__module__, argv[0])
+
+  def guarded(args):
+    try:
+      main(args)
+    except _user_errors() as e:
+      fail(str(e))
+
+  app.run(guarded, argv=argv, flags_parser=parse_flags)
+
+
+# ------------------------------------------------------------------ config
+
+
+def _find_file(path: str) -> pathlib.Path:
+  p = pathlib.Path(path).expanduser()
+  if p.is_file():
+    return p.resolve()
+  if not p.is_absolute() and (INSTALL_ROOT / p).is_file():
+    return INSTALL_ROOT / p
+  looked = [str(p.resolve())]
+  if not p.is_absolute():
+    looked.append(str(INSTALL_ROOT / p))
+  raise UsageProblem(
+      f"config file {path} not found (looked at {' and '.join(looked)}). "
+      f"Pass {CONFIG_FORMS}.")
+
+
+def resolve_config(value: str) -> str:
+  """The `--config` value as config_flags loads it: `/abs/file.py[:ARGS]`.
+
+  `value` is a config file (`experiments/configs/cifar_lt.py:quick`; a
+  relative path is looked up in the working directory, then beside the
+  installed `experiments` package, so the bundled files work from anywhere),
+  or, without `.py`, the ARGS of the bundled config file: a preset name
+  (`cifar10_r0.01_etf_dr`) or `key=value`/variant list (`quick,method=ce`).
+  The bundled file's argument is checked here, so a typo stops with its
+  "did you mean" hint.
+
+  Raises:
+    UsageProblem: no such file, or an argument the config refuses.
+  """
+  value = value.strip()
+  m = re.match(r"^(.*?\.py)(?::(.*))?$", value, re.S)
+  if m:
+    path, args = _find_file(m.group(1)), m.group(2)
+  elif value:
+    path, args = DEFAULT_CONFIG, value
+  else:
+    raise UsageProblem(f"--config is empty. Pass {CONFIG_FORMS}.")
+  if path.resolve() == DEFAULT_CONFIG.resolve():
+    from experiments.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+    try:
+      cifar_lt.get_config(args)
+    except ValueError as e:
+      raise UsageProblem(f"bad --config {value!r}: {e}") from None
+  return str(path) + (f":{args}" if args is not None else "")
+
+
+def resolve_config_argv(argv: Sequence[str], name: str = "config"
+                        ) -> list[str]:
+  """`argv` with the value of `--NAME` (either form) put through
+  `resolve_config`; exits with an `error:` line when it cannot be."""
+  out = list(argv)
+  i = 1
+  while i < len(out):
+    arg = out[i]
+    if arg == "--":
+      break
+    try:
+      for dash in ("--", "-"):
+        if arg.startswith(f"{dash}{name}="):
+          out[i] = f"{dash}{name}=" + resolve_config(arg.split("=", 1)[1])
+        elif arg == f"{dash}{name}" and i + 1 < len(out):
+          out[i + 1] = resolve_config(out[i + 1])
+          i += 1
+    except UsageProblem as e:
+      fail(str(e))
+    i += 1
+  return out
+
+
+def set_quiet_tensorflow() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -1,0 +1,128 @@
+"""The workdir: its lock (one live run), and what a rerun may reuse.
+
+The two-process test of the lock through the command line is in
+tests/test_cli.py; these check the rules one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from nc_jax import checkpoint as ckpt_lib
+from nc_jax import train
+from nc_jax import workdir as workdir_lib
+from tests.test_train import tiny_config
+
+
+def _write_lock(wd, **record):
+  wd.mkdir(parents=True, exist_ok=True)
+  base = {"host": socket.gethostname(), "pid": os.getpid(),
+          "proc_start": workdir_lib._proc_start(os.getpid()),
+          "started": "2026-01-01T00:00:00+00:00", "command": "train",
+          "token": "x" * 32}
+  (wd / workdir_lib.LOCK_NAME).write_text(json.dumps({**base, **record}))
+  return json.loads((wd / workdir_lib.LOCK_NAME).read_text())
+
+
+def _dead_pid() -> int:
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def test_hold_writes_the_holder_and_releases(tmp_path):
+  wd = tmp_path / "new" / "run"
+  with workdir_lib.hold(wd) as path:
+    holder = json.loads(path.read_text())
+    assert holder["pid"] == os.getpid()
+    assert holder["host"] == socket.gethostname()
+    with pytest.raises(workdir_lib.WorkdirLocked, match="in use by a live run"):
+      workdir_lib.check_free(wd)
+  assert not path.exists()
+  assert sorted(p.name for p in wd.iterdir()) == []  # no temporaries left
+
+
+def test_released_on_an_exception(tmp_path):
+  with pytest.raises(KeyError):
+    with workdir_lib.hold(tmp_path):
+      raise KeyError("crash")
+  assert not (tmp_path / workdir_lib.LOCK_NAME).exists()
+
+
+def test_live_holder_on_this_host_is_refused(tmp_path):
+  # The parent process (pytest's runner) is alive, on this host.
+  ppid = os.getppid()
+  _write_lock(tmp_path, pid=ppid, proc_start=workdir_lib._proc_start(ppid))
+  with pytest.raises(workdir_lib.WorkdirLocked,
+                     match=rf"in use by a live run: pid {ppid} on host "
+                     rf"{socket.gethostname()}.*kill {ppid}"):
+    with workdir_lib.hold(tmp_path):
+      pass
+
+
+def test_dead_holder_is_taken_over(tmp_path):
+  _write_lock(tmp_path, pid=_dead_pid(), proc_start=None)
+  workdir_lib.check_free(tmp_path)  # a stale lock does not count
+  with workdir_lib.hold(tmp_path) as path:
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+  assert not list(tmp_path.iterdir())
+
+
+def test_reused_pid_is_taken_over(tmp_path):
+  # A live pid that started after the lock was written (a reboot, a
+  # container restart) is not the holder.
+  _write_lock(tmp_path, pid=os.getppid(), proc_start="1")
+  with workdir_lib.hold(tmp_path) as path:
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("record", [
+    {"host": "some-other-host"},
+    None,  # unreadable
+])
+def test_unverifiable_lock_is_refused_with_the_fix(tmp_path, record):
+  if record is None:
+    (tmp_path / workdir_lib.LOCK_NAME).write_text("{garbage")
+  else:
+    _write_lock(tmp_path, **record)
+  lock = tmp_path / workdir_lib.LOCK_NAME
+  with pytest.raises(workdir_lib.WorkdirLocked,
+                     match=rf"cannot be checked from host .*remove {lock}"):
+    with workdir_lib.hold(tmp_path):
+      pass
+  assert lock.exists()  # never removed for the user
+
+
+def test_config_without_checkpoint_does_not_block(tiny_image_folder,
+                                                  tmp_path):
+  """A run that stopped before its first checkpoint (here: an earlier
+  config, and its progress records) leaves nothing a rerun must respect."""
+  wd = tmp_path / "run"
+  wd.mkdir()
+  old = ckpt_lib.config_to_dict(tiny_config(tiny_image_folder,
+                                            arg="method=ce,steps=9"))
+  (wd / "config.json").write_text(json.dumps(old))
+  (wd / "metrics.jsonl").write_text(
+      json.dumps({"step": 7, "kind": "train", "loss": 9.9}) + "\n")
+  config = tiny_config(tiny_image_folder, arg="steps=2")
+  train.train_and_evaluate(config, wd)
+  assert json.loads((wd / "config.json").read_text())["method"] == "etf_dr"
+  steps = [json.loads(l)["step"] for l in
+           (wd / "metrics.jsonl").read_text().splitlines()]
+  assert 7 not in steps and max(steps) == 2
+  assert not (wd / workdir_lib.LOCK_NAME).exists()
+
+
+def test_workdir_in_use_stops_before_any_work(tiny_image_folder, tmp_path):
+  wd = tmp_path / "run"
+  ppid = os.getppid()
+  _write_lock(wd, pid=ppid, proc_start=workdir_lib._proc_start(ppid))
+  with pytest.raises(train.ConfigError, match="in use by a live run"):
+    train.train_and_evaluate(tiny_config(tiny_image_folder), wd)
+  assert sorted(p.name for p in wd.iterdir()) == [workdir_lib.LOCK_NAME]
