@@ -151,7 +151,8 @@ def step_config(config: ConfigDict, method: methods_lib.Method, *,
       steps_per_epoch=int(steps_per_epoch), class_counts=counts,
       options=methods_lib.LossOptions(config.loss.to_dict()),
       eval_logit_adjust_tau=tau,
-      compute_dtype=DTYPES[config.compute_dtype])
+      compute_dtype=DTYPES[config.compute_dtype],
+      ece_bins=int(config.ece_bins))
 
 
 def create_model(config: ConfigDict, method: methods_lib.Method, *,

@@ -151,6 +151,13 @@ class Method:
     check: optional `check(config, total_epochs)` run by config validation
       before any work; raises ValueError naming the fix.
     summary: one line for tables and messages.
+    calibrated: whether the softmax of the eval logits is the probability
+      the method trained for. False for the fixed-ETF heads, whose logits
+      are cosines in [-1, 1]: their softmax cannot approach 1, so an ECE of
+      it measures the head's range, not calibration, and is not reported.
+    eval_loss: optional per-example loss reported at evaluation,
+      `eval_loss(ctx) -> (B,)` with the test labels, no mixup and unit
+      class lengths; None for the cross entropy of the eval logits.
   """
   head: str
   loss: LossFn
@@ -159,6 +166,8 @@ class Method:
   eval_logit_scale: str | None = None
   check: CheckFn | None = None
   summary: str = ""
+  calibrated: bool = True
+  eval_loss: Callable[[LossContext], jax.Array] | None = None
 
   @property
   def fixed_classifier(self) -> bool:
@@ -292,14 +301,29 @@ def _check_etf_dot(config: Any, total_epochs: float | None) -> None:
         "Set --config.l2_normalize=True or use method=etf_dr.")
 
 
+def dot_regression_eval(ctx: LossContext) -> jax.Array:
+  """`(B,)` DR loss against the unscaled ETF columns: what the reference
+  reports as the ETF + DR eval loss."""
+  return losses.dot_regression_loss(
+      ctx.features, losses.etf_targets(ctx.classifier, ctx.labels))
+
+
+def plain_dot_eval(ctx: LossContext) -> jax.Array:
+  """`(B,)` plain dot loss `-<h, m_y>` against the unscaled ETF columns."""
+  return losses.dot_loss(ctx.features,
+                         losses.etf_targets(ctx.classifier, ctx.labels))
+
+
 # ---------------------------------------------------------------- registry
 
 METHODS: dict[str, Method] = {
-    "etf_dr": Method(head="etf", loss=dot_regression,
+    "etf_dr": Method(head="etf", loss=dot_regression, calibrated=False,
+                     eval_loss=dot_regression_eval,
                      summary="fixed ETF + dot regression (the paper)"),
-    "etf_ce": Method(head="etf", loss=cross_entropy,
+    "etf_ce": Method(head="etf", loss=cross_entropy, calibrated=False,
                      summary="fixed ETF + cross entropy"),
     "etf_dot": Method(head="etf", loss=plain_dot, check=_check_etf_dot,
+                      calibrated=False, eval_loss=plain_dot_eval,
                       summary="fixed ETF + plain dot loss -<h, t>"),
     "ce": Method(head="linear", loss=cross_entropy,
                  summary="learnable linear + cross entropy"),

@@ -30,7 +30,9 @@ def batch_counts(logits: jax.Array,
                  mask: jax.Array | None = None,
                  *,
                  num_classes: int,
-                 num_bins: int = ECE_BINS) -> dict[str, jax.Array]:
+                 num_bins: int = ECE_BINS,
+                 per_example_loss: jax.Array | None = None
+                 ) -> dict[str, jax.Array]:
   """Reduces one batch to additive counts (jit-friendly).
 
   Args:
@@ -39,6 +41,8 @@ def batch_counts(logits: jax.Array,
     mask: optional `(B,)` bool, False for padding rows.
     num_classes: K (static).
     num_bins: number of equal-width confidence bins for the ECE (static).
+    per_example_loss: optional `(B,)` loss summed into `loss_sum` instead of
+      the cross entropy of `logits` (a method's own eval loss).
 
   Returns:
     dict of float32 arrays: `count`, `correct1`, `correct5` of shape `(K,)`
@@ -61,6 +65,8 @@ def batch_counts(logits: jax.Array,
                   num_bins - 1)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  if per_example_loss is not None:
+    nll = per_example_loss.astype(jnp.float32)
 
   def per(idx, values, n):
     return jnp.zeros((n,), jnp.float32).at[idx].add(values * w)

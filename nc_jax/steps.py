@@ -69,6 +69,7 @@ class StepConfig:
     options: the loss hyper-parameters (`config.loss`).
     eval_logit_adjust_tau: post-hoc logit adjustment at evaluation (0: off).
     compute_dtype: the backbone's compute dtype.
+    ece_bins: equal-width confidence bins of the ECE.
   """
   method: methods_lib.Method
   num_classes: int
@@ -81,6 +82,7 @@ class StepConfig:
       default_factory=methods_lib.LossOptions)
   eval_logit_adjust_tau: float = 0.0
   compute_dtype: Any = jnp.float32
+  ece_bins: int = metrics_lib.ECE_BINS
 
 
 def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
@@ -188,6 +190,24 @@ def eval_logits(cfg: StepConfig, logits: jax.Array) -> jax.Array:
   return logits
 
 
+def _eval_context(cfg: StepConfig, logits, features, labels, classifier
+                  ) -> methods_lib.LossContext:
+  """The loss context of an evaluation batch: its labels, no mixup, unit
+  class lengths, step 0."""
+  k = cfg.num_classes
+  labels = labels.astype(jnp.int32)
+  zero = jnp.zeros((), jnp.int32)
+  return methods_lib.LossContext(
+      logits=logits.astype(jnp.float32), features=features.astype(jnp.float32),
+      labels=labels, classifier=(jnp.zeros((features.shape[-1], k))
+                                 if classifier is None else
+                                 classifier.astype(jnp.float32)),
+      class_counts=jnp.asarray(cfg.class_counts, jnp.float32),
+      lengths=jnp.ones((k,), jnp.float32), step=zero, epoch=zero,
+      batch_labels=labels, partner_labels=labels,
+      lam=jnp.ones((), jnp.float32), options=cfg.options)
+
+
 def make_eval_step(model, cfg: StepConfig, *, with_features: bool = False
                    ) -> Callable:
   """Returns `eval_step(state, batch, etf) -> counts` (1 replica).
@@ -202,8 +222,14 @@ def make_eval_step(model, cfg: StepConfig, *, with_features: bool = False
     logits, features = model.apply(
         {"params": state.params, **state.model_state}, x, train=False,
         classifier=_classifier_input(cfg, etf))
+    per_example = None
+    if cfg.method.eval_loss is not None:
+      per_example = cfg.method.eval_loss(_eval_context(
+          cfg, logits, features, batch["label"], _classifier_input(cfg, etf)))
     out = metrics_lib.batch_counts(eval_logits(cfg, logits), batch["label"],
-                                   batch["mask"], num_classes=cfg.num_classes)
+                                   batch["mask"], num_classes=cfg.num_classes,
+                                   num_bins=cfg.ece_bins,
+                                   per_example_loss=per_example)
     if with_features:
       out["features"] = features.astype(jnp.float32)
     return out

@@ -250,7 +250,8 @@ class _Evaluator:
   """Runs the eval step over an `EvalInput`, per replica."""
 
   def __init__(self, eval_fn, eval_input, *, num_replicas, num_classes,
-               groups, classifier_fn, with_nc: bool):
+               groups, classifier_fn, with_nc: bool, calibrated: bool = True):
+    self.calibrated = calibrated
     self.fn, self.input = eval_fn, eval_input
     self.s, self.k, self.groups = num_replicas, num_classes, groups
     self.classifier_fn, self.with_nc = classifier_fn, with_nc
@@ -273,6 +274,9 @@ class _Evaluator:
           nc_stats[r] = self._nc_update(nc_stats[r], f, batch["label"],
                                         batch["mask"])
     results = _summaries([a.totals for a in accs], self.groups)
+    if not self.calibrated:
+      for r in results:  # see methods.Method.calibrated
+        r["ece"] = None
     if self.with_nc:
       classifiers = self.classifier_fn(state, etf)
       tail = tuple(self.groups.get("tail", ())) or None
@@ -426,7 +430,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
   evaluator = _Evaluator(eval_step, eval_input, num_replicas=s,
                          num_classes=info.num_classes, groups=groups,
                          classifier_fn=classifier_fn,
-                         with_nc=bool(config.nc_metrics))
+                         with_nc=bool(config.nc_metrics),
+                         calibrated=method.calibrated)
   train_evaluator = None
   if config.nc_metrics and config.nc_train_metrics:
     train_eval_input = data_lib.make_eval_input(
@@ -437,7 +442,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
         train_splits=config.train_splits or None)
     train_evaluator = _Evaluator(eval_step, train_eval_input, num_replicas=s,
                                  num_classes=info.num_classes, groups=groups,
-                                 classifier_fn=classifier_fn, with_nc=True)
+                                 classifier_fn=classifier_fn, with_nc=True,
+                                 calibrated=method.calibrated)
 
   def run_eval(step: int) -> None:
     epoch = step / spe

@@ -301,3 +301,49 @@ def test_learnt_heads_run_as_replicas_without_an_etf(mode):
   w = built.classifiers(state)
   assert w.shape == (2, 64, 10)
   np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-5)
+
+
+def test_eval_reports_honest_loss_and_no_ece_for_cosine_logits():
+  """ETF heads: no ECE (softmax of cosines is not a probability they were
+  trained for) and, for DR, the DR loss against unit targets as eval loss;
+  the linear CE head keeps both; ece_bins sets the number of bins."""
+  import numpy as np
+  from nc_jax import methods as methods_lib
+  from nc_jax import metrics as metrics_lib
+  assert not methods_lib.get_method("etf_dr").calibrated
+  assert not methods_lib.get_method("etf_ce").calibrated
+  assert methods_lib.get_method("ce").calibrated
+  assert methods_lib.get_method("ldam_drw").calibrated
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(6, 4)).astype(np.float32)
+  h /= np.linalg.norm(h, axis=1, keepdims=True)
+  m = np.linalg.qr(rng.normal(size=(4, 3)))[0].astype(np.float32)
+  y = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  ctx = methods_lib.LossContext(
+      logits=jnp.asarray(h @ m), features=jnp.asarray(h), labels=y,
+      classifier=jnp.asarray(m), class_counts=jnp.ones(3),
+      lengths=jnp.ones(3), step=0, epoch=0, batch_labels=y,
+      partner_labels=y, lam=jnp.ones(()),
+      options=methods_lib.LossOptions({"given_ew": True}))
+  per = methods_lib.dot_regression_eval(ctx)
+  cos = np.sum(h * m[:, y].T, axis=1)
+  np.testing.assert_allclose(per, 0.5 * (cos - 1) ** 2, rtol=1e-5,
+                             atol=1e-6)
+  counts = metrics_lib.batch_counts(jnp.asarray(h @ m), y, num_classes=3,
+                                    num_bins=7, per_example_loss=per)
+  assert counts["bin_count"].shape == (7,)
+  np.testing.assert_allclose(counts["loss_sum"], np.sum(per), rtol=1e-5)
+
+
+def test_trained_etf_run_has_no_ece_and_ce_run_has_one(tiny_image_folder,
+                                                       tmp_path):
+  from nc_jax import train
+  from tests.test_train import tiny_config
+  out = {}
+  for method in ("etf_dr", "ce"):
+    config = tiny_config(tiny_image_folder, arg=f"method={method},steps=2",
+                         **{"ece_bins": 5})
+    out[method] = train.train_and_evaluate(config, tmp_path / method)
+  assert out["etf_dr"]["final"]["ece"] is None
+  assert out["ce"]["final"]["ece"] is not None
+  assert out["etf_dr"]["final"]["loss"] < 1.0  # DR loss, not CE on cosines
