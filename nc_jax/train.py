@@ -504,10 +504,14 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
         say(line)
         writer.write(step, "train", dict(scalars, images_per_sec=ips))
       if step % eval_every == 0 or step == total:
+        # Dispatch is asynchronous: wait for the queued steps first, or their
+        # compute would be timed (and excluded) as evaluation.
+        jax.block_until_ready(state)
         t = time.perf_counter()
         run_eval(step)
         progress.exclude(time.perf_counter() - t, evaluation=True)
       if step % ckpt_every == 0 or step == total:
+        jax.block_until_ready(state)
         t = time.perf_counter()
         checkpointer.save(step, state, {
             "history": history, "resumes": resumes,
