@@ -151,7 +151,7 @@ def _validate(config: ConfigDict) -> None:
 # Files and folders a run writes into its workdir.
 _RUN_FILES = frozenset({
     "config.json", "checkpoints", "metrics.jsonl", "tensorboard",
-    "results.json", "train_subset.json", workdir_lib.LOCK_NAME})
+    "results.json", "train_subset.json", "best", workdir_lib.LOCK_NAME})
 
 
 def _workdir_path(workdir: str | os.PathLike) -> pathlib.Path:
@@ -463,6 +463,10 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
                      "minority_cos_h")))
     writer.write(step, "eval", scalars)
 
+  # The state of the best evaluation (mean test top-1), in workdir/best.
+  best = ckpt_lib.BestCheckpoint(workdir / "best", history=history,
+                                 start_step=start)
+
   # ------------------------------------------------------------ train
   say(f"training {total} steps ({total / spe:g} epochs of {spe} steps, batch "
       f"{config.batch_size}) from step {start}; workdir {workdir}")
@@ -500,6 +504,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
       if step % eval_every == 0 or step == total:
         t = time.perf_counter()
         run_eval(step)
+        best.update(step, state, history[-1])
         progress.exclude(time.perf_counter() - t, evaluation=True)
       if step % ckpt_every == 0 or step == total:
         t = time.perf_counter()
@@ -527,6 +532,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
       f"{results_path}")
   writer.close()
   checkpointer.close()
+  best.close()
   return results
 
 
