@@ -630,9 +630,11 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
   except (ValueError, FileNotFoundError) as e:
     origin = ("--data_dir" if data_dir is not None
               else f"the run's data_dir {given!r}")
-    raise RunError(
-        f"cannot read the test data from {origin}: {e} Pass --data_dir "
-        "(python: data_dir=) with the dataset's data.") from None
+    msg = str(e).replace("--config.data_dir", "--data_dir")
+    if "--data_dir" not in msg:
+      msg += " Pass --data_dir (python: data_dir=) with the dataset's data."
+    raise RunError(f"cannot read the test data from {origin}: {msg}"
+                   ) from None
   groups = {g: tuple(v) for g, v in src.class_groups.items()}
 
   # Pass 1: training's compiled eval step and evaluator.
