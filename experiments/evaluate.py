@@ -86,7 +86,17 @@ def main(argv: list[str]) -> None:
   out = pathlib.Path(_OUT.value).expanduser() if _OUT.value else None
   if out is not None and out.exists() and not out.is_dir():
     raise cli.UsageProblem(f"--out {out} is a file; pass a directory.")
+  which = _WHICH.value.strip().lower()
+  if which not in ("final", "best") and not which.isdigit():
+    raise cli.UsageProblem(
+        f"--which={_WHICH.value!r}: pass final (the newest checkpoint), best "
+        "(best mean test top-1) or a step number kept in checkpoints/.")
   path = pathlib.Path(_WORKDIR.value).expanduser()
+  if not path.exists():
+    raise cli.UsageProblem(
+        f"--workdir {path} does not exist. Pass the --workdir of a run of "
+        "nc-jax-train (python -m experiments.cifar_lt) or a file written by "
+        "--export.")
   config = _run_config(path) or {}
   xla_defaults.apply(backbone=config.get("backbone"),
                      compute_dtype=config.get("compute_dtype", "float32"),
@@ -94,10 +104,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from nc_jax import runs  # pylint: disable=g-import-not-at-top
-  try:
-    which = runs.parse_which(_WHICH.value)
-  except ValueError as e:
-    raise cli.UsageProblem(f"--which: {e}") from None
+  which = runs.parse_which(which)
 
   if _EXPORT.value:
     try:

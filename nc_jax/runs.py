@@ -100,6 +100,7 @@ class _Source:
   class_names: list[str] | None
   class_groups: dict[str, list[int]]
   info: data_lib.DatasetInfo
+  forward: Any = None
 
 
 def parse_which(which: str | int) -> str | int:
@@ -420,8 +421,10 @@ class Run:
     self._params = jax.device_put(self.params, dev)
     self._model_state = jax.device_put(self.model_state, dev)
     self._etf = None if self.etf is None else jax.device_put(self.etf, dev)
-    self._fn = jax.jit(functools.partial(_forward, src.model,
-                                         src.step_config))
+    if src.forward is None:  # one compiled forward for all replicas
+      src.forward = jax.jit(functools.partial(_forward, src.model,
+                                              src.step_config))
+    self._fn = src.forward
 
   def __repr__(self) -> str:
     c = self.config
