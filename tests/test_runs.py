@@ -266,3 +266,12 @@ def test_evaluate_command_errors(trained, tmp_path):
                                  "--out", "o"], tmp_path),
                       "has no best checkpoint", "--which final")
   assert not (tmp_path / "o").exists()
+
+
+def test_readme_snippet_runs(trained, tmp_path, monkeypatch):
+  from tests.test_readme import readme_snippet  # pylint: disable=g-import-not-at-top
+  code = readme_snippet("use-run").replace("runs/c10_r0.01_etf_dr",
+                                           str(trained[0]))
+  monkeypatch.chdir(tmp_path)
+  exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  assert (tmp_path / "c10_etf_dr.msgpack").is_file()
