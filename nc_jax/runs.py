@@ -43,7 +43,7 @@ import functools
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -60,6 +60,9 @@ from nc_jax import nc_metrics
 from nc_jax import optim
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
+from nc_jax import train
+from nc_jax.data import sources
+from nc_jax.data.archive import resolve_data_dir
 
 FORMAT = "nc_jax.run"
 FORMAT_VERSION = 1
@@ -187,6 +190,13 @@ def _pick_checkpoint(wd: pathlib.Path, which: str | int
   best_step = None if best is None else int(best["record"]["step"])
   finished = (wd / "results.json").is_file()
   if which == "final":
+    if not steps and finished:
+      raise RunError(
+          f"{wd} is a finished run without its checkpoints (checkpoints/ is "
+          "missing or empty: copied without them?). Pass the workdir the run "
+          "trained in, or a file written by runs.export"
+          + (", or use which='best' (--which best)." if best is not None
+             else "."))
     if not steps:
       raise RunError(
           f"{wd} holds no checkpoint yet: the run has not reached its first "
@@ -444,11 +454,11 @@ class Run:
     """`images` as a uint8 `(N, H, W, C)` numpy array, or a ValueError."""
     if isinstance(images, jax.Array):
       images = np.asarray(images)
+    h, w, c = self.image_shape
     if not isinstance(images, np.ndarray):
       raise ValueError(
-          f"images must be a uint8 numpy array (N, {', '.join(map(str, self.image_shape))}), "
-          f"got {type(images).__name__}.")
-    h, w, c = self.image_shape
+          f"images must be a uint8 numpy array (N, {h}, {w}, {c}), got "
+          f"{type(images).__name__}.")
     if images.ndim == 3 and images.shape == self.image_shape:
       raise ValueError(
           f"images has shape {images.shape}: one image; pass a batch "
@@ -611,12 +621,12 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
     `confusion_matrix` (rows: true class, columns: predicted; counts
     summed over replicas), and with S > 1 `<block>_std` and `per_seed`.
 
+  One process: the second pass reads this process's rows of the eval
+  batches, which are all of them on a single host.
+
   Raises:
     RunError: as `load`, or test data that cannot be read.
   """
-  from nc_jax import train  # pylint: disable=g-import-not-at-top
-  from nc_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from nc_jax.data.archive import resolve_data_dir  # pylint: disable=g-import-not-at-top
   src = _open(path, which)
   config, info = src.config, src.info
   k, s = info.num_classes, src.num_replicas
@@ -654,7 +664,8 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
     run = Run(src, r)
     stats = nc_metrics.init_stats(k, run.feature_dim)
     for batch in eval_input.iterate_local():
-      logits, feats = run._apply(batch["image"])  # pylint: disable=protected-access
+      logits, feats = run._apply(  # pylint: disable=protected-access
+          batch["image"])
       mask = np.asarray(batch["mask"])
       pred = np.asarray(jnp.argmax(logits, -1))[mask]
       np.add.at(confusion[r], (np.asarray(batch["label"])[mask], pred), 1)

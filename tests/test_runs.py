@@ -22,6 +22,7 @@ from nc_jax import etf as etf_lib
 from nc_jax import runs
 from nc_jax import train
 from nc_jax.data import sources
+from tests.test_readme import readme_snippet
 from tests.test_train import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -269,7 +270,6 @@ def test_evaluate_command_errors(trained, tmp_path):
 
 
 def test_readme_snippet_runs(trained, tmp_path, monkeypatch):
-  from tests.test_readme import readme_snippet  # pylint: disable=g-import-not-at-top
   code = readme_snippet("use-run").replace("runs/c10_r0.01_etf_dr",
                                            str(trained[0]))
   monkeypatch.chdir(tmp_path)
