@@ -151,7 +151,7 @@ def _validate(config: ConfigDict) -> None:
 # Files and folders a run writes into its workdir.
 _RUN_FILES = frozenset({
     "config.json", "checkpoints", "metrics.jsonl", "tensorboard",
-    "results.json", "train_subset.json", workdir_lib.LOCK_NAME})
+    "results.json", "train_subset.json", "best", workdir_lib.LOCK_NAME})
 
 
 def _workdir_path(workdir: str | os.PathLike) -> pathlib.Path:
@@ -469,6 +469,10 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
                      "minority_cos_h")))
     writer.write(step, "eval", scalars)
 
+  # The state of the best evaluation (mean test top-1), in workdir/best.
+  best = ckpt_lib.BestCheckpoint(workdir / "best", history=history,
+                                 start_step=start)
+
   # ------------------------------------------------------------ train
   say(f"training {total} steps ({total / spe:g} epochs of {spe} steps, batch "
       f"{config.batch_size}) from step {start}; workdir {workdir}")
@@ -509,6 +513,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
         jax.block_until_ready(state)
         t = time.perf_counter()
         run_eval(step)
+        best.update(step, state, history[-1])
         progress.exclude(time.perf_counter() - t, evaluation=True)
       if step % ckpt_every == 0 or step == total:
         jax.block_until_ready(state)
@@ -537,6 +542,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
       f"{results_path}")
   writer.close()
   checkpointer.close()
+  best.close()
   return results
 
 

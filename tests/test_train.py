@@ -162,6 +162,11 @@ def test_kill_and_resume_equals_uninterrupted(tiny_image_folder, tmp_path,
     assert resumed[block] == full[block], block
   # History (eval at step 6, before the crash) survived the restart.
   assert [h["step"] for h in resumed["history"]] == [6, 12]
+  # So did the best checkpoint: the killed run saved step 6's, which the
+  # restored history (from step 4) did not have; the replay saved it again.
+  best = [(p / "best" / ckpt_lib.BEST_FILE).read_bytes()
+          for p in (tmp_path / "full", tmp_path / "resumed")]
+  assert best[0] == best[1]
 
 
 def test_finished_run_is_not_overwritten(tiny_image_folder, tmp_path, capsys):
