@@ -43,13 +43,6 @@ KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(
     2.0, "fan_out", "normal")
 
-# PyTorch's default `nn.Linear` weight init, `kaiming_uniform_(a=sqrt(5))`:
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in). The
-# reference's ImageNet classifier (`models/resnet.py` `Classifier`) keeps it;
-# its bias is `torch_linear_bias_init`.
-TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform")
-
 # PyTorch's BatchNorm momentum 0.1 weights the NEW batch statistic; Flax's
 # momentum weights the OLD running value, so 0.1 there is 0.9 here.
 BN_MOMENTUM = 0.9

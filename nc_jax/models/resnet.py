@@ -18,8 +18,9 @@ fan_out) with fan_out = kh * kw * out (`KAIMING_NORMAL_FAN_OUT`); every
 BatchNorm starts at scale 1, bias 0; no zero-init of the last BN
 (`zero_init_residual=False`). The backbone has no linear layer; the
 reference's ImageNet classifier (`Classifier`) is a plain `nn.Linear` with
-PyTorch's default init (`layers.TORCH_LINEAR_KERNEL` and
-`layers.torch_linear_bias_init`).
+PyTorch's default init; `heads.LinearHead` draws its kernel Kaiming-normal
+instead (a difference of init only) and its bias as PyTorch does
+(`layers.torch_linear_bias_init`).
 
 References:
   He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR
