@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.metadata
 import importlib.util
 import os
 import pkgutil
@@ -205,8 +206,8 @@ def _jax_plugins() -> list[str]:
     names += [m.name for m in pkgutil.iter_modules(
         list(spec.submodule_search_locations))]
   try:
-    from importlib.metadata import entry_points  # pylint: disable=g-import-not-at-top
-    names += [ep.name for ep in entry_points(group="jax_plugins")]
+    names += [ep.name for ep in importlib.metadata.entry_points(
+        group="jax_plugins")]
   except Exception:  # pylint: disable=broad-except
     pass
   return names

@@ -183,10 +183,12 @@ class DenseNet(nn.Module):
     for block in range(NUM_BLOCKS):
       for j in range(n):
         x = DenseLayer(self.growth_rate, self.bottleneck, dtype=self.dtype,
-                       norm_impl=self.norm_impl, name=f"block{block + 1}_{j}")(x, train)
+                       norm_impl=self.norm_impl,
+                       name=f"block{block + 1}_{j}")(x, train)
       if block < NUM_BLOCKS - 1:
         x = Transition(plan[block + 1][0], dtype=self.dtype,
-                       norm_impl=self.norm_impl, name=f"trans{block + 1}")(x, train)
+                       norm_impl=self.norm_impl,
+                       name=f"trans{block + 1}")(x, train)
     x = batch_norm(train, impl=self.norm_impl, activation="relu",
                    dtype=self.dtype, name="bn")(x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

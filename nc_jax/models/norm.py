@@ -3,8 +3,8 @@
 The CPU implementation of the backbones' BatchNorm (`norm_impl="fused"`,
 which `nc_jax.kernels` picks on CPU; accelerators get `flax.linen.BatchNorm`,
 see `nc_jax.models.layers.batch_norm`). `BatchNorm` here is a drop-in for
-`flax.linen.BatchNorm`: same variables (`params/scale`, `params/bias`, `batch_stats/mean`,
-`batch_stats/var`), same running-statistics update (Flax's convention: the
+`flax.linen.BatchNorm`: same variables (`params/scale`, `params/bias`,
+`batch_stats/mean`, `batch_stats/var`), same running-statistics update (Flax's convention: the
 biased batch variance from `E[x^2] - E[x]^2`, clipped at 0, weighted by
 `1 - momentum`; nothing is updated while initialising), same numbers up to
 float32 rounding. What differs is how the training-mode gradient is computed.

@@ -135,7 +135,8 @@ class ResNet(nn.Module):
       for j in range(blocks):
         stride = 2 if stage > 0 and j == 0 else 1
         x = Bottleneck(planes, stride, dtype=self.dtype,
-                       norm_impl=self.norm_impl, name=f"layer{stage + 1}_{j}")(x, train)
+                       norm_impl=self.norm_impl,
+                       name=f"layer{stage + 1}_{j}")(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

@@ -169,8 +169,8 @@ def resnet32(*, dtype: Dtype = jnp.float32,
                      conv_impl=conv_impl, norm_impl=norm_impl)
 
 
-def resnet32_c100(*, dtype: Dtype = jnp.float32,
-                  conv_impl: str = "xla", norm_impl: str = "flax") -> ResNetCifar:
+def resnet32_c100(*, dtype: Dtype = jnp.float32, conv_impl: str = "xla",
+                  norm_impl: str = "flax") -> ResNetCifar:
   """ResNet-32, widths 32/64/128, 128-d features (the reference's CIFAR-100)."""
   return ResNetCifar(widths=(32, 64, 128), blocks_per_stage=5, dtype=dtype,
                      conv_impl=conv_impl, norm_impl=norm_impl)
@@ -183,8 +183,8 @@ def resnet8(*, dtype: Dtype = jnp.float32,
                      conv_impl=conv_impl, norm_impl=norm_impl)
 
 
-def resnet20(*, dtype: Dtype = jnp.float32,
-             conv_impl: str = "xla", norm_impl: str = "flax") -> ResNetCifar:
+def resnet20(*, dtype: Dtype = jnp.float32, conv_impl: str = "xla",
+             norm_impl: str = "flax") -> ResNetCifar:
   """ResNet-20 (three blocks per stage), 16/32/64."""
   return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=3, dtype=dtype,
                      conv_impl=conv_impl, norm_impl=norm_impl)
