@@ -69,10 +69,6 @@ class Kernels:
     """What `config.json` and `results.json` hold, and resume compares."""
     return {"conv_impl": self.conv, "norm_impl": self.norm}
 
-  def model_options(self) -> dict[str, str]:
-    """Keyword options for `nc_jax.models.create_model`."""
-    return {"conv_impl": self.conv, "norm_impl": self.norm}
-
   def describe(self) -> str:
     """For the log: "onednn convolutions, fused BatchNorm"."""
     conv = f"{self.conv} convolutions"

@@ -21,6 +21,11 @@ Usage:
 
 Heads with learnable weights take no `classifier` argument.
 
+Implementations are options, taken as given: `conv_impl` ("xla", default,
+or "onednn" for the CIFAR ResNets) and `norm_impl` ("flax", default, or
+"fused"). `nc_jax.kernels` decides them once per run and the builder
+passes them; a model never decides (and refuses "auto").
+
 References:
   Yang, Chen, Li, Xie, Lin, Tao. Inducing Neural Collapse in Imbalanced
   Learning: Do We Really Need a Learnable Classifier at the End of Deep Neural
