@@ -64,6 +64,7 @@ def main() -> None:
       "ratio_jax_over_torch": round(med["jax"] / med["torch"], 3),
       "rounds": args.rounds, "batch_size": args.batch_size,
       "jax_conv_impl": runs["jax"][0].get("conv_impl"),
+      "jax_norm_impl": runs["jax"][0].get("norm_impl"),
       "torch_version": runs["torch"][0].get("torch_version"),
   }
   if args.json:

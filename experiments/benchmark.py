@@ -10,12 +10,15 @@ training loop runs, mixup and DR loss included):
   eval_images_per_sec   the eval step, likewise
   peak_memory_mb        the accelerator's peak bytes in use, or on CPU the
                         process's peak resident memory
+  conv_impl, norm_impl  the kernels the model ran (`nc_jax.kernels`, as in
+                        training; `kernels_note` says why oneDNN's
+                        convolutions were not used where they were wanted)
 Data loading is excluded (batches are random uint8 already on device), which
 is what the device-resident pipeline achieves in training.
 
-XLA flags: unless XLA_FLAGS is set, the CPU defaults of
-`experiments.xla_defaults` are applied, as in training (none when the
-convolutions are nc_jax's oneDNN kernels, see `--conv_impl`).
+XLA flags and malloc: as in training, `experiments.xla_defaults` applies
+its CPU defaults unless XLA_FLAGS is set (no flags when the convolutions are
+nc_jax's oneDNN kernels, see `--conv_impl`; nothing on accelerators).
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ _SEEDS_MODE = flags.DEFINE_enum("seeds_mode", "auto", ["auto", "vmap", "unroll"]
                                 "How replicas share the program "
                                 "(nc_jax.steps.resolve_replica_mode).")
 _CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "onednn"],
-                               "Convolution kernels (nc_jax.models.conv); "
-                               "CIFAR ResNets only.")
+                               "Convolution kernels (nc_jax.kernels); "
+                               "oneDNN's for the CIFAR ResNets only.")
+_NORM_IMPL = flags.DEFINE_enum("norm_impl", "auto", ["auto", "flax", "fused"],
+                               "BatchNorm implementation (nc_jax.kernels).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _MIXUP = flags.DEFINE_float("mixup_alpha", 1.0, "Mixup alpha (0 = off).")
@@ -67,7 +72,8 @@ def _peak_memory_mb(devices) -> tuple[float, str]:
 def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
                   num_classes: int = 10, image_size: int = 32,
                   num_seeds: int = 1, seeds_mode: str = "auto",
-                  conv_impl: str = "auto", steps: int = 20, warmup: int = 3,
+                  conv_impl: str = "auto", norm_impl: str = "auto",
+                  steps: int = 20, warmup: int = 3,
                   mixup_alpha: float = 1.0) -> dict:
   """Times the real compiled steps; returns the measurements as a dict."""
   import jax
@@ -75,21 +81,22 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
 
   from nc_jax import builder
   from nc_jax import data as data_lib
-  from nc_jax import models
+  from nc_jax import kernels as kernels_lib
   from nc_jax import sharding
   from nc_jax import steps as steps_lib
   from experiments.configs import cifar_lt
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh)
-  convs = models.backbone_conv_impl(backbone, conv_impl,
-                                    builder.DTYPES[dtype])
   config = cifar_lt.get_config(f"method={method}")
   config.unlock()
   config.update(dict(backbone=backbone, compute_dtype=dtype,
                      num_seeds=num_seeds, seeds_mode=seeds_mode,
-                     conv_impl=conv_impl, mixup_alpha=float(mixup_alpha)))
+                     conv_impl=conv_impl, norm_impl=norm_impl,
+                     mixup_alpha=float(mixup_alpha)))
   config.lock()
+  kernels = kernels_lib.resolve_kernels(config,
+                                        device_count=mesh.devices.size)
   # A CIFAR-10-LT-like profile (r = 0.01) over K classes, at least 1 each.
   counts = [max(1, c) for c in data_lib.long_tail_counts(
       max(50000 // num_classes, 1), 0.01, num_classes=num_classes)]
@@ -97,7 +104,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   built = builder.build(config, num_classes=num_classes, image_shape=shape,
                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                         class_counts=counts, steps_per_epoch=100,
-                        total_steps=20000, mesh=mesh)
+                        total_steps=20000, mesh=mesh, kernels=kernels)
   train_step, eval_step, etf = built.train_step, built.eval_step, built.etf
   state = built.init_state()
   rng = np.random.default_rng(0)
@@ -139,7 +146,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
       "seeds_mode": (steps_lib.resolve_replica_mode(seeds_mode)
                      if num_seeds > 1 else "single"),
       "image_size": image_size,
-      "conv_impl": convs,
+      **kernels.record(),
+      "kernels_note": kernels.note,
       "compile_seconds": round(compile_s, 2),
       "train_step_ms_median": round(1e3 * med, 2),
       "train_step_ms_min": round(1e3 * min(times), 2),
@@ -165,7 +173,7 @@ def main(argv: list[str]) -> None:
                     batch_size=_BATCH.value, dtype=_DTYPE.value,
                     num_classes=_NUM_CLASSES.value, image_size=_IMAGE.value,
                     num_seeds=_SEEDS.value, seeds_mode=_SEEDS_MODE.value,
-                    conv_impl=_CONV_IMPL.value,
+                    conv_impl=_CONV_IMPL.value, norm_impl=_NORM_IMPL.value,
                     steps=_STEPS.value,
                     warmup=_WARMUP.value, mixup_alpha=_MIXUP.value)
   if _JSON.value:

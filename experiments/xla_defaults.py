@@ -1,72 +1,45 @@
-"""CPU runtime defaults of the entry points: XLA flags and malloc settings.
+"""CPU runtime defaults of the entry points: malloc settings and XLA flags.
 
-Both are applied by `apply()` before jax starts its backends, and only where
-the user set nothing of their own.
+`apply()` runs first thing in an entry point, before jax starts its
+backends (both settings must be in place by then), and only for runs that
+will compute on the CPU: it guesses jax's backend with
+`nc_jax.kernels.likely_backend` (JAX_PLATFORMS, or an installed GPU/TPU
+plugin together with a device node), and on an accelerator it does
+nothing. It never overrides what the user set.
 
-## malloc
+## malloc (CPU runs only)
 
-XLA's CPU runtime allocates one temporary buffer per executed step (305 MB
-for the ResNet-32 train step at batch 128), from a worker thread. glibc
-serves an allocation that large on a non-main-arena thread with a fresh
-mmap and returns it with munmap on free, so every step page-faulted its way
-through 305 MB again: 78,286 minor faults and 160 ms of kernel time per
-step, measured with getrusage around 20 steps. `apply()` therefore sets, by
-mallopt, one malloc arena, no mmap'd chunks and no trimming, so the buffer
-is carved from the heap once and reused: 0 faults, 7 ms of kernel time, and
-the step went from about 420 to 335 ms. The process keeps its peak heap
-instead of returning it to the OS. Opt out with NC_JAX_NO_MALLOC_TUNING=1;
-it is also left alone when GLIBC_TUNABLES or MALLOC_ARENA_MAX is set, and
-off glibc.
+XLA's CPU runtime allocates one large temporary buffer per executed step
+from a worker thread. glibc serves an allocation that large on a
+non-main-arena thread with a fresh mmap and returns it with munmap on free,
+so every step page-faults its way through the buffer again. `tune_malloc`
+therefore sets, by mallopt, one malloc arena, no mmap'd chunks and no
+trimming, so the buffer is carved from the heap once and reused. The
+process keeps its peak heap instead of returning it to the OS. It is not
+applied on accelerators: there the host's threads (tf.data's input
+pipeline above all) allocate concurrently, and a single arena would
+serialise them. Opt out with NC_JAX_NO_MALLOC_TUNING=1; it is also left
+alone when GLIBC_TUNABLES or MALLOC_ARENA_MAX is set, and off glibc.
 
-## XLA flags
+## XLA flags (CPU runs only)
 
-Which flags depend on who computes the convolutions (`nc_jax.models.conv`):
+Which flags depend on who computes the convolutions (`nc_jax.kernels`):
 
-* nc_jax's oneDNN kernels (`conv_impl="auto"` on one CPU device in float32,
-  the CIFAR ResNets): no flags. With the convolutions out of XLA's hands,
-  XLA's own CPU defaults ran the rest of the ResNet-32 step (BatchNorm,
-  ReLU, loss, SGD) about 4% faster than the YNNPACK flags below. Measured
-  interleaved, three rounds, `python -m experiments.benchmark --json
-  --steps 30` (median / min ms per step):
-      no flags (XLA defaults)                 419 / 383, 410 / 391, 421 / 385
-      ynn=dot,eltwise,reduce + onednn convs   517 / 408, 436 / 398, 427 / 407
-      ynn=eltwise,reduce                      444 / 400, 463 / 423, 428 / 398
+* nc_jax's oneDNN kernels (a CIFAR ResNet on one CPU device in float32,
+  the kernels buildable here): no flags. With the convolutions out of XLA's
+  hands, XLA's own CPU defaults run the rest of the step at least as fast
+  as the YNNPACK flags below.
 * XLA's convolutions (bfloat16, several devices or processes, DenseNet,
-  ResNet-50, `conv_impl="xla"`): two library back-ends built into jaxlib:
-    --xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce
-        elementwise ops, reductions and dots through YNNPACK fusions;
-    --xla_cpu_experimental_onednn_fusion_type=individual_convolution
-        every convolution through oneDNN instead of Eigen.
-  ResNet-32 step with XLA's convolutions: 612-676 ms with these flags,
-  1176 ms with none.
+  ResNet-50, `conv_impl="xla"`, no compiler): two library back-ends built
+  into jaxlib, `CPU_FLAGS`: elementwise ops, reductions and dots through
+  YNNPACK fusions, and every convolution through oneDNN instead of Eigen.
+  Without the YNN elementwise fusions, XLA's own loop fusions fold chains of
+  BatchNorm/ReLU/residual arithmetic into the transposes that feed the
+  weight-gradient convolutions and recompute them there.
 
 Users who set XLA_FLAGS themselves keep exactly their flags;
-NC_JAX_NO_XLA_DEFAULTS=1 sets none.
-
-The flag sweep for XLA's convolutions (jaxlib 0.10.2, 2-core AVX-512 EPYC,
-ResNet-32 ETF+DR train step, batch 128, mixup, median ms per step; runs
-drift by up to +-10% on this VM, so compare rows measured together). With
-Flax's BatchNorm, before `nc_jax.models.norm`:
-  ynn=dot,eltwise,reduce + onednn=individual_convolution (default)   674
-  ynn=dot,eltwise,reduce alone (Eigen convs)                         712
-  + onednn=individual_convolution,dot                                749
-  ynn=eltwise + onednn convs                                         749
-  ynn=reduce + onednn convs                                          924
-  ynn= (empty) + onednn convs                                       1087
-  onednn=individual_convolution,eltwise,reduce,dot, no ynn          1056
-  no flags at all (XLA's own default sends convs to YNN)   about 1230
-With the fused BatchNorm of `nc_jax.models.norm` the default runs 612-676
-ms (XLA's own defaults 1176 ms; ynn=eltwise,reduce + onednn convs 620-654).
-Without YNN elementwise fusions, XLA's own loop fusions fold whole chains
-of BatchNorm/ReLU/residual arithmetic into the transposes that feed the
-weight-gradient convolutions and recompute them there; that costs 0.5-0.8 s
-a step (the transposes are gone with nc_jax's oneDNN kernels). Earlier
-trials (Eigen convs): xla_cpu_use_xnnpack, individual_dot,
-use_thunk_runtime=false, prefer_vector_width=512, the concurrency-optimized
-scheduler and fast-math changed nothing or lost 3-10%; YNN convolutions
-lost 15-25%; bfloat16 compute lost 20%. OpenMP settings for the oneDNN
-kernels (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0) changed nothing
-measurable; OMP_PROC_BIND=true lost 20%; OMP_NUM_THREADS=1 lost 40%.
+NC_JAX_NO_XLA_DEFAULTS=1 sets none. Every flag and OpenMP setting that was
+tried, with its timing, is in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -75,24 +48,34 @@ import ctypes
 import os
 import platform
 
+from nc_jax import kernels as kernels_lib
+
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
              "--xla_cpu_experimental_onednn_fusion_type=individual_convolution")
 
 
 def expects_onednn_convs(backbone: str, compute_dtype: str, conv_impl: str,
                          *, multi_process: bool = False) -> bool:
-  """Whether a run will (on CPU) use nc_jax's oneDNN convolution kernels.
+  """Whether a CPU run will use nc_jax's oneDNN convolution kernels.
 
-  Decided from the config alone, before jax starts its backends (the flags
-  must be in place by then), following `nc_jax.models.conv`: a backbone
-  with a `conv_impl` option, float32 compute, conv_impl other than "xla",
-  one process. A wrong guess costs speed, never correctness.
+  Decided before jax starts its backends by `nc_jax.kernels.choose` on the
+  CPU backend (one device, or two or more with `multi_process`) and, for
+  "auto", the cheap checks of `nc_jax.cpu_kernels.problem` (compiler and
+  oneDNN wheels present; nothing is compiled). A wrong guess costs speed,
+  never correctness.
   """
-  from nc_jax import models  # imports jax, but starts no backend
-
-  return (conv_impl != "xla" and compute_dtype == "float32"
-          and not multi_process and backbone in models.BACKBONES
-          and "conv_impl" in models.backbone_options(backbone))
+  try:
+    choice = kernels_lib.choose(
+        backbone=backbone, compute_dtype=compute_dtype, conv_impl=conv_impl,
+        backend="cpu", device_count=2 if multi_process else 1)
+  except ValueError:
+    return False  # the run stops with this error once it validates its config
+  if choice.conv != "onednn":
+    return False
+  if conv_impl == "onednn":
+    return True  # either the kernels build or the run stops
+  from nc_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  return cpu_kernels.problem() is None
 
 
 # mallopt parameters (glibc's malloc.h).
@@ -119,8 +102,8 @@ def tune_malloc() -> bool:
 
 
 def apply(*, backbone: str | None = None, compute_dtype: str = "float32",
-          conv_impl: str = "auto", multi_process: bool = False) -> None:
-  """Applies the malloc settings and, for CPU, the XLA flags.
+          conv_impl: str = "auto", multi_process: bool = False) -> str:
+  """Applies the malloc settings and the XLA flags of a CPU run.
 
   Args:
     backbone, compute_dtype, conv_impl, multi_process: the run's config, to
@@ -128,15 +111,23 @@ def apply(*, backbone: str | None = None, compute_dtype: str = "float32",
       (`expects_onednn_convs`; with `backbone=None`, XLA's), in which case
       XLA's own flag defaults are kept.
 
+  Returns:
+    The backend guessed (`nc_jax.kernels.likely_backend`): on anything but
+    "cpu" nothing was changed.
+
   XLA_FLAGS is left alone if set, or if NC_JAX_NO_XLA_DEFAULTS is set. Must
-  run first thing in the process: before jax (or anything that starts
-  threads) is imported.
+  run first thing in the process: before jax's backends (or anything that
+  starts threads) start.
   """
+  backend = kernels_lib.likely_backend()
+  if backend != "cpu":
+    return backend
   # First: a thread that allocates before this gets its own malloc arena.
   tune_malloc()
   if os.environ.get("NC_JAX_NO_XLA_DEFAULTS") or os.environ.get("XLA_FLAGS"):
-    return
+    return backend
   if backbone is not None and expects_onednn_convs(
       backbone, compute_dtype, conv_impl, multi_process=multi_process):
-    return
+    return backend
   os.environ["XLA_FLAGS"] = " ".join(CPU_FLAGS)
+  return backend

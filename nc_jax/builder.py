@@ -13,6 +13,12 @@ normalisation) are arguments: the builder reads no data.
     state, metrics = built.train_step(state, batch, built.etf)
     counts = built.eval_step(state, eval_batch, built.etf)
 
+The kernels (convolution and BatchNorm implementations) are decided once,
+by `nc_jax.kernels`, before the model is made: `build` takes the caller's
+`Kernels` (training resolves them first, to check and record them) or
+resolves them from the config and the mesh, and passes them to the model,
+which never decides anything itself.
+
 The ETF has one owner: `build` makes it from `config.etf_seed` (replica r
 uses `etf_seed + r`, `nc_jax.etf.replica_etfs`), and that array is what the
 train step's loss, the logits of both steps and `Built.classifiers` (the
@@ -34,6 +40,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from nc_jax import etf as etf_lib
+from nc_jax import kernels as kernels_lib
 from nc_jax import methods as methods_lib
 from nc_jax import models
 from nc_jax import optim
@@ -100,6 +107,7 @@ class Built:
     init_state: `() -> TrainState`, the initial state (stacked over S),
       replicated over the mesh; replica r draws from
       `fold_in(PRNGKey(config.seed), r)`.
+    kernels: the `kernels.Kernels` the model runs.
   """
   method: methods_lib.Method
   model: models.ImageClassifier
@@ -111,6 +119,7 @@ class Built:
   eval_step: Callable
   num_replicas: int
   init_state: Callable[[], steps_lib.TrainState]
+  kernels: kernels_lib.Kernels
 
   def classifiers(self, state: steps_lib.TrainState) -> np.ndarray:
     """The `(d, K)` (or `(S, d, K)`) classifier the logits use, as numpy."""
@@ -156,14 +165,19 @@ def step_config(config: ConfigDict, method: methods_lib.Method, *,
 
 
 def create_model(config: ConfigDict, method: methods_lib.Method, *,
-                 num_classes: int) -> models.ImageClassifier:
-  """The classifier of `config` with the method's head."""
+                 num_classes: int,
+                 kernels: kernels_lib.Kernels) -> models.ImageClassifier:
+  """The classifier of `config` with the method's head and `kernels`."""
   opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype],
                           # Ignored by heads other than etf.
                           "l2_normalize": bool(config.l2_normalize),
+                          "norm_impl": kernels.norm,
                           **method.head_options}
-  if "conv_impl" in models.backbone_options(config.backbone):
-    opts["conv_impl"] = config.conv_impl
+  if models.supports_onednn_convs(config.backbone):
+    opts["conv_impl"] = kernels.conv
+  elif kernels.conv != "xla":
+    raise ValueError(f"Backbone {config.backbone!r} runs XLA's convolutions "
+                     f"only, not {kernels.conv!r}.")
   return models.create_model(config.backbone, num_classes=num_classes,
                              head=method.head, **opts)
 
@@ -171,7 +185,8 @@ def create_model(config: ConfigDict, method: methods_lib.Method, *,
 def build(config: ConfigDict, *, num_classes: int,
           image_shape: tuple[int, int, int], mean: Sequence[float],
           std: Sequence[float], class_counts: Sequence[int],
-          steps_per_epoch: int, total_steps: int, mesh: Mesh) -> Built:
+          steps_per_epoch: int, total_steps: int, mesh: Mesh,
+          kernels: kernels_lib.Kernels | None = None) -> Built:
   """Assembles everything a run needs from `config`; see the module doc.
 
   Args:
@@ -183,6 +198,8 @@ def build(config: ConfigDict, *, num_classes: int,
     steps_per_epoch: steps in one epoch.
     total_steps: steps of the whole run.
     mesh: the data-parallel mesh.
+    kernels: the implementations to use; None resolves them here
+      (`kernels.resolve_kernels` on the backend and the mesh's devices).
 
   Returns:
     A `Built`.
@@ -193,8 +210,12 @@ def build(config: ConfigDict, *, num_classes: int,
   method = check_config(config,
                         total_epochs=total_steps / max(steps_per_epoch, 1))
   s = int(config.num_seeds)
-  model = create_model(config, method, num_classes=num_classes)
-  rep = sharding.replicated(mesh)
+  if kernels is None:
+    kernels = kernels_lib.resolve_kernels(config,
+                                          device_count=mesh.devices.size)
+  model = create_model(config, method, num_classes=num_classes,
+                       kernels=kernels)
+  rep = sharding.replicated_sharding(mesh)
   etf = None
   if method.fixed_classifier:
     etf = jax.device_put(
@@ -223,4 +244,5 @@ def build(config: ConfigDict, *, num_classes: int,
 
   return Built(method=method, model=model, etf=etf, tx=tx,
                schedule=schedule, step_config=cfg, train_step=train_step,
-               eval_step=eval_step, num_replicas=s, init_state=init_state)
+               eval_step=eval_step, num_replicas=s, init_state=init_state,
+               kernels=kernels)

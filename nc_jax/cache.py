@@ -1,8 +1,8 @@
 """nc_jax's one cache folder: `$NC_JAX_CACHE`, default `~/.cache/nc_jax`.
 
 It holds data archives extracted once (`nc_jax.data.archive`, one folder per
-archive) and the compiled oneDNN kernels (`nc_jax.onednn`, in `kernels/`).
-Everything in it can be deleted; it is rebuilt on demand.
+archive) and the compiled oneDNN kernels (`nc_jax.cpu_kernels`, in
+`kernels/`). Everything in it can be deleted; it is rebuilt on demand.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ Rules that protect finished work:
 - A restart with a different config stops with the differing keys named. A
   workdir whose run never saved a checkpoint has nothing to protect: a rerun
   with another config starts afresh there.
+- `config.json` also records the kernels the run resolved to (`resolved`:
+  `conv_impl`, `norm_impl`; `nc_jax.kernels`). A restart that resolves to
+  others (e.g. on a machine without a C++ compiler) stops, because the
+  numbers would change, unless the config sets `allow_kernel_change=True`;
+  an accepted change is recorded (`resolved_before`).
 - A directory with `results.json` is finished: a rerun reports it and exits
   without touching anything.
 - An unreadable checkpoint stops the run with its path; it is never deleted
@@ -37,8 +42,13 @@ from etils import epath
 from ml_collections import ConfigDict
 
 # Fields that may differ between a run and its resumption: they change how
-# progress is shown, not what is computed.
-RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir"})
+# progress is shown, not what is computed; or, for the kernel requests, what
+# matters is what they resolve to, which is compared on its own.
+RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir", "conv_impl",
+                               "norm_impl", "allow_kernel_change"})
+# Keys of config.json that are records, not config fields.
+RECORD_KEYS = ("resolved", "resolved_before")
+KERNEL_CHANGE_FLAG = "--config.allow_kernel_change=True"
 
 
 class CheckpointError(RuntimeError):
@@ -83,35 +93,88 @@ def saved_steps(directory: pathlib.Path) -> list[int]:
     return []
 
 
-def check_config(workdir: pathlib.Path, config: ConfigDict) -> None:
-  """Raises ValueError if `workdir` holds a checkpointed run of another
-  config (read-only; a config without a checkpoint does not count)."""
-  path = workdir / "config.json"
-  if not path.exists() or not has_checkpoint(workdir):
-    return
+def _read_config_json(path: pathlib.Path) -> dict:
   try:
-    old = json.loads(path.read_text())
+    return json.loads(path.read_text())
   except ValueError as e:
     raise ValueError(
         f"{path} is not valid JSON ({e}); the checkpoints beside it cannot be "
         "matched to a config. Restore the file, or use another "
         "--workdir.") from None
-  _compare(workdir, old, config_to_dict(config))
 
 
-def check_or_write_config(workdir: pathlib.Path, config: ConfigDict) -> None:
+def _kernels_text(record: dict) -> str:
+  return (f"{record.get('conv_impl')} convolutions and "
+          f"{record.get('norm_impl')} BatchNorm")
+
+
+def check_config(workdir: pathlib.Path, config: ConfigDict,
+                 resolved: dict | None = None, *,
+                 why: str | None = None) -> None:
+  """Raises ValueError if `workdir` holds a checkpointed run of another
+  config, or one that resolved to other kernels (read-only; a config
+  without a checkpoint does not count).
+
+  Args:
+    workdir: the run directory.
+    config: this run's config.
+    resolved: this process's kernels (`nc_jax.kernels.Kernels.record()`),
+      or None not to compare them.
+    why: a note on the new kernels for the message (`Kernels.note`).
+  """
+  path = workdir / "config.json"
+  if not path.exists() or not has_checkpoint(workdir):
+    return
+  old = _read_config_json(path)
+  _compare(workdir, {k: v for k, v in old.items() if k not in RECORD_KEYS},
+           config_to_dict(config))
+  before = old.get("resolved")
+  if (resolved is None or before is None or before == resolved
+      or config.get("allow_kernel_change")):
+    return
+  raise ValueError(
+      f"{workdir} holds a run that used {_kernels_text(before)}; this "
+      f"process would use {_kernels_text(resolved)}"
+      + (f" ({why})" if why else "")
+      + ", which changes the numbers from here on. Resume where the recorded "
+      "kernels are available (or request them: --config.conv_impl=..., "
+      f"--config.norm_impl=...), or pass {KERNEL_CHANGE_FLAG} to accept the "
+      "change.")
+
+
+def check_or_write_config(workdir: pathlib.Path, config: ConfigDict,
+                          resolved: dict | None = None, *,
+                          why: str | None = None) -> dict:
   """Writes `config.json`, or checks the existing one matches `config`.
 
   A `config.json` beside no checkpoint (a run that stopped before its first
   checkpoint) is replaced: that run starts from step 0 again either way.
+  A kernel change accepted by `allow_kernel_change` is recorded: `resolved`
+  becomes the new kernels, the old ones are appended to `resolved_before`.
+
+  Returns:
+    The record keys of `config.json` (`resolved`, and `resolved_before`
+    after an accepted change) as they now stand.
   """
   path = workdir / "config.json"
-  new = config_to_dict(config)
+  record = {} if resolved is None else {"resolved": dict(resolved)}
   if not path.exists() or not has_checkpoint(workdir):
     if jax.process_index() == 0:
-      write_json_atomic(path, new)
-    return
-  check_config(workdir, config)
+      write_json_atomic(path, {**config_to_dict(config), **record})
+    return record
+  check_config(workdir, config, resolved, why=why)
+  old = _read_config_json(path)
+  kept = {k: old[k] for k in RECORD_KEYS if k in old}
+  if resolved is None or kept.get("resolved") == resolved:
+    return kept
+  if "resolved" in kept:  # an accepted change of kernels: record it
+    kept["resolved_before"] = [*kept.get("resolved_before", []),
+                               kept["resolved"]]
+  # (else a workdir written before kernels were recorded: record them now)
+  kept["resolved"] = dict(resolved)
+  if jax.process_index() == 0:
+    write_json_atomic(path, {**old, **kept})
+  return kept
 
 
 def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:

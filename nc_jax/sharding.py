@@ -59,7 +59,8 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array."""
   return NamedSharding(mesh, P())
 
 
@@ -80,12 +81,6 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         f"{lower + n}.")
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """This process's share of a global batch (processes own equal slices)."""
-  check_batch_size(global_batch_size, mesh)
-  return global_batch_size // jax.process_count()
-
-
 def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   """Host-local numpy batch -> global arrays split over the data axis.
 
@@ -104,9 +99,9 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   }
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
   """Places a host pytree (same on every process) replicated on the mesh."""
-  sharding = replicated(mesh)
+  sharding = replicated_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_callback(
           np.shape(x), sharding, lambda idx, x=x: np.asarray(x)[idx]), tree)

@@ -287,7 +287,7 @@ def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, *,
     else:
       train_step = _unrolled(train_step, num_replicas)
       eval_step = _unrolled(eval_step, num_replicas)
-  rep = sharding.replicated(mesh)
+  rep = sharding.replicated_sharding(mesh)
   data = sharding.batch_sharding(mesh)
   train = jax.jit(train_step, in_shardings=(rep, data, rep),
                   out_shardings=(rep, rep), donate_argnums=(0,))

@@ -27,10 +27,10 @@ from ml_collections import ConfigDict
 from nc_jax import builder as builder_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
+from nc_jax import kernels as kernels_lib
 from nc_jax.data.archive import resolve_data_dir
 from nc_jax.data.sources import IN_MEMORY
 from nc_jax import metrics as metrics_lib
-from nc_jax import models
 from nc_jax import nc_metrics
 from nc_jax import optim
 from nc_jax import provenance
@@ -106,11 +106,10 @@ def _validate(config: ConfigDict) -> None:
   if config.compute_dtype not in DTYPES:
     raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got "
                      f"{config.compute_dtype!r}.")
-  if config.backbone in models.BACKBONES:
-    # Raises here, before any work, for a bad conv_impl or one that cannot
-    # run on this machine.
-    models.backbone_conv_impl(config.backbone, config.conv_impl,
-                              DTYPES[config.compute_dtype])
+  # Raises here, before any work, for an unknown backbone, a bad conv_impl
+  # or norm_impl, or oneDNN convolutions asked for where they cannot run
+  # (this is also where they are built, once, if they are chosen).
+  kernels_lib.resolve_kernels(config)
   if config.loss.dr_form not in ("reference", "paper"):
     raise ValueError("loss.dr_form must be 'reference' or 'paper', got "
                      f"{config.loss.dr_form!r}.")
@@ -160,12 +159,14 @@ def _workdir_path(workdir: str | os.PathLike) -> pathlib.Path:
           else pathlib.Path(workdir).expanduser().resolve())
 
 
-def _check_workdir(workdir: pathlib.Path, config: ConfigDict) -> None:
+def _check_workdir(workdir: pathlib.Path, config: ConfigDict,
+                   kernels: kernels_lib.Kernels) -> None:
   """Read-only checks that `workdir` can take this run (nothing written).
 
   Raises:
     ConfigError: `workdir` is a file, cannot be created or written, holds
-      files of something else, or a checkpointed run of another config.
+      files of something else, or a checkpointed run of another config or
+      of other kernels (unless `allow_kernel_change`).
   """
   if "://" in str(workdir):
     return
@@ -195,7 +196,7 @@ def _check_workdir(workdir: pathlib.Path, config: ConfigDict) -> None:
         f"--workdir {workdir} already holds other files ({shown}) and is not "
         "a run directory (no config.json). Pass a new or empty folder.")
   try:
-    ckpt_lib.check_config(workdir, config)
+    ckpt_lib.check_config(workdir, config, kernels.record(), why=kernels.note)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -313,7 +314,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
     say(f"{workdir} already holds a finished run ({results_path}); nothing to "
         "do. Use another --workdir to train again.")
     return json.loads(results_path.read_text())
-  _check_workdir(workdir, config)
+  kernels = kernels_lib.resolve_kernels(config)  # as validated, once more
+  _check_workdir(workdir, config, kernels)
   if "://" not in str(workdir):
     _on_chief(lambda: workdir_lib.check_free(workdir), "use the workdir")
   mesh = sharding.make_mesh()
@@ -370,7 +372,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
       _on_chief(lambda: held.enter_context(workdir_lib.hold(workdir)),
                 "take the workdir's lock")
     fresh = not ckpt_lib.has_checkpoint(workdir)
-    ckpt_lib.check_or_write_config(workdir, config)
+    kernel_record = ckpt_lib.check_or_write_config(
+        workdir, config, kernels.record(), why=kernels.note)
   except (ValueError, OSError) as e:
     raise ConfigError(str(e)) from e
   if fresh and reporting.is_chief():
@@ -387,7 +390,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
     built = builder_lib.build(
         config, num_classes=info.num_classes, image_shape=info.image_shape,
         mean=info.mean, std=info.std, class_counts=train_input.counts,
-        steps_per_epoch=spe, total_steps=total, mesh=mesh)
+        steps_per_epoch=spe, total_steps=total, mesh=mesh, kernels=kernels)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   method, model, etf = built.method, built.model, built.etf
@@ -397,11 +400,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
   replicas = f"{s} replica(s)"
   if s > 1:
     replicas += f" ({steps_lib.resolve_replica_mode(config.seeds_mode)})"
-  convs = models.backbone_conv_impl(config.backbone, config.conv_impl,
-                                    DTYPES[config.compute_dtype])
   say(f"model: {config.backbone} + {method.head} head ({config.method}), "
       f"{n_params:,} trainable parameters, feature dim {model.feature_dim}; "
-      f"{convs} convolutions; {replicas}; mesh {mesh.devices.size} "
+      f"{kernels.describe()}; {replicas}; mesh {mesh.devices.size} "
       f"device(s) over {jax.process_count()} process(es), backend "
       f"{jax.default_backend()}")
 
@@ -529,6 +530,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
   if start == total and not history:
     run_eval(step)
   results = _results(config, train_input, history, s)
+  # The kernels that ran (and, after an accepted change, those before).
+  results.update(kernel_record)
   results["provenance"] = dict(
       provenance.describe(jax.devices()),
       wall_s=round(wall_before + time.perf_counter() - t_start, 1),

@@ -27,7 +27,9 @@ def main():
   results = {}
   for n in (8, 1):
     mesh = sharding.make_mesh(jax.devices()[:n])
-    built = tiny_build(method, mesh=mesh)
+    # XLA's convolutions on both meshes (a 1-device mesh would otherwise
+    # get oneDNN's): this compares data parallelism, not kernels.
+    built = tiny_build(method, conv_impl="xla", mesh=mesh)
     train_step, e = built.train_step, built.etf
     state = built.init_state()
     losses = []

@@ -1,8 +1,15 @@
-"""The oneDNN convolution kernels against XLA's convolution and its autodiff."""
+"""The oneDNN convolution kernels (nc_jax.cpu_kernels) against XLA's.
+
+They are CPU custom calls built for x86-64 Linux: these tests run where the
+default backend is the CPU on such a machine, and skip elsewhere (on a GPU
+or TPU host, the kernels are never chosen; `tests/test_kernels.py` checks
+that decision on every backend).
+"""
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -13,10 +20,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nc_jax import cpu_kernels
 from nc_jax import etf as etf_lib
+from nc_jax import kernels as kernels_lib
 from nc_jax import models
-from nc_jax import onednn
 from nc_jax.models import conv as conv_lib
+
+BACKEND = jax.default_backend()
+pytestmark = [
+    pytest.mark.skipif(
+        BACKEND != "cpu",
+        reason=f"the oneDNN kernels are CPU custom calls; the default backend "
+        f"here is {BACKEND}, where nc_jax uses XLA's convolutions"),
+    pytest.mark.skipif(
+        not (sys.platform.startswith("linux")
+             and platform.machine() in ("x86_64", "AMD64")),
+        reason="the oneDNN kernels are built for x86-64 Linux only"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded():
+  # CI installs the oneDNN wheels (the test extra) and has g++: the fast
+  # path must be there, not silently replaced by the fallback.
+  cpu_kernels.load()
 
 
 def _xla_conv(x, k, strides, padding):
@@ -26,11 +53,9 @@ def _xla_conv(x, k, strides, padding):
 
 
 def test_kernels_are_built_here():
-  # CI installs the oneDNN wheels and has g++: the fast path must be there,
-  # not silently replaced by the fallback.
-  assert onednn.available(), onednn.unavailable_reason()
-  assert os.path.exists(onednn.library_path())
-  assert conv_lib.resolve_conv_impl("auto", jnp.float32) == "onednn"
+  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+  assert os.path.exists(cpu_kernels.library_path())
+  assert kernels_lib.resolve(backbone="resnet32").conv == "onednn"
 
 
 # (N, H, W, Ci, Co, KH, KW, strides, padding)
@@ -102,7 +127,7 @@ def test_model_is_the_same_with_either_kernels():
   outs = {}
   for impl in ("xla", "onednn"):
     model = models.create_model("resnet8", num_classes=10, head="etf",
-                                conv_impl=impl)
+                                conv_impl=impl, norm_impl="fused")
     etf = etf_lib.simplex_etf(10, model.feature_dim)
     variables = model.init(jax.random.PRNGKey(0), images, train=False,
                            classifier=etf)
@@ -122,16 +147,32 @@ def test_model_is_the_same_with_either_kernels():
   chex.assert_trees_all_close(g_dnn, g_xla, atol=2e-5, rtol=1e-3)
 
 
-def test_resolve_conv_impl():
-  assert conv_lib.resolve_conv_impl("xla") == "xla"
-  assert conv_lib.resolve_conv_impl("auto", jnp.bfloat16) == "xla"
-  with pytest.raises(ValueError, match="not float32"):
-    conv_lib.resolve_conv_impl("onednn", jnp.bfloat16)
-  with pytest.raises(ValueError, match="Unknown conv_impl 'cudnn'"):
-    conv_lib.resolve_conv_impl("cudnn")
+def test_conv_arguments_are_checked():
   with pytest.raises(ValueError, match="matching channels"):
     conv_lib.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)),
                     strides=(1, 1), padding=((1, 1), (1, 1)), impl="onednn")
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    conv_lib.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 4)),
+                    strides=(1, 1), padding=((1, 1), (1, 1)), impl="cudnn")
+
+
+def test_tracing_compiles_nothing(monkeypatch):
+  # The kernels are built at start-up (the `loaded` fixture, as
+  # `kernels.resolve` in training); a trace with the injected impl only
+  # emits the registered custom calls.
+  def no_compiling(*args, **kwargs):
+    raise AssertionError("the C++ compiler ran while tracing")
+
+  monkeypatch.setattr(cpu_kernels.build, "_compile", no_compiling)
+  monkeypatch.setattr(cpu_kernels.build, "_build", no_compiling)
+  model = models.create_model("resnet8", num_classes=10, head="etf",
+                              conv_impl="onednn", norm_impl="fused")
+  etf = etf_lib.simplex_etf(10, model.feature_dim)
+  x = jnp.zeros((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, classifier=etf)
+  jax.jit(jax.grad(lambda p: jnp.sum(model.apply(
+      dict(variables, params=p), x, train=True, mutable=["batch_stats"],
+      classifier=etf)[0][0]))).lower(variables["params"])
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -140,15 +181,32 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
       text=True, timeout=300, env={**os.environ, **env}, check=False)
 
 
+def test_a_trace_before_loading_stops_instead_of_building(tmp_path):
+  r = _run("""
+      import jax, jax.numpy as jnp
+      from nc_jax import cpu_kernels
+      from nc_jax.models import conv
+      try:
+        jax.jit(lambda x, k: conv.conv2d(x, k, strides=(1, 1),
+                padding=((1, 1), (1, 1)), impl="onednn")).lower(
+            jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)))
+      except cpu_kernels.KernelsNotLoaded as e:
+        print("NOT LOADED:", e)
+  """, NC_JAX_CACHE=str(tmp_path))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "NOT LOADED: nc_jax's oneDNN kernels are not loaded" in r.stdout
+  assert not list(tmp_path.rglob("*.so"))  # nothing was built
+
+
 CHECK_FALLBACK = """
-    import jax.numpy as jnp
-    from nc_jax import onednn
-    from nc_jax.models import conv
-    assert not onednn.available()
-    print("REASON:", onednn.unavailable_reason())
-    assert conv.resolve_conv_impl("auto", jnp.float32) == "xla"
+    from nc_jax import cpu_kernels, kernels
+    assert not cpu_kernels.available()
+    print("REASON:", cpu_kernels.unavailable_reason())
+    k = kernels.resolve(backbone="resnet32", backend="cpu", device_count=1)
+    print("AUTO:", k.describe())
     try:
-      conv.resolve_conv_impl("onednn", jnp.float32)
+      kernels.resolve(backbone="resnet32", conv_impl="onednn", backend="cpu",
+                      device_count=1)
     except ValueError as e:
       print("ERROR:", e)
 """
@@ -158,6 +216,8 @@ def test_switched_off_falls_back_to_xla_and_says_so():
   r = _run(CHECK_FALLBACK, NC_JAX_NO_ONEDNN="1")
   assert r.returncode == 0, r.stderr[-2000:]
   assert "REASON: switched off by NC_JAX_NO_ONEDNN" in r.stdout
+  assert ("AUTO: xla convolutions (oneDNN kernels unavailable: switched off "
+          "by NC_JAX_NO_ONEDNN), fused BatchNorm") in r.stdout
   assert "ERROR: conv_impl='onednn' cannot run here" in r.stdout
   assert "Use conv_impl='auto' or 'xla'" in r.stdout
 
@@ -166,15 +226,21 @@ def test_missing_compiler_falls_back_to_xla_and_says_so(tmp_path):
   r = _run(CHECK_FALLBACK, CXX="no-such-compiler-x",
            NC_JAX_CACHE=str(tmp_path))
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "no C++ compiler (no-such-compiler-x)" in r.stdout
+  reason = "no C++ compiler (no-such-compiler-x not on PATH"
+  assert f"REASON: {reason}" in r.stdout
+  assert f"AUTO: xla convolutions (oneDNN kernels unavailable: {reason}" in (
+      r.stdout)
+  # Explicitly asked for: one line, no traceback.
+  error = [l for l in r.stdout.splitlines() if l.startswith("ERROR:")]
+  assert len(error) == 1 and reason in error[0], r.stdout
   assert not list(tmp_path.rglob("*.so"))
 
 
 def test_build_goes_to_the_cache_dir(tmp_path):
   r = _run("""
-      from nc_jax import onednn
-      assert onednn.available(), onednn.unavailable_reason()
-      print(onednn.library_path())
+      from nc_jax import cpu_kernels
+      assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+      print(cpu_kernels.library_path())
   """, NC_JAX_CACHE=str(tmp_path))
   assert r.returncode == 0, r.stderr[-2000:]
   path = r.stdout.strip().splitlines()[-1]
@@ -186,9 +252,9 @@ def test_build_goes_to_the_cache_dir(tmp_path):
 
 def test_damaged_cache_entry_is_rebuilt(tmp_path):
   code = """
-      from nc_jax import onednn
-      assert onednn.available(), onednn.unavailable_reason()
-      print(onednn.library_path())
+      from nc_jax import cpu_kernels
+      assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+      print(cpu_kernels.library_path())
   """
   first = _run(code, NC_JAX_CACHE=str(tmp_path))
   assert first.returncode == 0, first.stderr[-2000:]
@@ -207,15 +273,3 @@ def test_unwritable_cache_falls_back_and_names_the_fix(tmp_path):
   r = _run(CHECK_FALLBACK, NC_JAX_CACHE=str(blocker))
   assert r.returncode == 0, r.stderr[-2000:]
   assert "set NC_JAX_CACHE to a writable folder" in r.stdout
-
-
-def test_backbone_conv_impl():
-  assert models.backbone_conv_impl("resnet32") == "onednn"
-  assert models.backbone_conv_impl("resnet32", "xla") == "xla"
-  assert models.backbone_conv_impl("resnet50") == "xla"
-  with pytest.raises(ValueError, match="CIFAR ResNets, not 'densenet_bc'"):
-    models.backbone_conv_impl("densenet_bc", "onednn")
-  with pytest.raises(ValueError, match="Unknown conv_impl 'cudnn'"):
-    models.backbone_conv_impl("resnet50", "cudnn")
-  with pytest.raises(ValueError, match="Unknown backbone"):
-    models.backbone_conv_impl("vgg")

@@ -13,7 +13,7 @@ import pytest
 
 from nc_jax import etf as etf_lib
 from nc_jax import models
-from nc_jax.models import densenet, heads, resnet, resnet_cifar
+from nc_jax.models import densenet, heads, layers, resnet, resnet_cifar
 
 # Compiling threefry for ~100 differently shaped parameters takes XLA:CPU
 # several times longer than the network itself; the models do not care which
@@ -255,11 +255,8 @@ def test_resnet32_conv_init_is_fan_in():
 
 def test_flax_fan_out_of_hwio_kernel_is_torch_fan_out():
   # PyTorch's fan_out for a (out, in, kh, kw) weight is out * kh * kw.
-  kernel = heads.KAIMING_NORMAL_FAN_OUT(KEY, (3, 3, 128, 32))
+  kernel = layers.KAIMING_NORMAL_FAN_OUT(KEY, (3, 3, 128, 32))
   assert abs(_rel_std(kernel, 32 * 3 * 3)) < 0.02
-  linear = heads.TORCH_LINEAR_KERNEL(KEY, (400, 100))  # (in, out)
-  assert float(jnp.max(jnp.abs(linear))) <= 1 / 20
-  assert abs(float(jnp.std(linear)) * math.sqrt(3 * 400) - 1) < 0.02
 
 
 def test_densenet_conv_init_is_fan_out():
@@ -533,6 +530,30 @@ def test_unknown_backbone_head_and_option_raise():
   model = models.create_model("resnet32", num_classes=10, head="linear",
                               l2_normalize=False)
   assert model.head_name == "linear"
+
+
+def test_kernels_are_injected_not_decided():
+  # Without injection a model runs the plain path (XLA's convolutions,
+  # Flax's BatchNorm); norm_impl reaches the backbone and the etf head.
+  plain = models.create_model("resnet8", num_classes=10, head="etf")
+  assert (plain.backbone.conv_impl, plain.backbone.norm_impl,
+          plain.head.norm_impl) == ("xla", "flax", "flax")
+  fused = models.create_model("resnet8", num_classes=10, head="etf",
+                              norm_impl="fused")
+  assert (fused.backbone.norm_impl, fused.head.norm_impl) == ("fused",
+                                                              "fused")
+  assert models.create_model("densenet_bc", num_classes=10, head="linear",
+                             norm_impl="fused").backbone.norm_impl == "fused"
+  assert models.supports_onednn_convs("resnet32")
+  assert not models.supports_onednn_convs("resnet50")
+  # "auto" is a request for nc_jax.kernels, never decided by a model.
+  x = jnp.zeros((2, 8, 8, 3))
+  etf = etf_lib.simplex_etf(10, 64)
+  for opt in ("conv_impl", "norm_impl"):
+    model = models.create_model("resnet8", num_classes=10, head="etf",
+                                **{opt: "auto"})
+    with pytest.raises(ValueError, match="Resolve 'auto' first"):
+      model.init(KEY, x, classifier=etf)
 
 
 def test_registries_are_explicit_dicts():

@@ -1,4 +1,6 @@
-"""The fused BatchNorm(+residual+ReLU) against flax.linen.BatchNorm."""
+"""The fused BatchNorm(+residual+ReLU) against flax.linen.BatchNorm, and the
+two implementations of `layers.batch_norm` inside a model: same variables
+(checkpoints move between them), same numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nc_jax.models import norm
+from nc_jax import etf as etf_lib
+from nc_jax import models
+from nc_jax.models import layers, norm
 
 
 def _inputs(seed=0, shape=(6, 5, 4, 7)):
@@ -43,9 +47,8 @@ def _reference(train, activation):
   return apply
 
 
-def _ours(train, activation):
-  bn = norm.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, activation=activation)
+def _ours(train, activation, impl="fused"):
+  bn = layers.batch_norm(train, impl=impl, activation=activation)
 
   def apply(variables, x, res):
     return bn.apply(variables, x, res, mutable=["batch_stats"])
@@ -53,17 +56,17 @@ def _ours(train, activation):
   return apply
 
 
+@pytest.mark.parametrize("impl", ["fused", "flax"])
 @pytest.mark.parametrize("activation", ["relu", "none"])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("train", [True, False])
 def test_matches_flax_values_grads_and_running_stats(activation, with_residual,
-                                                     train):
+                                                     train, impl):
   x, res, cot = _inputs()
   res = res if with_residual else None
   v = _variables(x.shape[-1])
   results = []
-  for make in (_reference, _ours):
-    apply = make(train, activation)
+  for apply in (_reference(train, activation), _ours(train, activation, impl)):
 
     def loss(params, x, res):
       y, upd = apply({"params": params, "batch_stats": v["batch_stats"]},
@@ -134,3 +137,55 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="residual shape"):
     norm.BatchNorm(use_running_average=False).init(
         jax.random.PRNGKey(0), x, res[:, :2])
+
+
+def test_bad_impl_names_the_choice():
+  with pytest.raises(ValueError, match="Resolve 'auto' first"):
+    layers.batch_norm(True, impl="auto")
+  with pytest.raises(ValueError, match="norm_impl must be one of"):
+    layers.batch_norm(True, impl="cudnn")
+
+
+@pytest.mark.parametrize("backbone,head", [("resnet8", "etf"),
+                                           ("resnet8", "linear")])
+def test_models_with_either_batchnorm_share_checkpoints_and_numbers(backbone,
+                                                                    head):
+  """A checkpoint of a CPU run (fused) restores into the model an
+  accelerator builds (flax) and computes the same things, and back."""
+  rng = np.random.default_rng(4)
+  images = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
+  labels = jnp.arange(8) % 10
+  built = {impl: models.create_model(backbone, num_classes=10, head=head,
+                                     norm_impl=impl)
+           for impl in ("fused", "flax")}
+  etf = (etf_lib.simplex_etf(10, built["flax"].feature_dim)
+         if head == "etf" else None)
+  variables = {impl: m.init(jax.random.PRNGKey(0), images, classifier=etf)
+               for impl, m in built.items()}
+  # Same tree, shapes and dtypes, and the same initial values.
+  chex.assert_trees_all_equal_shapes_and_dtypes(variables["fused"],
+                                                variables["flax"])
+  chex.assert_trees_all_equal(variables["fused"], variables["flax"])
+  # Non-trivial running statistics, as a checkpoint would hold.
+  v = variables["fused"]
+  stats = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size, dtype=a.dtype)
+                       .reshape(a.shape) / a.size, v["batch_stats"])
+  v = dict(v, batch_stats=stats)
+
+  outs = {}
+  for impl, model in built.items():
+    def loss_fn(params, model=model):
+      (logits, _), upd = model.apply(dict(v, params=params), images,
+                                     train=True, mutable=["batch_stats"],
+                                     classifier=etf)
+      return jnp.mean((logits - jax.nn.one_hot(labels, 10)) ** 2), upd
+
+    (loss, upd), grads = jax.jit(jax.value_and_grad(
+        loss_fn, has_aux=True))(v["params"])
+    eval_logits, _ = model.apply(v, images, train=False, classifier=etf)
+    outs[impl] = (loss, upd, grads, eval_logits)
+  (l0, u0, g0, e0), (l1, u1, g1, e1) = outs["fused"], outs["flax"]
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  chex.assert_trees_all_close(u1, u0, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(g1, g0, atol=2e-5, rtol=1e-3)
+  np.testing.assert_allclose(e1, e0, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,9 @@ import pytest
 
 from experiments.configs import cifar_lt as cfg_lib
 from nc_jax import checkpoint as ckpt_lib
+from nc_jax import cpu_kernels
 from nc_jax import data as data_lib
+from nc_jax import kernels as kernels_lib
 from nc_jax import methods
 from nc_jax import train
 
@@ -193,6 +195,57 @@ def test_resume_with_other_config_is_refused(tiny_image_folder, tmp_path,
     train.train_and_evaluate(other, tmp_path)
 
 
+def test_kernels_are_recorded_and_a_change_on_resume_is_refused(
+    tiny_image_folder, tmp_path, monkeypatch):
+  kw = dict(checkpoint_every_steps=2, checkpoint_every_epochs=None)
+  config = tiny_config(tiny_image_folder, arg="steps=6", **kw)
+  first = kernels_lib.resolve_kernels(config).record()
+  with monkeypatch.context() as m:
+    _crash_after(m, 3)
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, tmp_path)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["resolved"] == first
+  assert saved["conv_impl"] == "auto"  # the request stays as given
+
+  # The same run resumed where the kernels resolve differently: a machine
+  # without a C++ compiler (where oneDNN's kernels were not chosen in the
+  # first place, e.g. on a GPU, another BatchNorm is asked for instead).
+  def no_compiler():
+    raise cpu_kernels.KernelsUnavailable(
+        "no C++ compiler (g++ not on PATH; install g++ or set CXX)")
+  monkeypatch.setattr(cpu_kernels, "load", no_compiler)
+  change = ({} if first["conv_impl"] == "onednn" else {"norm_impl": (
+      "flax" if first["norm_impl"] == "fused" else "fused")})
+  changed = tiny_config(tiny_image_folder, arg="steps=6", **change, **kw)
+  second = kernels_lib.resolve_kernels(changed).record()
+  assert second != first
+  with pytest.raises(train.ConfigError) as e:
+    train.train_and_evaluate(changed, tmp_path)
+  msg = str(e.value)
+  assert f"{first['conv_impl']} convolutions and {first['norm_impl']} " in msg
+  assert f"{second['conv_impl']} convolutions and {second['norm_impl']} " in msg
+  assert "--config.allow_kernel_change=True" in msg
+  assert json.loads((tmp_path / "config.json").read_text()) == saved
+
+  accepted = tiny_config(tiny_image_folder, arg="steps=6",
+                         allow_kernel_change=True, **change, **kw)
+  res = train.train_and_evaluate(accepted, tmp_path)
+  record = {"resolved": second, "resolved_before": [first]}
+  for got in (res, json.loads((tmp_path / "results.json").read_text()),
+              json.loads((tmp_path / "config.json").read_text())):
+    assert {k: got.get(k) for k in record} == record
+
+
+def test_results_record_the_kernels(tiny_image_folder, tmp_path):
+  config = tiny_config(tiny_image_folder, arg="steps=2")
+  res = train.train_and_evaluate(config, tmp_path)
+  want = kernels_lib.resolve_kernels(config).record()
+  assert res["resolved"] == want
+  assert "resolved_before" not in res
+  assert json.loads((tmp_path / "results.json").read_text())["resolved"] == want
+
+
 def test_corrupt_checkpoint_stops_and_is_kept(tiny_image_folder, tmp_path,
                                               monkeypatch):
   config = tiny_config(tiny_image_folder, arg="steps=6",
@@ -229,6 +282,7 @@ def test_corrupt_checkpoint_stops_and_is_kept(tiny_image_folder, tmp_path,
     (dict(seeds_mode="pmap"), "seeds_mode"),
     (dict(conv_impl="cudnn"), "Unknown conv_impl 'cudnn'"),
     (dict(conv_impl="onednn", compute_dtype="bfloat16"), "not float32"),
+    (dict(norm_impl="batch"), "Unknown norm_impl 'batch'"),
     (dict(sampler="balanced"), "sampler must be one of"),
     (dict(eval_logit_adjust_tau=-1.0), "eval_logit_adjust_tau must be >= 0"),
     (dict(method="la", **{"loss.la_tau": -1.0}), "la_tau must be >= 0"),

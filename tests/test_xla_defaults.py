@@ -1,6 +1,8 @@
 """The default CPU flags (YNNPACK fusions, oneDNN convolutions) compute the
 same train step as XLA's own CPU code; with nc_jax's oneDNN convolution
-kernels no flags are set; users' XLA_FLAGS win."""
+kernels no flags are set; users' XLA_FLAGS win; the malloc tuning stops
+per-step page faults on CPU and is not applied when an accelerator is
+expected."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from experiments import xla_defaults
+from nc_jax import cpu_kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,7 +45,24 @@ def test_default_flags_match_xla_cpu_defaults():
   np.testing.assert_allclose(onednn["params"], plain["params"], atol=2e-5)
 
 
-def test_user_flags_are_kept(monkeypatch):
+@pytest.fixture
+def cpu_run(monkeypatch):
+  """A CPU run's environment, with the malloc tuning recorded, not applied
+  to the test process."""
+  calls = []
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setattr(xla_defaults, "tune_malloc", lambda: calls.append(1))
+  return calls
+
+
+KERNELS_BUILDABLE = pytest.mark.skipif(
+    cpu_kernels.problem() is not None,
+    reason=f"the oneDNN kernels cannot be built here "
+    f"({cpu_kernels.problem()}), so no run expects them")
+
+
+@KERNELS_BUILDABLE
+def test_user_flags_are_kept(monkeypatch, cpu_run):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS", raising=False)
   xla_defaults.apply()
@@ -60,6 +81,22 @@ def test_user_flags_are_kept(monkeypatch):
   assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
 
 
+def test_nothing_is_tuned_for_an_accelerator(monkeypatch, cpu_run):
+  for platforms, backend in (("cuda", "gpu"), ("tpu", "tpu"),
+                             ("rocm,cpu", "gpu")):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS", raising=False)
+    assert xla_defaults.apply(backbone="resnet50") == backend
+    assert "XLA_FLAGS" not in os.environ
+  assert not cpu_run  # the malloc tuning never ran
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert xla_defaults.apply(backbone="resnet50") == "cpu"
+  assert cpu_run == [1]
+  assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
+
+
+@KERNELS_BUILDABLE
 def test_which_runs_expect_onednn_convolutions():
   expects = xla_defaults.expects_onednn_convs
   assert expects("resnet32", "float32", "auto")
@@ -71,8 +108,11 @@ def test_which_runs_expect_onednn_convolutions():
 
 
 MALLOC_PROBE = """
+import os
+os.environ["JAX_PLATFORMS"] = os.environ.pop("PROBE_PLATFORMS", "cpu")
 from experiments import xla_defaults
 xla_defaults.apply()
+os.environ["JAX_PLATFORMS"] = "cpu"
 import resource
 import jax
 import jax.numpy as jnp
@@ -110,3 +150,8 @@ def test_malloc_tuning_stops_per_step_page_faults():
   # pages); tuned, the heap keeps them.
   assert untuned > 10_000, untuned
   assert tuned < 1_000, tuned
+  # A process that expects a GPU leaves malloc alone (its host threads
+  # would share one arena); the probe then computes on the CPU all the
+  # same, and faults like the untuned one.
+  expecting_gpu = faults(PROBE_PLATFORMS="cuda")
+  assert expecting_gpu > 10_000, expecting_gpu

@@ -145,11 +145,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.etf_seed = 0  # seed of the fixed classifier; replica r uses etf_seed + r
   c.l2_normalize = True  # the ETF head's feature normalisation
   c.compute_dtype = "float32"
-  # Convolution kernels of the CIFAR ResNets (nc_jax.models.conv): "auto"
-  # uses oneDNN's own forward/backward primitives on a single CPU device in
-  # float32 (ResNet-32 steps 1.6-1.8x faster than XLA's there) and XLA's
-  # elsewhere; "xla" or "onednn" force one.
+  # Kernels (nc_jax.kernels decides "auto" once at start-up; the choice is
+  # recorded in config.json and results.json). Convolutions of the CIFAR
+  # ResNets: "auto" = oneDNN's own primitives (nc_jax.cpu_kernels) on a
+  # single CPU device in float32 when they build, else XLA's; "xla" or
+  # "onednn" force one. BatchNorm: "auto" = "fused" (a hand-written
+  # gradient for XLA's CPU fusion) on CPU, "flax" (flax.linen.BatchNorm) on
+  # GPU/TPU; same variables either way.
   c.conv_impl = "auto"
+  c.norm_impl = "auto"
+  # A resume whose resolved kernels differ from the recorded ones (say, on
+  # a machine without a C++ compiler) stops unless this is True.
+  c.allow_kernel_change = False
 
   # --- loss
   c.loss = ml_collections.ConfigDict()

@@ -256,10 +256,11 @@ class DeviceTrainPipeline:
                        f"of {batch_size}.")
     self.num_examples, self.batch_size = n, int(batch_size)
     self.steps_per_epoch = n // self.batch_size
-    self._images = sharding.replicate(np.asarray(images, np.uint8), mesh)
-    self._labels = sharding.replicate(np.asarray(labels, np.int32), mesh)
+    self._images = sharding.put_replicated(np.asarray(images, np.uint8), mesh)
+    self._labels = sharding.put_replicated(np.asarray(labels, np.int32), mesh)
     self._seed = np.uint32(seed)
-    repl, out = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    repl = sharding.replicated_sharding(mesh)
+    out = sharding.batch_sharding(mesh)
     # Jitted per instance (the shardings are the mesh's); the seed, epoch and
     # step are traced, so a run compiles each function once.
     self._perm = jax.jit(epoch_order_fn(sampler, labels), out_shardings=repl)

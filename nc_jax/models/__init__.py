@@ -21,6 +21,11 @@ Usage:
 
 Heads with learnable weights take no `classifier` argument.
 
+Implementations are options, taken as given: `conv_impl` ("xla", default,
+or "onednn" for the CIFAR ResNets) and `norm_impl` ("flax", default, or
+"fused"). `nc_jax.kernels` decides them once per run and the builder
+passes them; a model never decides (and refuses "auto").
+
 References:
   Yang, Chen, Li, Xie, Lin, Tao. Inducing Neural Collapse in Imbalanced
   Learning: Do We Really Need a Learnable Classifier at the End of Deep Neural
@@ -36,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nc_jax.models import conv, densenet, heads, resnet, resnet_cifar
+from nc_jax.models import densenet, heads, resnet, resnet_cifar
 from nc_jax.models.heads import CosineHead, ETFHead, LinearHead
 
 # name -> factory(*, **backbone_options) returning a backbone Module with a
@@ -125,27 +130,16 @@ def backbone_options(name: str) -> dict[str, Any]:
   return _keyword_options(BACKBONES[name])
 
 
-def backbone_conv_impl(name: str, conv_impl: str = "auto",
-                       dtype: Any = jnp.float32) -> str:
-  """Which convolution kernels backbone `name` runs here: "onednn" or "xla".
+def supports_onednn_convs(name: str) -> bool:
+  """Whether backbone `name` can run nc_jax's oneDNN convolutions.
 
-  Backbones without a `conv_impl` option always use XLA's; for the others
-  see `nc_jax.models.conv.resolve_conv_impl`.
+  The CIFAR ResNets can (their factories take `conv_impl`); the others use
+  `flax.linen.Conv`, i.e. XLA's.
 
   Raises:
-    ValueError: unknown backbone or `conv_impl`, or "onednn" where it
-      cannot run (the message names the alternative).
+    ValueError: unknown backbone.
   """
-  if "conv_impl" in backbone_options(name):
-    return conv.resolve_conv_impl(conv_impl, dtype)
-  if conv_impl not in conv.CONV_IMPLS:
-    raise ValueError(f"Unknown conv_impl {conv_impl!r}; expected one of "
-                     f"{conv.CONV_IMPLS}.")
-  if conv_impl == "onednn":
-    raise ValueError(
-        f"conv_impl='onednn' is implemented for the CIFAR ResNets, not "
-        f"{name!r}; use conv_impl='auto' or 'xla'.")
-  return "xla"
+  return "conv_impl" in backbone_options(name)
 
 
 def create_model(name: str, *, num_classes: int, head: str,
@@ -158,11 +152,16 @@ def create_model(name: str, *, num_classes: int, head: str,
     head: head name, a key of `HEADS` (`linear` or `etf`).
     **options: backbone options (`dtype` for all, the compute dtype, e.g.
       `jnp.bfloat16`; parameters stay float32 and outputs are float32;
-      `conv_impl` for the CIFAR ResNets, see `nc_jax.models.conv`;
+      `norm_impl` for all, "flax" (default) or "fused", see
+      `nc_jax.models.layers.batch_norm`; `conv_impl` for the CIFAR
+      ResNets, "xla" (default) or "onednn", see `nc_jax.models.conv`;
       `wide_layer4` for `resnet50`) and head options (`freeze_classifier`
-      for `linear`; `l2_normalize` for `etf`). An option that
-      belongs to the other head is accepted and ignored (so one config can
-      drive both heads; none of them changes the chosen head's meaning).
+      for `linear`; `l2_normalize` and `norm_impl` for `etf`). `norm_impl`
+      goes to the backbone and to the head. An option that belongs to the
+      other head is accepted and ignored (so one config can drive both
+      heads; none of them changes the chosen head's meaning). The
+      implementations are taken as given: `nc_jax.kernels` decides them
+      (the builder passes its choice).
 
   Returns:
     An unbound `ImageClassifier` with `num_classes`, `feature_dim` and
@@ -180,17 +179,17 @@ def create_model(name: str, *, num_classes: int, head: str,
     raise ValueError(f"Unknown head {head!r}; valid heads: "
                      f"{', '.join(sorted(HEADS))}.")
   backbone_factory, head_factory = BACKBONES[name], HEADS[head]
-  backbone_keys = _keyword_options(backbone_factory)
-  head_keys = _keyword_options(head_factory)
+  backbone_keys = set(_keyword_options(backbone_factory))
+  head_keys = set(_keyword_options(head_factory))
   other_head_keys = {k for f in HEADS.values() for k in _keyword_options(f)}
   backbone_opts, head_opts = {}, {}
   for key, value in options.items():
     if key in backbone_keys:
       backbone_opts[key] = value
-    elif key in head_keys:
+    if key in head_keys:
       head_opts[key] = value
-    elif key not in other_head_keys:
-      valid = sorted(set(backbone_keys) | set(head_keys))
+    if key not in backbone_keys | head_keys | other_head_keys:
+      valid = sorted(backbone_keys | head_keys)
       raise ValueError(
           f"Unknown option {key!r} for backbone {name!r} with head {head!r};"
           f" valid options: {', '.join(valid)}.")
@@ -235,7 +234,6 @@ def classifier_weights(module: ImageClassifier,
 
 __all__ = [
     "BACKBONES", "FIXED_CLASSIFIER_HEADS", "HEADS", "ImageClassifier",
-    "backbone_conv_impl",
-    "backbone_options", "create_model",
+    "backbone_options", "create_model", "supports_onednn_convs",
     "classifier_weights",
 ]

@@ -1,4 +1,4 @@
-"""Classifier heads, and the layer conventions every backbone shares.
+"""Classifier heads: linear (learnable or frozen), cosine, fixed ETF.
 
 Three heads sit on top of a backbone's pooled features `(B, d)`:
 
@@ -29,13 +29,10 @@ References:
   `ETF_Classifier` and its BatchNorm + normalisation feature head.)
   Cao, Wei, Gaidon, Arechiga, Ma. Learning Imbalanced Datasets with
   Label-Distribution-Aware Margin Loss. NeurIPS 2019. (`NormedLinear`.)
-  He, Zhang, Ren, Sun. Delving Deep into Rectifiers. ICCV 2015. (The
-  Kaiming-normal initialisation.)
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -43,80 +40,13 @@ import jax
 import jax.numpy as jnp
 
 from nc_jax import etf as etf_lib
-from nc_jax.models import norm
-
-# ---------------------------------------------------------------------------
-# Conventions shared by every backbone and head in this package.
-# ---------------------------------------------------------------------------
-
-# Kaiming-normal, fan-in: std = sqrt(2 / fan_in), a plain (untruncated) normal,
-# as PyTorch's `init.kaiming_normal_(w)` default used by the reference code for
-# conv and linear weights. Flax infers fan_in from the kernel layout: `in` for a
-# Dense `(in, out)`, `kh * kw * in` for a Conv `(kh, kw, in, out)`.
-KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-
-# Kaiming-normal, fan-out: std = sqrt(2 / fan_out), PyTorch's
-# `init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`, which the
-# reference uses for the convs of its DenseNet-BC and ImageNet ResNets. For a
-# Conv kernel `(kh, kw, in, out)` Flax's fan_out is `kh * kw * out`, the same
-# number as PyTorch's `out_channels * kh * kw` for its `(out, in, kh, kw)`.
-KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(
-    2.0, "fan_out", "normal")
-
-# PyTorch's default `nn.Linear` weight init, `kaiming_uniform_(a=sqrt(5))`:
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in). The
-# reference's ImageNet classifier (`models/resnet.py` `Classifier`) keeps it;
-# its bias is `torch_linear_bias_init`.
-TORCH_LINEAR_KERNEL = nn.initializers.variance_scaling(
-    1.0 / 3.0, "fan_in", "uniform")
-
-# PyTorch's BatchNorm momentum 0.1 weights the NEW batch statistic; Flax's
-# momentum weights the OLD running value, so 0.1 there is 0.9 here.
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
+from nc_jax.models.layers import (KAIMING_NORMAL, batch_norm,
+                                  torch_linear_bias_init)
 
 # The reference clamps ||h|| from below by this before dividing by it.
 NORM_EPS = 1e-8
 
 Dtype = Any
-
-
-def batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
-               activation: str = "none",
-               name: str | None = None) -> norm.BatchNorm:
-  """A BatchNorm with the reference's momentum and epsilon.
-
-  Train mode normalises with the batch's statistics and updates the running
-  ones in `batch_stats` (which must then be mutable); eval mode uses the
-  running statistics. Statistics are reduced in float32 even for bfloat16
-  inputs. Scale starts at 1, bias at 0, as in PyTorch. `activation="relu"`
-  fuses the following ReLU (and a residual passed as the second call
-  argument) into the layer's hand-written gradient (`nc_jax.models.norm`,
-  which has the same variables and numbers as `flax.linen.BatchNorm`).
-  One small difference from PyTorch remains: Flax's convention folds the
-  biased batch variance into the running variance, PyTorch the unbiased one
-  (a factor B / (B - 1), under 1% at batch 128). Under `jit` with a batch
-  sharded over a mesh the statistics are those of the global batch, as in
-  single-device PyTorch; no `axis_name` is needed.
-  """
-  return norm.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                        epsilon=BN_EPSILON, activation=activation,
-                        dtype=dtype, name=name)
-
-
-def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
-  """PyTorch `nn.Linear`'s default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-  The reference re-initialises only the linear weight (Kaiming) and keeps this
-  default for the bias, so we do too.
-  """
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key: jax.Array, shape: tuple[int, ...],
-           dtype: Dtype = jnp.float32) -> jax.Array:
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
 
 
 def _l2_normalize(h: jax.Array) -> jax.Array:
@@ -269,6 +199,8 @@ class ETFHead(nn.Module):
     feature_dim: d; must be at least K - 1 (checked by `nc_jax.etf`).
     l2_normalize: if False, skip the normalisation (the reference's
       ImageNet-LT setting: BatchNorm only).
+    norm_impl: the BatchNorm's implementation, "flax" or "fused"
+      (`nc_jax.models.layers.batch_norm`; same variables).
 
   Variables: `params/bn/{scale,bias} (d,)`, `batch_stats/bn/{mean,var} (d,)`.
   The ETF itself is the `classifier` argument, so it is never a variable,
@@ -278,6 +210,7 @@ class ETFHead(nn.Module):
   num_classes: int
   feature_dim: int
   l2_normalize: bool = True
+  norm_impl: str = "flax"
 
   head_name = "etf"
 
@@ -308,7 +241,8 @@ class ETFHead(nn.Module):
           f"classifier= of shape {want}, got {got}. Build it with "
           "nc_jax.etf.replica_etfs (the builder does) and pass it to "
           "model.apply(..., classifier=etf).")
-    h = batch_norm(train, name="bn")(features.astype(jnp.float32))
+    h = batch_norm(train, impl=self.norm_impl, name="bn")(
+        features.astype(jnp.float32))
     if self.l2_normalize:
       h = _l2_normalize(h)
     # HIGHEST: on accelerators the default float32 matmul may round inputs to
@@ -331,12 +265,12 @@ def cosine_head(num_classes: int, feature_dim: int) -> CosineHead:
 
 
 def etf_head(num_classes: int, feature_dim: int, *,
-             l2_normalize: bool = True) -> ETFHead:
-  """Registry factory for `ETFHead` (option: `l2_normalize`).
+             l2_normalize: bool = True, norm_impl: str = "flax") -> ETFHead:
+  """Registry factory for `ETFHead` (options: `l2_normalize`, `norm_impl`).
 
   Checks `(K, d)` eagerly so an impossible pair fails here, with
   `nc_jax.etf`'s ValueError, rather than at the first trace.
   """
   etf_lib.check_dims(num_classes, feature_dim)
   return ETFHead(num_classes=num_classes, feature_dim=feature_dim,
-                 l2_normalize=l2_normalize)
+                 l2_normalize=l2_normalize, norm_impl=norm_impl)

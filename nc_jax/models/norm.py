@@ -1,8 +1,10 @@
 """BatchNorm fused with its ReLU (and residual add), with a hand-written VJP.
 
-`BatchNorm` here is a drop-in for `flax.linen.BatchNorm` in the backbones:
-same variables (`params/scale`, `params/bias`, `batch_stats/mean`,
-`batch_stats/var`), same running-statistics update (Flax's convention: the
+The CPU implementation of the backbones' BatchNorm (`norm_impl="fused"`,
+which `nc_jax.kernels` picks on CPU; accelerators get `flax.linen.BatchNorm`,
+see `nc_jax.models.layers.batch_norm`). `BatchNorm` here is a drop-in for
+`flax.linen.BatchNorm`: same variables (`params/scale`, `params/bias`,
+`batch_stats/mean`, `batch_stats/var`), same running-statistics update (Flax's convention: the
 biased batch variance from `E[x^2] - E[x]^2`, clipped at 0, weighted by
 `1 - momentum`; nothing is updated while initialising), same numbers up to
 float32 rounding. What differs is how the training-mode gradient is computed.
@@ -10,10 +12,9 @@ float32 rounding. What differs is how the training-mode gradient is computed.
 Why: autodiff of `relu(normalize(x) * scale + bias + residual)` leaves XLA's
 CPU backend with many passes over the activation (broadcasts of the
 per-channel vectors, a separate ReLU mask, the statistics' own gradients);
-on the 2-core dev box BN+ReLU forward+backward on a `(128, 32, 32, 16)`
-activation took 18 ms that way, 6 ms with this VJP, which reads the
-activation three times and writes the input gradient once (PyTorch's native
-kernels: 11 ms). It is also what the textbook BatchNorm backward is:
+this VJP reads the activation three times and writes the input gradient
+once (measurements: docs/performance.md). It is the textbook BatchNorm
+backward:
 
     g' = g * [y > 0]                    (ReLU mask, from the saved output)
     dbias = sum g',  dscale = sum g' * xhat
@@ -64,9 +65,9 @@ def _channel_vector(v: jax.Array) -> jax.Array:
   Why: XLA's CPU fusion merges the broadcast of a per-channel vector into
   the elementwise op that computed the vector, which writes the broadcast
   out as a full `(N, C)` array and reads it back; broadcasting the result
-  of a dot instead happens inside the YNNPACK elementwise fusion, for free.
-  On the 2-core dev box this took the ResNet-32 train step from about 670
-  to 620 ms. Exact for finite `v` (each entry is `v_i * 1` plus zeros).
+  of a dot instead happens inside the elementwise fusion. A CPU trick: on
+  accelerators `norm_impl="flax"` is used. Exact for finite `v` (each entry
+  is `v_i * 1` plus zeros).
   """
   eye = jnp.eye(v.shape[-1], dtype=v.dtype)
   return jnp.dot(v, eye, precision=jax.lax.Precision.HIGHEST)
@@ -203,8 +204,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if self.use_running_average:
       # Plain XLA here: without a backward pass, its own fusion of this
-      # chain is faster than the `_affine_act` form (eval 820 vs 610
-      # images/s for ResNet-32 on the dev box).
+      # chain is faster than the `_affine_act` form.
       inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
       y = (x.astype(jnp.float32) - ra_mean.value) * (inv * scale) + bias
       if residual is not None:

@@ -33,19 +33,19 @@ import jax
 import jax.numpy as jnp
 
 from nc_jax.models.conv import Conv
-from nc_jax.models.heads import KAIMING_NORMAL, batch_norm
+from nc_jax.models.layers import KAIMING_NORMAL, batch_norm
 
 Dtype = Any
 
 
 def conv3x3(features: int, stride: int = 1, *, dtype: Dtype = jnp.float32,
-            impl: str = "auto", name: str | None = None) -> Conv:
+            impl: str = "xla", name: str | None = None) -> Conv:
   """A bias-free 3x3 conv with PyTorch's symmetric padding of 1.
 
   Explicit padding, not 'SAME': for stride 2 on an even size, 'SAME' pads
   only after the image, which shifts every sampled window by one pixel
-  relative to the reference. `impl` picks the kernels
-  (`nc_jax.models.conv`); the parameters are the same for all.
+  relative to the reference. `impl` ("xla" or "onednn") picks the kernels
+  (`nc_jax.models.conv`); the parameters are the same for both.
   """
   return Conv(features, (3, 3), strides=(stride, stride),
               padding=((1, 1), (1, 1)), kernel_init=KAIMING_NORMAL,
@@ -82,28 +82,30 @@ class BasicBlock(nn.Module):
     planes: output channels.
     stride: stride of the first conv (and of the shortcut's subsampling).
     dtype: compute dtype.
-    conv_impl: convolution kernels, "auto", "xla" or "onednn".
+    conv_impl: convolution kernels, "xla" or "onednn".
+    norm_impl: BatchNorm implementation, "flax" or "fused".
   """
   planes: int
   stride: int = 1
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
+  norm_impl: str = "flax"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """`(B, H, W, C)` -> `(B, ceil(H/stride), ceil(W/stride), planes)`."""
     out = conv3x3(self.planes, self.stride, dtype=self.dtype,
                   impl=self.conv_impl, name="conv1")(x)
-    out = batch_norm(train, activation="relu",
+    out = batch_norm(train, impl=self.norm_impl, activation="relu",
                      dtype=self.dtype, name="bn1")(out)
     out = conv3x3(self.planes, dtype=self.dtype, impl=self.conv_impl,
                   name="conv2")(out)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.planes:
       shortcut = option_a_shortcut(x, self.planes, self.stride)
-    # relu(bn2(out) + shortcut), fused into one layer with its own gradient.
-    return batch_norm(train, activation="relu", dtype=self.dtype,
-                      name="bn2")(out, shortcut)
+    # relu(bn2(out) + shortcut): one layer (one fused gradient with "fused").
+    return batch_norm(train, impl=self.norm_impl, activation="relu",
+                      dtype=self.dtype, name="bn2")(out, shortcut)
 
 
 class ResNetCifar(nn.Module):
@@ -113,8 +115,10 @@ class ResNetCifar(nn.Module):
     widths: channels of the three stages; the stem has `widths[0]`.
     blocks_per_stage: n; depth is 6n + 2 (n = 5 gives ResNet-32).
     dtype: compute dtype (parameters stay float32).
-    conv_impl: convolution kernels: "auto" (oneDNN's on a single CPU device
-      in float32, else XLA's), "xla" or "onednn"; see `nc_jax.models.conv`.
+    conv_impl: convolution kernels, "xla" or "onednn" (`nc_jax.models.conv`;
+      `nc_jax.kernels` chooses).
+    norm_impl: BatchNorm implementation, "flax" or "fused"
+      (`nc_jax.models.layers.batch_norm`; `nc_jax.kernels` chooses).
 
   Submodule names follow the PyTorch reference (`conv1`, `bn1`,
   `layer{1,2,3}_{j}`) so that ported weights map one to one.
@@ -122,7 +126,8 @@ class ResNetCifar(nn.Module):
   widths: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 5
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
+  norm_impl: str = "flax"
 
   @property
   def feature_dim(self) -> int:
@@ -145,40 +150,41 @@ class ResNetCifar(nn.Module):
     x = x.astype(self.dtype)
     x = conv3x3(self.widths[0], dtype=self.dtype, impl=self.conv_impl,
                 name="conv1")(x)
-    x = batch_norm(train, activation="relu", dtype=self.dtype, name="bn1")(x)
+    x = batch_norm(train, impl=self.norm_impl, activation="relu",
+                   dtype=self.dtype, name="bn1")(x)
     for stage, planes in enumerate(self.widths):
       for j in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and j == 0 else 1
         x = BasicBlock(planes, stride, dtype=self.dtype,
-                       conv_impl=self.conv_impl,
+                       conv_impl=self.conv_impl, norm_impl=self.norm_impl,
                        name=f"layer{stage + 1}_{j}")(x, train)
     # Pool in float32: a bfloat16 mean over many positions loses precision.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def resnet32(*, dtype: Dtype = jnp.float32,
-             conv_impl: str = "auto") -> ResNetCifar:
+             conv_impl: str = "xla", norm_impl: str = "flax") -> ResNetCifar:
   """ResNet-32, widths 16/32/64, 64-d features (CIFAR-10, SVHN, STL-10)."""
   return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=5, dtype=dtype,
-                     conv_impl=conv_impl)
+                     conv_impl=conv_impl, norm_impl=norm_impl)
 
 
-def resnet32_c100(*, dtype: Dtype = jnp.float32,
-                  conv_impl: str = "auto") -> ResNetCifar:
+def resnet32_c100(*, dtype: Dtype = jnp.float32, conv_impl: str = "xla",
+                  norm_impl: str = "flax") -> ResNetCifar:
   """ResNet-32, widths 32/64/128, 128-d features (the reference's CIFAR-100)."""
   return ResNetCifar(widths=(32, 64, 128), blocks_per_stage=5, dtype=dtype,
-                     conv_impl=conv_impl)
+                     conv_impl=conv_impl, norm_impl=norm_impl)
 
 
 def resnet8(*, dtype: Dtype = jnp.float32,
-            conv_impl: str = "auto") -> ResNetCifar:
+            conv_impl: str = "xla", norm_impl: str = "flax") -> ResNetCifar:
   """ResNet-8 (one block per stage), 16/32/64: for tests and smoke runs."""
   return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=1, dtype=dtype,
-                     conv_impl=conv_impl)
+                     conv_impl=conv_impl, norm_impl=norm_impl)
 
 
-def resnet20(*, dtype: Dtype = jnp.float32,
-             conv_impl: str = "auto") -> ResNetCifar:
+def resnet20(*, dtype: Dtype = jnp.float32, conv_impl: str = "xla",
+             norm_impl: str = "flax") -> ResNetCifar:
   """ResNet-20 (three blocks per stage), 16/32/64."""
   return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=3, dtype=dtype,
-                     conv_impl=conv_impl)
+                     conv_impl=conv_impl, norm_impl=norm_impl)

@@ -4,9 +4,8 @@
 // Why: XLA's CPU backend can send a forward convolution to oneDNN, but it
 // lowers the weight gradient as another forward convolution over transposed
 // copies of the activation and the output gradient (a window as large as the
-// image, a 3x3 output), and the transposes alone cost ~70 ms of a ~650 ms
-// ResNet-32 step on two cores. oneDNN's backward-weights primitive reads the
-// NHWC arrays as they are.
+// image, a 3x3 output); oneDNN's backward-weights primitive reads the NHWC
+// arrays as they are, without the copies (measurements: docs/performance.md).
 //
 // Layouts (row-major, as XLA's CPU buffers are): activations NHWC, kernels
 // HWIO (flax's). Weights are reordered to whatever format oneDNN's chosen

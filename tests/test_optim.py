@@ -1,0 +1,169 @@
+"""Learning-rate schedules at their boundaries, at step granularity.
+
+The reference recipe (MiSLAS's per-epoch schedule, 200 epochs): epoch e
+(1-based) of the warm-up gets lr * e / 5 for e = 1..5; then lr until epoch
+160; x0.1 after epoch 160 (epochs 161-180 at 0.01 for lr 0.1) and x0.01
+after 180 (epochs 181-200 at 0.001). Epoch e covers the 0-based steps
+(e - 1) * spe ... e * spe - 1, and the lr of step s is what that step's
+update uses. The ImageNet-LT preset decays by a cosine per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import cifar_lt
+from nc_jax import optim
+
+SPE = 96  # CIFAR-10-LT r = 0.01 at batch 128: 12406 images, 96 steps
+
+
+def _epoch_steps(epoch: int, spe: int = SPE) -> tuple[int, int]:
+  """(first, last) 0-based step of 1-based `epoch`."""
+  return (epoch - 1) * spe, epoch * spe - 1
+
+
+def _reference_lr(epoch: int) -> float:
+  if epoch <= 5:
+    return 0.1 * epoch / 5
+  if epoch <= 160:
+    return 0.1
+  if epoch <= 180:
+    return 0.01
+  return 0.001
+
+
+def _lr(schedule, step: int) -> float:
+  return float(schedule(jnp.asarray(step, jnp.int32)))
+
+
+@pytest.fixture(scope="module")
+def reference():
+  c = cifar_lt.get_config("cifar10_r0.01_etf_dr")
+  total = optim.duration_steps(c, "num", SPE)
+  assert total == 200 * SPE
+  tx, schedule = optim.make_optimizer(c.optim, SPE, total)
+  return c, tx, schedule, total
+
+
+@pytest.mark.parametrize("epoch", [1, 2, 4, 5, 6, 7, 159, 160, 161, 162, 179,
+                                   180, 181, 182, 199, 200])
+def test_reference_step_schedule_at_boundary_epochs(reference, epoch):
+  _, _, schedule, _ = reference
+  first, last = _epoch_steps(epoch)
+  want = _reference_lr(epoch)
+  assert _lr(schedule, first) == pytest.approx(want, rel=1e-6)
+  assert _lr(schedule, last) == pytest.approx(want, rel=1e-6)
+
+
+def test_reference_schedule_changes_exactly_at_epoch_boundaries(reference):
+  _, _, schedule, total = reference
+  lrs = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
+  per_epoch = lrs.reshape(200, SPE)
+  # Constant within every epoch...
+  np.testing.assert_array_equal(per_epoch,
+                                np.broadcast_to(per_epoch[:, :1], (200, SPE)))
+  # ...and the reference's value per epoch.
+  np.testing.assert_allclose(per_epoch[:, 0],
+                             [_reference_lr(e) for e in range(1, 201)],
+                             rtol=1e-6)
+  # Epochs 161-180 at 0.01, 181-200 at 0.001: 20 epochs each.
+  assert np.sum(np.isclose(per_epoch[:, 0], 0.01)) == 20
+  assert np.sum(np.isclose(per_epoch[:, 0], 0.001)) == 20
+
+
+def test_the_optimizer_applies_the_schedule_per_step():
+  # The SGD step's own count drives the schedule: with momentum and weight
+  # decay off, update_s = -lr(s) * g. Two steps per epoch, so every step is
+  # the first or the last of its epoch.
+  c = cifar_lt.get_config("cifar10_r0.01_etf_dr")
+  c.unlock()
+  c.optim.momentum = 0.0
+  c.optim.weight_decay = 0.0
+  spe = 2
+  tx, schedule = optim.make_optimizer(c.optim, spe, 200 * spe)
+  params = {"w": jnp.ones((3,))}
+  grads = {"w": jnp.full((3,), 2.0)}
+  state = tx.init(params)
+  for step in range(14):  # epochs 1-7: through the warm-up and past it
+    updates, state = tx.update(grads, state, params)
+    epoch = step // spe + 1
+    np.testing.assert_allclose(updates["w"], -2.0 * _reference_lr(epoch),
+                               rtol=1e-6)
+    assert _lr(schedule, step) == pytest.approx(_reference_lr(epoch))
+
+
+def test_quick_preset_schedule():
+  c = cifar_lt.get_config("quick")
+  spe = 96
+  _, schedule = optim.make_optimizer(c.optim, spe, 16 * spe)
+  for epoch, want in ((1, 0.1), (12, 0.1), (13, 0.01), (14, 0.01),
+                      (15, 0.001), (16, 0.001)):
+    first, last = _epoch_steps(epoch, spe)
+    assert _lr(schedule, first) == pytest.approx(want, rel=1e-6), epoch
+    assert _lr(schedule, last) == pytest.approx(want, rel=1e-6), epoch
+
+
+def _cosine(base: float, step: int, total: int) -> float:
+  return 0.5 * base * (1 + math.cos(math.pi * step / total))
+
+
+def test_cosine_preset_at_its_boundaries():
+  c = cifar_lt.get_config("imagenet_lt")
+  assert c.optim.schedule == "cosine" and c.num_epochs == 90
+  spe = 100
+  total = optim.duration_steps(c, "num", spe)
+  assert total == 90 * spe
+  _, schedule = optim.make_optimizer(c.optim, spe, total)
+  base = c.optim.lr
+  # No warm-up: the first step of the first epoch runs at the full rate.
+  assert _lr(schedule, 0) == pytest.approx(base, rel=1e-6)
+  # First and last step of the first, middle and last epochs.
+  for epoch in (1, 2, 45, 46, 89, 90):
+    for step in _epoch_steps(epoch, spe):
+      # (float32: cos near pi is exact to ~1e-7 absolute, not relative.)
+      assert _lr(schedule, step) == pytest.approx(
+          _cosine(base, step, total), rel=1e-5, abs=1e-7 * base), step
+  assert _lr(schedule, total // 2) == pytest.approx(base / 2, rel=1e-6)
+  # The last step is the smallest (positive) rate; it reaches 0 at `total`.
+  last = _lr(schedule, total - 1)
+  assert 0 < last < 1e-6 * base * 100
+  assert _lr(schedule, total) == pytest.approx(0.0, abs=1e-12)
+  lrs = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
+  assert np.all(np.diff(lrs) <= 0)  # never increases
+
+
+def test_cosine_with_warmup_epochs():
+  c = cifar_lt.get_config("imagenet_lt")
+  c.unlock()
+  c.optim.warmup_epochs = 5
+  spe, total = 10, 90 * 10
+  _, schedule = optim.make_optimizer(c.optim, spe, total)
+  base, warm = c.optim.lr, 5 * spe
+  # Linear from 0 over the first 5 epochs, per step, then the cosine from
+  # the peak over the remaining steps.
+  assert _lr(schedule, 0) == pytest.approx(0.0, abs=1e-12)
+  for step in (1, spe - 1, spe, warm - 1):
+    assert _lr(schedule, step) == pytest.approx(base * step / warm, rel=1e-5)
+  assert _lr(schedule, warm) == pytest.approx(base, rel=1e-6)
+  assert _lr(schedule, warm + (total - warm) // 2) == pytest.approx(
+      base / 2, rel=1e-5)
+  assert _lr(schedule, total - 1) < 1e-3 * base
+
+
+def test_schedule_errors_name_the_fix():
+  c = cifar_lt.get_config("cifar10_r0.01_etf_dr")
+  c.unlock()
+  c.optim.warmup_epochs = None
+  c.optim.warmup_steps = 10
+  with pytest.raises(ValueError, match="give\\s+optim.warmup_epochs"):
+    optim.make_optimizer(c.optim, SPE, 200 * SPE)
+  c.optim.warmup_steps = None
+  c.optim.schedule = "linear"
+  with pytest.raises(ValueError, match="Unknown optim.schedule 'linear'"):
+    optim.make_optimizer(c.optim, SPE, 200 * SPE)
