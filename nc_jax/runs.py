@@ -52,6 +52,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from nc_jax import builder as builder_lib
+from nc_jax import kernels as kernels_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
 from nc_jax import methods as methods_lib
@@ -138,10 +139,9 @@ def _config_from_dict(d: dict) -> ConfigDict:
   # Parameters are the same whichever convolution kernels compute them; a
   # run trained with oneDNN's loads where they are not available (an
   # accelerator) with the ones that are.
-  if config.get("conv_impl") and config.backbone in models.BACKBONES:
+  if config.get("conv_impl") not in (None, "auto", "xla"):
     try:
-      models.backbone_conv_impl(config.backbone, config.conv_impl,
-                                builder_lib.DTYPES[config.compute_dtype])
+      kernels_lib.resolve_kernels(config)
     except ValueError:
       config.conv_impl = "auto"
   config.lock()
@@ -248,7 +248,7 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> _Source:
       config, num_classes=info.num_classes, image_shape=info.image_shape,
       mean=info.mean, std=info.std, class_counts=counts, steps_per_epoch=spe,
       total_steps=max(total, step, 1), mesh=mesh)
-  rep = sharding.replicated(mesh)
+  rep = sharding.replicated_sharding(mesh)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
       jax.eval_shape(built.init_state))
@@ -301,13 +301,15 @@ def _open_file(path: pathlib.Path) -> _Source:
   method = methods_lib.get_method(config.method)
   info = data_lib.dataset_info(config.dataset)
   k = int(meta["num_classes"])
-  model = builder_lib.create_model(config, method, num_classes=k)
+  # Parameters do not depend on the kernels: use what runs here.
+  model = builder_lib.create_model(config, method, num_classes=k,
+                                   kernels=kernels_lib.resolve_kernels(config))
   counts = _placeholder_counts(config, meta.get("class_counts"), k, str(path))
   cfg = builder_lib.step_config(
       config, method, num_classes=k, mean=meta["mean"], std=meta["std"],
       class_counts=counts, steps_per_epoch=1)
   mesh = sharding.make_mesh()
-  rep = sharding.replicated(mesh)
+  rep = sharding.replicated_sharding(mesh)
   eval_fn = steps_lib.make_eval_step(model, cfg)
   _, eval_step = steps_lib.compile_steps(eval_fn, eval_fn, mesh,
                                          num_replicas=1)
@@ -653,7 +655,8 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
   # Pass 1: training's compiled eval step and evaluator.
   evaluator = train._Evaluator(  # pylint: disable=protected-access
       src.eval_step, eval_input, num_replicas=s, num_classes=k,
-      groups=groups, classifier_fn=None, with_nc=False)
+      groups=groups, classifier_fn=None, with_nc=False,
+      calibrated=methods_lib.get_method(src.config.method).calibrated)
   per_seed = evaluator(src.state, src.etf_device)
 
   # Pass 2: predictions and features, per replica.
