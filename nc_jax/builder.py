@@ -78,6 +78,10 @@ def check_config(config: ConfigDict, *,
   method = methods_lib.get_method(config.method)
   if total_epochs is None:
     total_epochs = _training_epochs(config)
+  if config.etf_rotation not in etf_lib.ROTATIONS:
+    raise ValueError(f"etf_rotation must be one of {list(etf_lib.ROTATIONS)} "
+                     f"(how the fixed ETF's rotation is drawn), got "
+                     f"{config.etf_rotation!r}.")
   tau = config.eval_logit_adjust_tau
   if not tau >= 0:
     raise ValueError(f"eval_logit_adjust_tau must be >= 0 (0 = off, 1 = the "
@@ -220,7 +224,8 @@ def build(config: ConfigDict, *, num_classes: int,
   if method.fixed_classifier:
     etf = jax.device_put(
         etf_lib.replica_etfs(num_classes, model.feature_dim,
-                             seed=int(config.etf_seed), num_replicas=s), rep)
+                             seed=int(config.etf_seed), num_replicas=s,
+                             rotation=config.etf_rotation), rep)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch,
                                       total_steps)
   cfg = step_config(config, method, num_classes=num_classes, mean=mean,

@@ -46,6 +46,9 @@ from ml_collections import ConfigDict
 # matters is what they resolve to, which is compared on its own.
 RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir", "conv_impl",
                                "norm_impl", "allow_kernel_change"})
+# Config fields added after runs were written, and what a config.json
+# without them ran with: such a workdir resumes and loads unchanged.
+MISSING_MEANS = {"etf_rotation": "gaussian"}
 # Keys of config.json that are records, not config fields.
 RECORD_KEYS = ("resolved", "resolved_before")
 KERNEL_CHANGE_FLAG = "--config.allow_kernel_change=True"
@@ -178,7 +181,7 @@ def check_or_write_config(workdir: pathlib.Path, config: ConfigDict,
 
 
 def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:
-  a, b = _flatten(old), _flatten(new)
+  a, b = {**MISSING_MEANS, **_flatten(old)}, _flatten(new)
   diff = sorted(k for k in set(a) | set(b)
                 if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
   if diff:

@@ -40,10 +40,15 @@ def check_dims(num_classes: int, feature_dim: int) -> None:
         "classes.")
 
 
+# How the random rotation of the frame is drawn (`simplex_etf(rotation=)`).
+ROTATIONS = ("gaussian", "uniform01")
+
+
 def simplex_etf(num_classes: int,
                 feature_dim: int,
                 *,
                 seed: int = 0,
+                rotation: str = "gaussian",
                 dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """Returns a random simplex ETF `M` of shape `(feature_dim, num_classes)`.
 
@@ -52,43 +57,66 @@ def simplex_etf(num_classes: int,
 
   The construction centres an orthonormal frame: with `U` (d x K) having
   orthonormal columns, `M = sqrt(K/(K-1)) U (I_K - 11^T/K)` (the paper's
-  recipe). That needs d >= K. When d = K - 1 (the mathematical minimum, since
-  the simplex spans K - 1 dimensions) we instead take an orthonormal basis `Q`
-  (K x (K-1)) of the sum-zero subspace of R^K and a random orthonormal
-  `V` (d x (K-1)); `M = sqrt(K/(K-1)) V Q^T` has the same Gram matrix. For
-  d >= K both recipes coincide in distribution; the first is used so that the
-  default matches the reference code's construction.
+  recipe). `rotation` says how `U` is drawn:
 
-  The random frame is drawn with numpy from `seed`, in float64, so the matrix
-  is bit-identical on every host and backend for a given seed: a multi-host
-  job or a resumed run gets the same classifier without communicating it.
+  - "gaussian": the QR factor of a standard-normal d x K matrix, with QR's
+    sign ambiguity fixed (diag(R) > 0). That is a uniformly random (Haar)
+    frame: no direction of feature space is preferred. When d = K - 1 (the
+    mathematical minimum, since the simplex spans K - 1 dimensions) it
+    takes an orthonormal basis `Q` (K x (K-1)) of the sum-zero subspace of
+    R^K and a Haar `V` (d x (K-1)) instead; `M = sqrt(K/(K-1)) V Q^T` has
+    the same Gram matrix.
+  - "uniform01": the reference code's draw, numpy's QR factor of a d x K
+    matrix of uniform [0, 1) entries, as numpy returns it. Its first column
+    is minus the normalised first column of that matrix, so one class
+    vector of `M` lies close to the all-ones direction (cosine about -0.8
+    with it). It needs d >= K, as the reference does; d = K - 1 raises.
+
+  The random matrix is drawn with numpy from `seed`, in float64, so the
+  matrix is the same on every host for a given seed: a multi-host job or a
+  resumed run gets the same classifier without communicating it.
 
   Args:
     num_classes: K >= 2.
-    feature_dim: d >= K - 1.
+    feature_dim: d >= K - 1 ("gaussian") or d >= K ("uniform01").
     seed: integer seed of the random rotation.
+    rotation: one of `ROTATIONS`.
     dtype: dtype of the returned array.
 
   Returns:
     `(feature_dim, num_classes)` array `M`.
 
   Raises:
-    ValueError: if `feature_dim < num_classes - 1` or `num_classes < 2`.
+    ValueError: if `feature_dim` is too small, `num_classes < 2`, or
+      `rotation` is unknown.
 
   References:
     Yang et al. 2022, Eq. (1) and Sec. 3.
   """
   check_dims(num_classes, feature_dim)
+  if rotation not in ROTATIONS:
+    raise ValueError(f"Unknown ETF rotation {rotation!r}; valid values are "
+                     f"{list(ROTATIONS)}.")
   k, d = int(num_classes), int(feature_dim)
-  rng = np.random.default_rng(seed)
   centre = np.eye(k) - np.full((k, k), 1.0 / k)
-  if d >= k:
+  if rotation == "uniform01":
+    if d < k:
+      raise ValueError(
+          f"etf_rotation='uniform01' (the reference's QR of a d x K matrix) "
+          f"needs feature_dim >= num_classes, got d={d} < K={k}. Use "
+          "etf_rotation='gaussian', which also builds the frame for "
+          "d = K - 1.")
+    u, _ = np.linalg.qr(np.random.default_rng(seed).random((d, k)))
+    m = u @ centre
+  elif d >= k:
+    rng = np.random.default_rng(seed)
     u, r = np.linalg.qr(rng.standard_normal((d, k)))
     # Fix QR's sign ambiguity so the frame is a deterministic function of the
     # random draw (LAPACK builds may pick different signs).
     u = u * np.sign(np.diag(r))[None, :]
     m = u @ centre
   else:  # d == k - 1
+    rng = np.random.default_rng(seed)
     # Orthonormal basis of {x : sum(x) = 0}: the last K-1 left singular
     # vectors of the centring matrix span it.
     q, _, _ = np.linalg.svd(centre)
@@ -116,10 +144,12 @@ def replica_etfs(num_classes: int,
                  feature_dim: int,
                  *,
                  seed: int,
-                 num_replicas: int = 1) -> jax.Array:
+                 num_replicas: int = 1,
+                 rotation: str = "gaussian") -> jax.Array:
   """The fixed classifiers of `num_replicas` independent runs.
 
-  Replica r gets `simplex_etf(num_classes, feature_dim, seed=seed + r)`, so
+  Replica r gets `simplex_etf(num_classes, feature_dim, seed=seed + r,
+  rotation=rotation)`, so
   replica 0 of an S-seed run trains against the same ETF as a single run
   with the same `seed`. This is the only place the training code builds
   ETFs; the model never holds one (the ETF head takes it as an input).
@@ -129,6 +159,7 @@ def replica_etfs(num_classes: int,
     feature_dim: d >= K - 1.
     seed: the run's `etf_seed`.
     num_replicas: S >= 1.
+    rotation: how each frame's rotation is drawn (`simplex_etf`).
 
   Returns:
     float32 `(d, K)` for S = 1, else `(S, d, K)`.
@@ -138,6 +169,7 @@ def replica_etfs(num_classes: int,
   """
   if num_replicas < 1:
     raise ValueError(f"num_replicas must be >= 1, got {num_replicas}.")
-  mats = [simplex_etf(num_classes, feature_dim, seed=int(seed) + r)
+  mats = [simplex_etf(num_classes, feature_dim, seed=int(seed) + r,
+                      rotation=rotation)
           for r in range(num_replicas)]
   return mats[0] if num_replicas == 1 else jnp.stack(mats)

@@ -135,7 +135,7 @@ def _read_json(path: pathlib.Path) -> Any:
 
 
 def _config_from_dict(d: dict) -> ConfigDict:
-  config = ConfigDict(d)
+  config = ConfigDict({**ckpt_lib.MISSING_MEANS, **d})
   # Parameters are the same whichever convolution kernels compute them; a
   # run trained with oneDNN's loads where they are not available (an
   # accelerator) with the ones that are.

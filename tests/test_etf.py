@@ -69,3 +69,42 @@ def test_too_small_feature_dim_raises(k, d):
 def test_too_few_classes_raises():
   with pytest.raises(ValueError, match="num_classes >= 2"):
     etf_lib.simplex_etf(1, 8)
+
+
+@pytest.mark.parametrize("k,d", [(2, 2), (10, 10), (10, 64), (100, 128)])
+def test_uniform01_rotation_is_an_etf(k, d):
+  m = np.asarray(etf_lib.simplex_etf(k, d, seed=3, rotation="uniform01"))
+  _check_etf(m, k, d, atol=2e-6)
+
+
+def test_uniform01_is_the_references_draw():
+  """numpy's QR of a uniform [0, 1) d x K matrix, centred and scaled."""
+  k, d = 10, 64
+  a = np.random.default_rng(7).random((d, k))
+  u, _ = np.linalg.qr(a)
+  want = np.sqrt(k / (k - 1)) * u @ (np.eye(k) - np.ones((k, k)) / k)
+  got = np.asarray(etf_lib.simplex_etf(k, d, seed=7, rotation="uniform01"),
+                   np.float64)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_orientation_bias_of_the_two_rotations():
+  """uniform01 puts class 0 near -(1, ..., 1)/sqrt(d); gaussian does not."""
+  k, d = 10, 64
+  ones = np.ones(d) / np.sqrt(d)
+
+  def cos0(rotation):
+    return np.array([
+        np.asarray(etf_lib.simplex_etf(k, d, seed=s, rotation=rotation))[:, 0]
+        @ ones for s in range(100)])
+
+  uni, gau = cos0("uniform01"), cos0("gaussian")
+  assert -0.9 < uni.mean() < -0.7 and uni.max() < -0.5, uni.mean()
+  assert abs(gau.mean()) < 0.05 and np.abs(gau).max() < 0.6, gau.mean()
+
+
+def test_uniform01_needs_d_at_least_k_and_names_the_fix():
+  with pytest.raises(ValueError, match="etf_rotation='gaussian'"):
+    etf_lib.simplex_etf(10, 9, rotation="uniform01")
+  with pytest.raises(ValueError, match="Unknown ETF rotation"):
+    etf_lib.simplex_etf(10, 9, rotation="haar")

@@ -126,3 +126,19 @@ def test_workdir_in_use_stops_before_any_work(tiny_image_folder, tmp_path):
   with pytest.raises(train.ConfigError, match="in use by a live run"):
     train.train_and_evaluate(tiny_config(tiny_image_folder), wd)
   assert sorted(p.name for p in wd.iterdir()) == [workdir_lib.LOCK_NAME]
+
+
+def test_config_json_from_before_etf_rotation_resumes(tmp_path):
+  """A workdir written before `etf_rotation` existed ran the Gaussian ETF:
+  it resumes under the default and refuses the reference's draw."""
+  config = tiny_config(str(tmp_path / "data"))
+  old = ckpt_lib.config_to_dict(config)
+  del old["etf_rotation"]
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  ckpt_lib.check_config(tmp_path, config)
+  config.etf_rotation = "uniform01"
+  with pytest.raises(ValueError, match="etf_rotation: 'gaussian' in the wo"):
+    ckpt_lib.check_config(tmp_path, config)
+  from nc_jax import runs
+  assert runs._config_from_dict(old).etf_rotation == "gaussian"  # pylint: disable=protected-access

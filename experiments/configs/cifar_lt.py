@@ -143,6 +143,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     backbone = DATASET_BACKBONE.get(c.dataset, "resnet32")
   c.backbone = backbone
   c.etf_seed = 0  # seed of the fixed classifier; replica r uses etf_seed + r
+  # How the fixed ETF's random rotation is drawn (nc_jax.etf.simplex_etf):
+  # "gaussian" (a uniformly random frame) or "uniform01" (the reference's
+  # QR of a uniform [0, 1) matrix: one class vector near the all-ones
+  # direction; needs feature_dim >= num_classes).
+  c.etf_rotation = "gaussian"
   c.l2_normalize = True  # the ETF head's feature normalisation
   c.compute_dtype = "float32"
   # Kernels (nc_jax.kernels decides "auto" once at start-up; the choice is

@@ -1,4 +1,5 @@
-"""Image-folder trees shipped as archives (`.tar.gz`, `.tgz`, `.tar`, `.zip`).
+"""Data shipped as archives (`.tar.gz`, `.tgz`, `.tar`, `.zip`): image-folder
+trees, or a CIFAR python release (`cifar-10-python.tar.gz`).
 
 `data_dir` may name such an archive instead of a directory: it is extracted
 once into nc_jax's cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`;
@@ -17,6 +18,7 @@ import tempfile
 import zipfile
 
 from nc_jax import cache
+from nc_jax.data import cifar_release
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
@@ -30,15 +32,16 @@ def cache_root() -> pathlib.Path:
 
 
 def _find_tree(root: pathlib.Path) -> pathlib.Path:
-  """The folder holding `train/` and `test/`: `root` or one level below."""
-  if (root / "train").is_dir():
+  """The folder holding `train/` and `test/`, or a CIFAR release: `root`
+  or one level below."""
+  if (root / "train").is_dir() or cifar_release.find(str(root)):
     return root
   subs = [p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir()]
   if len(subs) == 1:
     return subs[0]
   raise FileNotFoundError(
       f"The archive extracted to {root} holds no train/ and test/ class "
-      "folders (at its top or one level down).")
+      "folders (at its top or one level down) and no CIFAR python release.")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
@@ -61,7 +64,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
     raise FileNotFoundError(
         f"data_dir {archive} looks like an archive but does not exist. Pass "
         "the path of an existing .tar.gz/.zip of train/ and test/ class "
-        "folders, or an extracted directory.")
+        "folders or of a CIFAR python release, or an extracted directory.")
   st = archive.stat()
   key = hashlib.sha1(
       f"{archive}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]

@@ -4,6 +4,8 @@ A dataset is named by a key of `REGISTRY`; its `DatasetInfo` carries what
 the rest of the system needs (classes, image shape, normalisation constants,
 train augmentation, head/medium/tail groups). `data_dir` is one of
 
+- the CIFAR python release (`cifar-10-batches-py/`, `cifar-100-python/`;
+  `cifar_release.py`): the original pixels in the release's order, or
 - an image-folder tree `data_dir/{train,test}/<class>/<image>` (listed by
   `folders.py` in canonical order: class folders sorted by name give the
   labels, files in natural order), which is how the shared CIFAR-10 JPEG
@@ -35,6 +37,7 @@ from typing import Callable, Mapping
 from absl import logging
 import numpy as np
 
+from nc_jax.data import cifar_release
 from nc_jax.data import folders
 from nc_jax.data import long_tail
 
@@ -128,8 +131,9 @@ def _tfds():
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """Where a dataset's files are: kind "folder" or "tfds", and the root
-  (None: tfds's default data directory)."""
+  """Where a dataset's files are: kind "release" (a CIFAR python release;
+  root is its folder), "folder" (an image-folder tree) or "tfds", and the
+  root (None: tfds's default data directory)."""
   kind: str
   root: str | None
   info: DatasetInfo
@@ -154,15 +158,15 @@ class Source:
 def accepted_forms(info: DatasetInfo, *, unset: bool = True) -> str:
   """What `--config.data_dir` accepts for `info`, for error messages
   (`unset`: mention that it may be left unset, for tfds to download)."""
-  example = (" (e.g. ../shared/data/cifar10_jpeg.tar.gz, or its extracted "
-             "cifar10_jpeg/ folder)" if info.name == "cifar10" else "")
+  release = cifar_release.RELEASES.get(info.name)
+  release = f"{cifar_release.describe(release)}; " if release else ""
   unset = (f"; or leave it unset to have tfds download and prepare "
            f"{info.tfds_name} in its data directory (needs internet)"
            if unset and info.name in IN_MEMORY else "")
-  return (f"Pass --config.data_dir= one of: an image-folder tree with "
-          f"train/ and test/ holding one folder of images per class "
+  return (f"Pass --config.data_dir= one of: {release}an image-folder tree "
+          f"with train/ and test/ holding one folder of images per class "
           f"(DIR/train/<class>/*.jpg|png); such a tree as a "
-          f".tar.gz/.tgz/.tar/.zip archive{example}; a tfds data directory "
+          f".tar.gz/.tgz/.tar/.zip archive; a tfds data directory "
           f"holding a prepared {info.tfds_name}/{unset}.")
 
 
@@ -196,6 +200,16 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
   if not os.path.isdir(root):
     raise FileNotFoundError(f"data_dir {root} does not exist. "
                             + _expected(info))
+  found = cifar_release.find(root)
+  if found is not None:
+    release, folder = found
+    if release.dataset != name:
+      raise ValueError(
+          f"data_dir {root} holds the {release.folder}/ release, which is "
+          f"{release.dataset!r}, not {name!r}. Pass "
+          f"--config.dataset={release.dataset}, or the data of {name!r}. "
+          + _expected(info))
+    return Source("release", folder, info)
   if all(folders.has_class_folders(os.path.join(root, s))
          for s in ("train", "test")):
     return Source("folder", root, info)
@@ -216,12 +230,16 @@ def check_source(source: Source, train_splits: tuple[str, ...] | None = None
   Lists the tree (no image files: error), checks the number of class
   folders and decodes the first `SAMPLE_PER_CLASS` images of every class and
   split with Pillow. A bad file among the rest is found by the full decode.
+  A CIFAR release is read whole (its md5s and layout checked).
   Only the in-memory datasets are checked (ImageNet-LT's folders hold images
   of every size); tfds sources are not.
 
   Raises:
     ValueError: naming the problem and the fix.
   """
+  if source.kind == "release":
+    cifar_release.check(source.info.name, source.root)
+    return
   if source.kind != "folder" or source.info.name not in IN_MEMORY:
     return
   for split in available_splits(source, train_splits) + ("test",):
@@ -383,6 +401,11 @@ def split_index(source: Source, split: str) -> SplitIndex:
       raise ValueError(f"{source.root} has no {split}/ folder of classes.")
     fs = tree.splits[split]
     idx = SplitIndex(fs.labels, fs.ids, np.arange(fs.labels.size), True)
+  elif source.kind == "release":
+    _, labels = cifar_release.read_split(source.info.name, source.root, split)
+    n = labels.size
+    idx = SplitIndex(labels, tuple(f"{split}_{i:05d}" for i in range(n)),
+                     np.arange(n), True)
   else:
     idx = _tfds_index(source, split)
   if idx.labels.size and (idx.labels.min() < 0 or idx.labels.max() >= k):
@@ -396,6 +419,8 @@ def class_names(source: Source) -> tuple[str, ...]:
   """The K class names, in label order."""
   if source.kind == "folder":
     return source.tree().classes
+  if source.kind == "release":
+    return cifar_release.class_names(source.info.name, source.root)
   names = source.builder().info.features["label"].names
   return tuple(str(n) for n in names)
 
@@ -460,7 +485,8 @@ def available_splits(source: Source,
   wanted = tuple(wanted or source.info.train_splits)
   if source.kind == "tfds":
     return wanted
-  present = source.tree().splits
+  present = (cifar_release.RELEASES[source.info.name].splits
+             if source.kind == "release" else source.tree().splits)
   missing = [s for s in wanted if s not in present]
   if missing:
     raise ValueError(
@@ -495,6 +521,9 @@ def decode_images(source: Source, split: str,
   if source.kind == "folder":
     paths = source.tree().paths(source.split_name(split))
     return folders.decode([paths[i] for i in canon], shape)
+  if source.kind == "release":
+    images, _ = cifar_release.read_split(source.info.name, source.root, split)
+    return images[canon]
   if canon.size == 0:
     return np.zeros((0,) + shape, np.uint8)
   stored = index.stored[canon]

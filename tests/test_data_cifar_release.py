@@ -1,0 +1,252 @@
+"""The CIFAR python releases as `data_dir`: forms, order, subset, damage.
+
+CIFAR-10 is the original release (`../shared/data/cifar-10-python.tar.gz`,
+whose files carry torchvision's md5s); the tests fail, never skip, without
+it. CIFAR-100 is a small release written here in the release's pickle
+layout, with its md5s registered for the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import pickle
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from nc_jax.data import archive
+from nc_jax.data import cifar_release
+from nc_jax.data import sources
+
+RELEASE_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
+CIFAR10_R001 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+@pytest.fixture(scope="session")
+def release_archive() -> pathlib.Path:
+  path = pathlib.Path(os.environ.get("NC_JAX_CIFAR10_RELEASE",
+                                     RELEASE_ARCHIVE))
+  if not path.is_file():
+    pytest.fail(f"These tests need the original CIFAR-10 release at {path}, "
+                "which does not exist. Check out ../shared beside the "
+                "repository or set NC_JAX_CIFAR10_RELEASE to the path of "
+                "cifar-10-python.tar.gz.", pytrace=False)
+  return path
+
+
+@pytest.fixture(scope="session")
+def release_parent(release_archive, tmp_path_factory) -> pathlib.Path:
+  """A folder holding the extracted `cifar-10-batches-py/`."""
+  out = tmp_path_factory.mktemp("c10_release")
+  with tarfile.open(release_archive) as tar:
+    tar.extractall(out, filter="data")
+  assert (out / "cifar-10-batches-py" / "data_batch_1").is_file()
+  return out
+
+
+def test_three_forms_name_one_release(release_archive, release_parent,
+                                      tmp_path, monkeypatch):
+  monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
+  folder = release_parent / "cifar-10-batches-py"
+  roots = set()
+  for given in (release_archive, release_parent, folder):
+    src = sources.check_data_dir("cifar10",
+                                 archive.resolve_data_dir(str(given)))
+    assert src.kind == "release"
+    assert pathlib.Path(src.root).name == "cifar-10-batches-py"
+    roots.add(src.root)
+  assert len(roots) == 2  # the cache's extraction, and the folder above
+  test = sources.load_split("cifar10", str(folder), "test")
+  train = sources.load_split("cifar10", str(release_parent), "train")
+  assert test.images.shape == (10000, 32, 32, 3)
+  assert test.images.dtype == np.uint8
+  assert test.counts == tuple([1000] * 10)
+  assert train.counts == tuple([5000] * 10)
+  # The release's order: known first labels of data_batch_1 and test_batch.
+  assert train.labels[:5].tolist() == [6, 9, 9, 4, 1]
+  assert test.labels[:5].tolist() == [3, 8, 8, 0, 6]
+  assert test.ids[:2] == ("test_00000", "test_00001")
+  assert test.class_names[0] == "airplane" and test.class_names[9] == "truck"
+  # Pixels: the first training image's R plane, straight from the pickle.
+  with open(folder / "data_batch_1", "rb") as f:
+    raw = pickle.load(f, encoding="latin1")["data"]
+  np.testing.assert_array_equal(train.images[0, :, :, 0],
+                                raw[0, :1024].reshape(32, 32))
+  np.testing.assert_array_equal(train.images[123, :, :, 2],
+                                raw[123, 2048:].reshape(32, 32))
+
+
+def _per_class_positions(ids, labels, rank):
+  """{class: sorted positions within the class}, via `rank(id, label)`."""
+  out = {}
+  for i, y in zip(ids, labels):
+    out.setdefault(int(y), []).append(rank(i, int(y)))
+  return {c: sorted(v) for c, v in out.items()}
+
+
+def test_release_subset_is_the_references_and_the_jpeg_trees(
+    release_parent, cifar10_dir):
+  rel = sources.load_train_lt("cifar10", str(release_parent), 0.01, "exp", 0)
+  assert list(rel.counts) == CIFAR10_R001
+  full = sources.load_split("cifar10", str(release_parent), "train")
+  # Position of each example among its class, in the release's order.
+  within = np.zeros(full.labels.size, np.int64)
+  for c in range(10):
+    idx = np.flatnonzero(full.labels == c)
+    within[idx] = np.arange(idx.size)
+  pos = lambda i, y: int(within[int(i.split("_")[1])])
+  got = _per_class_positions(rel.ids, rel.labels, pos)
+  # The reference, from its description: RandomState(0), per class in label
+  # order shuffle that class's indices in the release order, keep n_c.
+  rng = np.random.RandomState(0)
+  for c, n_c in enumerate(CIFAR10_R001):
+    idx = np.flatnonzero(full.labels == c)
+    rng.shuffle(idx)
+    assert got[c] == sorted(within[idx[:n_c]].tolist())
+  # The JPEG tree names file NNNN the NNNN-th image of its class.
+  jpg = sources.load_train_lt("cifar10", str(cifar10_dir), 0.01, "exp", 0)
+  jpos = _per_class_positions(
+      jpg.ids, jpg.labels, lambda i, y: int(i.split("/")[1].split(".")[0]))
+  assert jpos == got
+  # Same images: the JPEGs differ from the originals by compression only.
+  order_rel = np.lexsort(([pos(i, int(y)) for i, y in zip(rel.ids,
+                                                             rel.labels)],
+                          rel.labels))
+  order_jpg = np.lexsort(([int(i.split("/")[1].split(".")[0])
+                           for i in jpg.ids], jpg.labels))
+  a = rel.images[order_rel].astype(np.float32)
+  b = jpg.images[order_jpg].astype(np.float32)
+  same = np.abs(a - b).mean()
+  shifted = np.abs(a - np.roll(b, 1, axis=0)).mean()
+  assert same < 6 < 30 < shifted, (same, shifted)
+
+
+# ---------------------------------------------------------------- CIFAR-100
+
+
+def _write_cifar100(root: pathlib.Path, *, per_class=(6, 2), seed=0):
+  """A 100-class `cifar-100-python/` in the release's pickle layout."""
+  rng = np.random.default_rng(seed)
+  folder = root / "cifar-100-python"
+  folder.mkdir(parents=True)
+  out = {}
+  for split, n in zip(("train", "test"), per_class):
+    labels = np.repeat(np.arange(100), n)
+    rng.shuffle(labels)
+    data = rng.integers(0, 256, (labels.size, 3072), dtype=np.uint8)
+    with open(folder / split, "wb") as f:
+      pickle.dump({"filenames": [f"{split}_{i}.png" for i in
+                                 range(labels.size)],
+                   "batch_label": f"{split} batch", "fine_labels":
+                   labels.tolist(), "coarse_labels": (labels // 5).tolist(),
+                   "data": data}, f)
+    out[split] = (data, labels)
+  with open(folder / "meta", "wb") as f:
+    pickle.dump({"fine_label_names": [f"fine_{i:02d}" for i in range(100)],
+                 "coarse_label_names": [f"coarse_{i}" for i in range(20)]}, f)
+  return folder, out
+
+
+def _register_md5s(monkeypatch, name, folder):
+  release = cifar_release.RELEASES[name]
+  md5 = {f: hashlib.md5((folder / f).read_bytes()).hexdigest()
+         for f in release.md5}
+  monkeypatch.setitem(cifar_release.RELEASES, name,
+                      cifar_release.dataclasses.replace(release, md5=md5))
+
+
+def test_cifar100_release_archive(tmp_path, monkeypatch):
+  monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
+  folder, written = _write_cifar100(tmp_path / "src")
+  _register_md5s(monkeypatch, "cifar100", folder)
+  tgz = tmp_path / "cifar-100-python.tar.gz"
+  with tarfile.open(tgz, "w:gz") as tar:
+    tar.add(folder, arcname="cifar-100-python")
+  root = archive.resolve_data_dir(str(tgz))
+  src = sources.check_data_dir("cifar100", root)
+  assert src.kind == "release"
+  sources.check_source(src)
+  test = sources.load_split("cifar100", root, "test")
+  data, labels = written["test"]
+  np.testing.assert_array_equal(test.labels, labels)  # fine labels, in order
+  np.testing.assert_array_equal(
+      test.images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+  assert test.class_names[:2] == ("fine_00", "fine_01")
+  lt = sources.load_train_lt("cifar100", root, 0.5, "exp", 0)
+  assert lt.counts[0] == 6 and lt.counts[-1] == 3
+  # A CIFAR-10 run pointed at it is told which dataset it holds.
+  with pytest.raises(ValueError, match="--config.dataset=cifar100"):
+    sources.check_data_dir("cifar10", root)
+
+
+# -------------------------------------------------------------- damage
+
+
+def _linked_copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+  """A copy of a release folder made of hard links (no bytes copied)."""
+  dst.mkdir(parents=True)
+  for f in src.iterdir():
+    os.link(f, dst / f.name)
+  return dst
+
+
+def _damage_missing(folder):
+  (folder / "data_batch_3").unlink()
+
+
+def _damage_truncated(folder):
+  data = (folder / "test_batch").read_bytes()
+  (folder / "test_batch").unlink()
+  (folder / "test_batch").write_bytes(data[:len(data) // 2])
+
+
+def _damage_flipped(folder):
+  data = bytearray((folder / "data_batch_5").read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  (folder / "data_batch_5").unlink()
+  (folder / "data_batch_5").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,file,fragment", [
+    (_damage_missing, "data_batch_3", "is missing"),
+    (_damage_truncated, "test_batch", "is not the released file"),
+    (_damage_flipped, "data_batch_5", "is not the released file"),
+])
+def test_damaged_release_names_the_file(release_parent, tmp_path, damage,
+                                        file, fragment):
+  folder = _linked_copy(release_parent / "cifar-10-batches-py",
+                        tmp_path / "cifar-10-batches-py")
+  damage(folder)
+  src = sources.check_data_dir("cifar10", str(tmp_path))
+  with pytest.raises(ValueError, match=fragment) as e:
+    sources.check_source(src)
+  assert str(folder / file) in str(e.value)
+
+
+def test_truncated_pickle_without_md5(tmp_path, monkeypatch):
+  folder, _ = _write_cifar100(tmp_path)
+  release = cifar_release.RELEASES["cifar100"]
+  monkeypatch.setitem(cifar_release.RELEASES, "cifar100",
+                      cifar_release.dataclasses.replace(release, md5={}))
+  data = (folder / "train").read_bytes()
+  (folder / "train").write_bytes(data[:1000])
+  with pytest.raises(ValueError, match="cannot be read") as e:
+    cifar_release.read_split("cifar100", str(folder), "train")
+  assert str(folder / "train") in str(e.value)
+
+
+def test_damaged_release_on_the_command_line(release_parent, tmp_path):
+  from tests.test_cli import TINY, _assert_clean_error, _run
+  folder = _linked_copy(release_parent / "cifar-10-batches-py",
+                        tmp_path / "data" / "cifar-10-batches-py")
+  _damage_flipped(folder)
+  out = _run([*TINY, "--config.data_dir", tmp_path / "data", "--workdir",
+              tmp_path / "w"], cwd=tmp_path)
+  _assert_clean_error(out, "data_batch_5", "is not the released file")
+  assert not (tmp_path / "w").exists()
+  shutil.rmtree(tmp_path / "data")
