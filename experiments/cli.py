@@ -120,6 +120,15 @@ def run_app(main: Callable[[list[str]], None],
       main(args)
     except _user_errors() as e:
       fail(str(e))
+    except Exception as e:  # pylint: disable=broad-except
+      stopped = sys.modules.get("nc_jax.preemption")
+      if stopped is None or not isinstance(e, stopped.Stopped):
+        raise
+      # A run ended early on purpose: one line, its own exit status
+      # (nc_jax.preemption: EXIT_PREEMPTED, EXIT_DIVERGED).
+      prefix = "stopped" if isinstance(e, stopped.Preempted) else "error"
+      print(f"{prefix}: {e}", file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
 
   app.run(guarded, argv=argv, flags_parser=parse_flags)
 

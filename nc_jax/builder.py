@@ -30,6 +30,7 @@ the seed that `config.json` pins.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -58,26 +59,46 @@ def _training_epochs(config: ConfigDict) -> float | None:
   return float(epochs) if epochs else None
 
 
+def _check_finite(config: ConfigDict, prefix: str = "") -> None:
+  """Every number in the config is finite (NaN and inf train nothing)."""
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ConfigDict):
+      _check_finite(value, f"{name}.")
+      continue
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{name}={value} is not a finite number; pass a "
+                         f"finite value (--config.{name}=...).")
+
+
 def check_config(config: ConfigDict, *,
-                 total_epochs: float | None = None) -> methods_lib.Method:
-  """Checks the method and its options; returns the method.
+                 total_epochs: float | None = None,
+                 steps_per_epoch: int | None = None) -> methods_lib.Method:
+  """Checks the numbers, the optimiser, the method and its options; returns
+  the method.
 
   Runs before any work (from `nc_jax.train`'s validation) with the training
-  length known only when it is given in epochs, and again inside `build`
-  with the real one.
+  length known only when it is given in epochs, and again with the data
+  known (and inside `build`) with the real one.
 
   Args:
     config: the run's config.
     total_epochs: training length in epochs; None to read it from
       `config.num_epochs` (unknown when the config gives steps).
+    steps_per_epoch: known once the data is (checks `warmup_steps`).
 
   Raises:
-    ValueError: an unknown method, or an option or combination that
-      cannot work; the message names the fix.
+    ValueError: an unknown method, a number out of its range, or an option
+      or combination that cannot work; the message names the fix.
   """
+  _check_finite(config)
   method = methods_lib.get_method(config.method)
   if total_epochs is None:
     total_epochs = _training_epochs(config)
+  optim.check_config(config.optim, total_epochs=total_epochs,
+                     steps_per_epoch=steps_per_epoch)
   if config.etf_rotation not in etf_lib.ROTATIONS:
     raise ValueError(f"etf_rotation must be one of {list(etf_lib.ROTATIONS)} "
                      f"(how the fixed ETF's rotation is drawn), got "
@@ -86,6 +107,9 @@ def check_config(config: ConfigDict, *,
   if not tau >= 0:
     raise ValueError(f"eval_logit_adjust_tau must be >= 0 (0 = off, 1 = the "
                      f"post-hoc adjustment of Menon et al.), got {tau}.")
+  if not config.mixup_alpha >= 0:
+    raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got "
+                     f"{config.mixup_alpha}.")
   if method.check is not None:
     method.check(config, total_epochs)
   return method
@@ -212,7 +236,8 @@ def build(config: ConfigDict, *, num_classes: int,
     ValueError: for a config that cannot work (the message names the fix).
   """
   method = check_config(config,
-                        total_epochs=total_steps / max(steps_per_epoch, 1))
+                        total_epochs=total_steps / max(steps_per_epoch, 1),
+                        steps_per_epoch=steps_per_epoch)
   s = int(config.num_seeds)
   if kernels is None:
     kernels = kernels_lib.resolve_kernels(config,

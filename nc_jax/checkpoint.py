@@ -45,10 +45,11 @@ from ml_collections import ConfigDict
 # progress is shown, not what is computed; or, for the kernel requests, what
 # matters is what they resolve to, which is compared on its own.
 RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir", "conv_impl",
-                               "norm_impl", "allow_kernel_change"})
+                               "norm_impl", "allow_kernel_change",
+                               "preemption_grace_seconds"})
 # Config fields added after runs were written, and what a config.json
 # without them ran with: such a workdir resumes and loads unchanged.
-MISSING_MEANS = {"etf_rotation": "gaussian"}
+MISSING_MEANS = {"etf_rotation": "gaussian", "preemption_grace_seconds": 25.0}
 # Keys of config.json that are records, not config fields.
 RECORD_KEYS = ("resolved", "resolved_before")
 KERNEL_CHANGE_FLAG = "--config.allow_kernel_change=True"

@@ -262,6 +262,25 @@ def ldam_drw(ctx: LossContext) -> jax.Array:
 # ------------------------------------------------------------------ checks
 
 
+def _check_etf_dr(config: Any, total_epochs: float | None) -> None:
+  del total_epochs
+  o = config.loss
+  if o.dr_form not in ("reference", "paper"):
+    raise ValueError("loss.dr_form must be 'reference' or 'paper', got "
+                     f"{o.dr_form!r}.")
+  if o.dr_form == "paper" and o.given_ew:
+    raise ValueError(
+        "loss.dr_form='paper' uses fixed lengths e_w, e_h; the per-batch "
+        "class lengths belong to the reference form. Set "
+        "--config.loss.given_ew=False (or keep dr_form='reference').")
+  if not (o.e_w > 0 and o.e_h > 0):
+    raise ValueError(f"loss.e_w and loss.e_h must be > 0 (1 in the paper), "
+                     f"got {o.e_w}, {o.e_h}.")
+  if not o.reg_lam >= 0:
+    raise ValueError(f"loss.reg_lam must be >= 0 (0 for CIFAR, 0.01 for "
+                     f"ImageNet-LT), got {o.reg_lam}.")
+
+
 def _check_la(config: Any, total_epochs: float | None) -> None:
   del total_epochs
   tau = config.loss.la_tau
@@ -317,7 +336,8 @@ def plain_dot_eval(ctx: LossContext) -> jax.Array:
 # ---------------------------------------------------------------- registry
 
 METHODS: dict[str, Method] = {
-    "etf_dr": Method(head="etf", loss=dot_regression, calibrated=False,
+    "etf_dr": Method(head="etf", loss=dot_regression, check=_check_etf_dr,
+                     calibrated=False,
                      eval_loss=dot_regression_eval,
                      summary="fixed ETF + dot regression (the paper)"),
     "etf_ce": Method(head="etf", loss=cross_entropy, calibrated=False,

@@ -10,6 +10,7 @@ follows MiSLAS's per-epoch schedule: linear warm-up over the first epochs
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax.numpy as jnp
@@ -99,6 +100,69 @@ def cosine_schedule(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
 
 
 SCHEDULES = ("step", "cosine")
+
+
+def check_config(config: ConfigDict, *, total_epochs: float | None = None,
+                 steps_per_epoch: int | None = None) -> None:
+  """Refuses optimiser settings that cannot train as meant, before any work.
+
+  Args:
+    config: the `optim` sub-config.
+    total_epochs: the run's length in epochs, when known (None: the checks
+      against the length wait for it).
+    steps_per_epoch: known with the data; checks `warmup_steps` then.
+
+  Raises:
+    ValueError: naming the field, the accepted range and the fix.
+  """
+  lr = config.lr
+  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    raise ValueError(
+        f"optim.lr must be a finite number > 0 (0.1 in the recipe), got {lr}"
+        + (": a negative rate climbs the loss" if lr < 0 else "") + ".")
+  m = config.momentum
+  if not 0 <= m < 1:
+    raise ValueError(f"optim.momentum must lie in [0, 1) (0.9 in the recipe; "
+                     f"0 = plain SGD), got {m}: at 1 or above the velocity "
+                     "grows without bound.")
+  if not config.weight_decay >= 0:
+    raise ValueError(f"optim.weight_decay must be >= 0 (2e-4 in the recipe), "
+                     f"got {config.weight_decay}.")
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"Unknown optim.schedule {config.schedule!r}; choose one "
+                     f"of {SCHEDULES}.")
+  if not 0 < config.decay_factor <= 1:
+    raise ValueError(f"optim.decay_factor must lie in (0, 1] (0.1 in the "
+                     f"recipe), got {config.decay_factor}.")
+  decay = tuple(config.decay_epochs or ())
+  if any(not isinstance(e, int) or e < 1 for e in decay) or any(
+      b <= a for a, b in zip(decay, decay[1:])):
+    raise ValueError(
+        f"optim.decay_epochs must be increasing whole epochs >= 1 ((160, 180) "
+        f"in the recipe), got {decay}.")
+  warmup = config.get("warmup_epochs") or 0
+  if warmup < 0 or (config.get("warmup_steps") or 0) < 0:
+    raise ValueError("optim.warmup_epochs / warmup_steps must be >= 0.")
+  if total_epochs is None:
+    return
+  fix = ("Shorten the schedule to the run (--config.optim.warmup_epochs=N, "
+         "--config.optim.decay_epochs='(a, b)', or '()' for none) or train "
+         "longer.")
+  if warmup and warmup >= total_epochs:
+    raise ValueError(
+        f"optim.warmup_epochs={warmup} is not shorter than the run "
+        f"({total_epochs:g} epochs): the learning rate would never reach "
+        f"optim.lr. {fix}")
+  wsteps = config.get("warmup_steps") or 0
+  if wsteps and steps_per_epoch and wsteps >= total_epochs * steps_per_epoch:
+    raise ValueError(
+        f"optim.warmup_steps={wsteps} is not shorter than the run "
+        f"({round(total_epochs * steps_per_epoch)} steps). {fix}")
+  late = [e for e in decay if e >= total_epochs]
+  if config.schedule == "step" and late:
+    raise ValueError(
+        f"optim.decay_epochs={decay} has {late} at or past the end of the run "
+        f"({total_epochs:g} epochs): those decays would never happen. {fix}")
 
 
 def make_schedule(config: ConfigDict, steps_per_epoch: int,

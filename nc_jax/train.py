@@ -33,6 +33,7 @@ from nc_jax.data.sources import IN_MEMORY
 from nc_jax import metrics as metrics_lib
 from nc_jax import nc_metrics
 from nc_jax import optim
+from nc_jax import preemption
 from nc_jax import provenance
 from nc_jax import reporting
 from nc_jax import sharding
@@ -99,6 +100,10 @@ def _validate(config: ConfigDict) -> None:
   _positive_int(config, "log_every_steps", "steps between progress lines")
   _positive_int(config, "keep_checkpoints", "checkpoints kept on disk")
   _positive_int(config, "ece_bins", "calibration bins")
+  if not config.preemption_grace_seconds > 0:
+    raise ValueError(
+        f"preemption_grace_seconds must be > 0 (25: inside a 30 s "
+        f"pre-emption notice), got {config.preemption_grace_seconds}.")
   for name in ("seed", "selection_seed", "etf_seed"):
     v = config.get(name)
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
@@ -110,17 +115,6 @@ def _validate(config: ConfigDict) -> None:
   # or norm_impl, or oneDNN convolutions asked for where they cannot run
   # (this is also where they are built, once, if they are chosen).
   kernels_lib.resolve_kernels(config)
-  if config.loss.dr_form not in ("reference", "paper"):
-    raise ValueError("loss.dr_form must be 'reference' or 'paper', got "
-                     f"{config.loss.dr_form!r}.")
-  if config.loss.dr_form == "paper" and config.loss.given_ew:
-    raise ValueError(
-        "loss.dr_form='paper' uses fixed lengths e_w, e_h; the per-batch "
-        "class lengths belong to the reference form. Set "
-        "--config.loss.given_ew=False (or keep dr_form='reference').")
-  if config.mixup_alpha < 0:
-    raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got "
-                     f"{config.mixup_alpha}.")
   if config.num_seeds < 1:
     raise ValueError(f"num_seeds must be >= 1, got {config.num_seeds}.")
   if config.seeds_mode not in steps_lib.REPLICA_MODES:
@@ -251,8 +245,10 @@ class _Evaluator:
   """Runs the eval step over an `EvalInput`, per replica."""
 
   def __init__(self, eval_fn, eval_input, *, num_replicas, num_classes,
-               groups, classifier_fn, with_nc: bool, calibrated: bool = True):
+               groups, classifier_fn, with_nc: bool, calibrated: bool = True,
+               should_stop=lambda: False):
     self.calibrated = calibrated
+    self.should_stop = should_stop
     self.fn, self.input = eval_fn, eval_input
     self.s, self.k, self.groups = num_replicas, num_classes, groups
     self.classifier_fn, self.with_nc = classifier_fn, with_nc
@@ -262,6 +258,8 @@ class _Evaluator:
     accs = [metrics_lib.EvalAccumulator() for _ in range(self.s)]
     nc_stats = None
     for batch in self.input.iterate():
+      if self.should_stop():
+        raise preemption.EvalInterrupted()
       out = self.fn(state, batch, etf)
       feats = out.pop("features", None)
       for r in range(self.s):
@@ -302,11 +300,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
     checkpoint.CheckpointError: a checkpoint exists but cannot be restored.
   """
   with contextlib.ExitStack() as held:
-    return _train_and_evaluate(config, workdir, held)
+    stop = held.enter_context(preemption.StopSignals(
+        grace_seconds=config.get("preemption_grace_seconds", 25.0),
+        multi_process=jax.process_count() > 1, say=say))
+    return _train_and_evaluate(config, workdir, held, stop)
+
+
+_all_finite = jax.jit(lambda tree: jnp.all(jnp.stack(
+    [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+     if jnp.issubdtype(x.dtype, jnp.inexact)])))
+
+
+def _diverged(step: int, what: str, config: ConfigDict,
+              saved: int | None) -> preemption.Diverged:
+  last = ("no checkpoint was saved" if saved is None
+          else f"the last good checkpoint is at step {saved}")
+  return preemption.Diverged(
+      f"training diverged at step {step}: {what} not finite. No checkpoint "
+      f"holds a non-finite state ({last}), but resuming would replay the same "
+      "steps into the same divergence: start again in a new --workdir (or "
+      f"empty this one) with a lower --config.optim.lr (now "
+      f"{config.optim.lr}), or check the data.")
 
 
 def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
-                        held: contextlib.ExitStack) -> dict[str, Any]:
+                        held: contextlib.ExitStack,
+                        stop: preemption.StopSignals) -> dict[str, Any]:
   validate_config(config)
   workdir = _workdir_path(workdir)
   results_path = workdir / "results.json"
@@ -359,8 +378,9 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
   eval_every = optim.duration_steps(config, "eval_every", spe, default=total)
   ckpt_every = optim.duration_steps(config, "checkpoint_every", spe,
                                     default=total)
-  try:  # options that need the real length (a DRW epoch past the end)
-    builder_lib.check_config(config, total_epochs=total / spe)
+  try:  # what needs the real length (the schedule, a DRW epoch)
+    builder_lib.check_config(config, total_epochs=total / spe,
+                             steps_per_epoch=spe)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -425,6 +445,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
     writer.truncate_after(start)
     say(f"resumed from the checkpoint at step {start} "
         f"(epoch {start / spe:.2f}) in {checkpointer.directory}")
+    stop.mark_saved(start)
   start = int(start or 0)
 
   classifier_fn = lambda state, etf: built.classifiers(state)  # noqa: E731
@@ -432,7 +453,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
                          num_classes=info.num_classes, groups=groups,
                          classifier_fn=classifier_fn,
                          with_nc=bool(config.nc_metrics),
-                         calibrated=method.calibrated)
+                         calibrated=method.calibrated,
+                         should_stop=stop.pending)
   train_evaluator = None
   if config.nc_metrics and config.nc_train_metrics:
     train_eval_input = data_lib.make_eval_input(
@@ -444,7 +466,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
     train_evaluator = _Evaluator(eval_step, train_eval_input, num_replicas=s,
                                  num_classes=info.num_classes, groups=groups,
                                  classifier_fn=classifier_fn, with_nc=True,
-                                 calibrated=method.calibrated)
+                                 calibrated=method.calibrated,
+                                 should_stop=stop.pending)
 
   def run_eval(step: int) -> None:
     epoch = step / spe
@@ -480,7 +503,41 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
   progress = reporting.Progress(total_steps=total, steps_per_epoch=spe,
                                 batch_size=config.batch_size, start_step=start,
                                 eval_every=eval_every)
+  def save(step: int) -> None:
+    """A checkpoint at `step`, never of a non-finite state."""
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    if not bool(_all_finite(state)):
+      raise _diverged(step, "the parameters or optimiser state are", config,
+                      checkpointer.latest_step())
+    checkpointer.save(step, state, {
+        "history": history, "resumes": resumes,
+        "wall_s": wall_before + time.perf_counter() - t_start})
+    stop.mark_saved(step)
+    progress.exclude(time.perf_counter() - t)
+
+  def evaluate(step: int) -> None:
+    """The evaluation at `step`, and the best checkpoint; a stop request
+    during it saves the checkpoint at `step` (the rerun evaluates it)."""
+    # Dispatch is asynchronous: wait for the queued steps first, or their
+    # compute would be timed (and excluded) as evaluation.
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    try:
+      run_eval(step)
+    except preemption.EvalInterrupted:
+      save(step)
+      raise stop.stopped(step, str(checkpointer.directory)) from None
+    if not bool(_all_finite(state)):
+      raise _diverged(step, "the parameters or optimiser state are", config,
+                      checkpointer.latest_step())
+    best.update(step, state, history[-1])
+    progress.exclude(time.perf_counter() - t, evaluation=True)
+
   step = start
+  if (0 < start and (start % eval_every == 0 or start == total)
+      and not any(h["step"] == start for h in history)):
+    evaluate(start)  # a stop interrupted it before the checkpoint
   batches = train_input.iterate(start)
   # Per-step metrics summed on device over the log interval (no host sync
   # per step); the logged values are interval means, not the last batch's.
@@ -491,6 +548,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
       batch = next(batches)
       state, out = train_step(state, batch, etf)
       step += 1
+      stop.mark_trained()
       sums = out if sums is None else add(sums, out)
       n_sum += 1
       progress.step()
@@ -500,29 +558,20 @@ def _train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path,
         scalars["lr"] = float(np.mean(jax.device_get(out["lr"])))  # current
         sums, n_sum = None, 0
         if not all(np.isfinite(v) for v in scalars.values()):
-          raise FloatingPointError(
-              f"Non-finite training metrics around step {step}: {scalars}. "
-              "The last good checkpoint is kept; lower optim.lr or check the "
-              "data.")
+          bad = ", ".join(k for k, v in scalars.items() if not np.isfinite(v))
+          raise _diverged(step, f"the training metrics ({bad}) are", config,
+                          checkpointer.latest_step())
         line, ips = progress.line(step, {k: scalars[k] for k in
                                          ("loss", "lr", "train_acc")})
         say(line)
         writer.write(step, "train", dict(scalars, images_per_sec=ips))
       if step % eval_every == 0 or step == total:
-        # Dispatch is asynchronous: wait for the queued steps first, or their
-        # compute would be timed (and excluded) as evaluation.
-        jax.block_until_ready(state)
-        t = time.perf_counter()
-        run_eval(step)
-        best.update(step, state, history[-1])
-        progress.exclude(time.perf_counter() - t, evaluation=True)
+        evaluate(step)
       if step % ckpt_every == 0 or step == total:
-        jax.block_until_ready(state)
-        t = time.perf_counter()
-        checkpointer.save(step, state, {
-            "history": history, "resumes": resumes,
-            "wall_s": wall_before + time.perf_counter() - t_start})
-        progress.exclude(time.perf_counter() - t)
+        save(step)
+      if stop.requested(step) and step < total:
+        save(step)
+        raise stop.stopped(step, str(checkpointer.directory))
   finally:
     progress.close()
 

@@ -130,6 +130,9 @@ def _one_bad_file(root, src):
      ["batch_size=0 must be a positive integer", "--config.batch_size=128"]),
     ("batch_too_big", ["--config.batch_size=1000"],
      ["fewer than one batch of 1000", "at most 159"]),
+    ("negative_lr", ["--config.optim.lr=-0.1"],
+     ["optim.lr must be a finite number > 0"]),
+    ("nan_lr", ["--config.optim.lr=nan"], ["optim.lr=nan is not a finite"]),
 ])
 def test_data_and_config_mistakes_write_nothing(tiny_image_folder, tmp_path,
                                                 case, extra, fragments):
@@ -150,6 +153,17 @@ def test_data_and_config_mistakes_write_nothing(tiny_image_folder, tmp_path,
              cwd=cwd)
   _assert_clean_error(out, *fragments)
   assert not (cwd / "w").exists()  # nothing to block the corrected rerun
+
+
+def test_divergence_is_one_error_line_with_its_own_status(tiny_image_folder,
+                                                         tmp_path):
+  out = _run([*TINY, f"--config.data_dir={tiny_image_folder}", "--workdir",
+              "w", "--config.optim.lr=1e30"], cwd=tmp_path)
+  assert out.returncode == 3, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and "training diverged at step" in errors[0]
+  assert "start again in a new --workdir" in errors[0]
 
 
 def test_damaged_archive(tmp_path):

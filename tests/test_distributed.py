@@ -103,19 +103,29 @@ def test_sigkill_and_restart_equals_uninterrupted(tiny_image_folder, tmp_path,
   assert resumed["best"] == baseline["best"]
 
 
-def test_two_processes_match_one(tiny_image_folder, tmp_path, baseline):
+def _two_processes(workdir, data_dir, *extra):
   port = _free_port()
-  procs = [subprocess.Popen(
-      _cli(tmp_path / "two", tiny_image_folder,
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={i}"),
+  return [subprocess.Popen(
+      _cli(workdir, data_dir, f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}", *extra),
       env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_image_folder, tmp_path_factory):
+  """An uninterrupted two-process run: (results, logs)."""
+  wd = tmp_path_factory.mktemp("two")
+  procs = _two_processes(wd, tiny_image_folder)
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
+  return json.loads((wd / "results.json").read_text()), logs
+
+
+def test_two_processes_match_one(two_process_run, baseline):
+  two, logs = two_process_run
   assert "2 device(s) over 2 process(es)" in logs[0]
-  two = json.loads((tmp_path / "two" / "results.json").read_text())
   one = baseline
   assert two["train_counts"] == one["train_counts"]
   assert two["final"]["num_examples"] == one["final"]["num_examples"] == 60
@@ -144,3 +154,90 @@ def test_cli_stops_on_bad_overrides_with_one_message(tmp_path):
   assert "error: imb_factor=1.5 is outside (0, 1]" in ratio.stderr
   assert "Traceback" not in ratio.stderr
   assert not (tmp_path / "w").exists()
+
+
+# --------------------------------------------------------------- pre-emption
+# Checkpoints only where a stop asks for one, so that the resumed run starts
+# from the signal's step, not from a periodic checkpoint.
+NO_PERIODIC = "--config.checkpoint_every_steps=1000"
+
+
+def _wait_for_step(wd, proc, at_least):
+  """Blocks until metrics.jsonl shows a train step >= `at_least`."""
+  deadline = time.time() + 300
+  while True:
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() < deadline, "training did not get going"
+    path = wd / "metrics.jsonl"
+    if path.is_file():
+      steps = [json.loads(l)["step"] for l in path.read_text().splitlines()
+               if l.strip().endswith("}")]
+      if steps and max(steps) >= at_least:
+        return
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_at_a_step_and_resumes_exactly(tiny_image_folder,
+                                                    tmp_path, baseline, sig):
+  wd = tmp_path / "stopped"
+  proc = subprocess.Popen(_cli(wd, tiny_image_folder, NO_PERIODIC), env=_env(),
+                          cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_step(wd, proc, 5)
+  t = time.time()
+  proc.send_signal(sig)
+  err = proc.communicate(timeout=60)[1]
+  assert proc.returncode == 75, err[-3000:]
+  assert time.time() - t < 30
+  assert "Traceback" not in err
+  line = [l for l in err.splitlines() if l.startswith("stopped: ")]
+  assert len(line) == 1, err[-3000:]
+  assert f"stopped by {sig.name} at step" in line[0]
+  assert "Run the same command to resume" in line[0]
+  step = int(line[0].split(" at step ")[1].split(":")[0])
+  assert 5 <= step < STEPS
+  assert (wd / "checkpoints" / str(step)).is_dir()
+  assert not (wd / "results.json").exists()
+  out = subprocess.run(_cli(wd, tiny_image_folder, NO_PERIODIC), env=_env(),
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"resumed from the checkpoint at step {step}" in out.stdout
+  resumed = json.loads((wd / "results.json").read_text())
+  assert resumed["final"] == baseline["final"]
+  assert resumed["best"] == baseline["best"]
+  assert resumed["provenance"]["resumes"] == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
+    tiny_image_folder, tmp_path, two_process_run):
+  wd = tmp_path / "two_stopped"
+  procs = _two_processes(wd, tiny_image_folder, NO_PERIODIC)
+  deadline = time.time() + 300
+  while not (wd / "metrics.jsonl").is_file() or max(
+      [json.loads(l)["step"] for l in
+       (wd / "metrics.jsonl").read_text().splitlines()
+       if l.strip().endswith("}")] or [0]) < 5:
+    assert all(p.poll() is None for p in procs), procs[0].stdout.read()
+    assert time.time() < deadline
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = [p.communicate(timeout=120)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 75, log[-3000:]
+  steps = {int(log.split("stopped by ")[1].split(" at step ")[1].split(":")[0])
+           for log in logs}
+  assert len(steps) == 1, logs  # one step, agreed by both
+  step = steps.pop()
+  assert step < STEPS and (wd / "checkpoints" / str(step)).is_dir()
+  procs = _two_processes(wd, tiny_image_folder, NO_PERIODIC)
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert f"resumed from the checkpoint at step {step}" in logs[0]
+  resumed = json.loads((wd / "results.json").read_text())
+  uninterrupted, _ = two_process_run
+  assert resumed["final"] == uninterrupted["final"]
+  assert resumed["best"] == uninterrupted["best"]

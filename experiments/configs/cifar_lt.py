@@ -206,6 +206,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = ml_collections.FieldReference(None, field_type=int)
   c.keep_checkpoints = 2
   c.log_every_steps = 20
+  # After SIGTERM/SIGINT the run saves a checkpoint at the next step
+  # boundary; if none comes within this many seconds (a long compilation)
+  # it exits without one (nc_jax.preemption). Fits a 30 s notice.
+  c.preemption_grace_seconds = 25.0
   c.nc_metrics = False  # neural-collapse statistics at each evaluation
   c.nc_train_metrics = False  # ...also on the (unaugmented) train subset
   c.ece_bins = 15
@@ -236,6 +240,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batch_size = 32
     c.num_epochs = 1.0
     c.optim.warmup_epochs = 0
+    c.optim.decay_epochs = ()  # a test's few steps end before any decay
     c.loss.drw_epoch = 0  # one epoch: re-weight from the start
     c.log_every_steps = 1
   if "imagenet_lt" in variants or c.dataset == "imagenet_lt":

@@ -75,8 +75,8 @@ def list_tree(root: str) -> FolderTree:
   names.
 
   Raises:
-    ValueError: a split without images, or with a class folder that the
-      train split lacks.
+    ValueError: a split without images, a train class folder without
+      images, or a class folder that the train split lacks.
   """
   split_names = [s for s in _subdirs(root) if has_class_folders(
       os.path.join(root, s))]
@@ -96,6 +96,12 @@ def list_tree(root: str) -> FolderTree:
                                                               cls))
                       if e.is_file() and e.name.lower().endswith(
                           IMAGE_SUFFIXES)), key=natural_key)
+      if not names and split == first:
+        raise ValueError(
+            f"{os.path.join(root, split, cls)}/ holds no images (names ending "
+            f"in {', '.join(IMAGE_SUFFIXES)}): the run would report a class "
+            "it never saw. Put the class's images there, or pass the tree "
+            "of a dataset that has them.")
       ids += [f"{cls}/{n}" for n in names]
       labels += [index[cls]] * len(names)
     if not ids:

@@ -636,6 +636,14 @@ def _load_train_lt(name: str, data_dir: str, imb_factor: float,
     requested += want
     counts += got
     canonical &= index.canonical
+  empty = [c for c in range(k) if counts[c] == 0]
+  if empty:
+    raise ValueError(
+        f"The long-tailed subset of {name} (imb_factor={imb_factor}, "
+        f"{profile}) has no image of class(es) "
+        f"{[class_names(source)[c] for c in empty]} (asked for "
+        f"{[int(requested[c]) for c in empty]}): the run would report "
+        "classes it never saw. Raise imb_factor, or add images.")
   out = ArraySplit(_freeze(np.concatenate(images)),
                    _freeze(np.concatenate(labels).astype(np.int32)),
                    tuple(int(x) for x in counts),

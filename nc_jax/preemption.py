@@ -1,0 +1,219 @@
+"""Ending a run early and cleanly: pre-emption signals and divergence.
+
+Clusters and TPU pods pre-empt a job with SIGTERM and kill it some seconds
+later; Ctrl-C sends SIGINT. `StopSignals` turns either into a request that
+the training loop answers at the next step boundary: it saves a checkpoint
+there and raises `Preempted`, which the entry point reports with exit status
+`EXIT_PREEMPTED` (the same command resumes, and ends with the numbers of an
+uninterrupted run). A second SIGINT exits at once.
+
+The loop may be far from a step boundary when the signal comes: loading
+data, compiling, evaluating. A watchdog thread, woken by the signal itself
+(`signal.set_wakeup_fd`, so even while the main thread is inside XLA), makes
+the run fit the notice:
+
+- nothing trained since the last checkpoint (loading, compiling the first
+  step, the evaluation that follows a restore): it exits at once, since
+  there is nothing to save;
+- an evaluation in progress stops between batches (`pending`); the
+  checkpoint is saved at that step, and the resumed run evaluates it first;
+- no boundary reached within `grace_seconds` (a long compilation): it exits
+  without a new checkpoint, saying from which step the rerun resumes.
+
+Several processes (`jax.distributed`) must agree on one step. JAX's
+pre-emption service listens for SIGTERM itself and every process asks it at
+each step (`multihost_utils.reached_preemption_sync_point`); SIGINT is
+forwarded to it as SIGTERM. The watchdog's early exits and the interrupted
+evaluation are single-process only: one process cannot leave collectives
+that the others wait in.
+
+A diverged run (non-finite metrics or parameters) raises `Diverged`, exit
+status `EXIT_DIVERGED`. Its checkpoints are all finite (the loop checks
+before every save), but resuming would replay the same steps into the same
+divergence, so the run must start again with other settings.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Callable
+
+EXIT_DIVERGED = 3
+# EX_TEMPFAIL: stopped on request after saving; the same command resumes.
+EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: no checkpoint
+
+
+class Stopped(Exception):
+  """The run ended early on purpose; the message says what happened and what
+  to do, `exit_code` is the process's status."""
+  exit_code = 1
+
+
+class Preempted(Stopped):
+  """A checkpoint was saved at a step boundary after a stop signal."""
+  exit_code = EXIT_PREEMPTED
+
+
+class Diverged(Stopped):
+  """Training produced non-finite numbers; nothing non-finite was saved."""
+  exit_code = EXIT_DIVERGED
+
+
+class EvalInterrupted(Exception):
+  """An evaluation gave way to a stop request (single process only)."""
+
+
+def _say(text: str) -> None:
+  print(text, file=sys.stderr, flush=True)
+
+
+class StopSignals:
+  """SIGTERM/SIGINT as a request to stop at the next step boundary.
+
+  Use as a context manager around a run. `requested(step)` is asked at
+  every step, `pending()` between evaluation batches; `mark_trained()` and
+  `mark_saved(step)` tell the watchdog whether there is anything to save.
+  Outside the main thread it installs nothing (no signal can be caught
+  there) and never requests a stop.
+  """
+
+  def __init__(self, *, grace_seconds: float, multi_process: bool = False,
+               say: Callable[[str], None] = _say):
+    self.grace_seconds = float(grace_seconds)
+    self.multi_process = multi_process
+    self.say = say
+    self.signal_name: str | None = None
+    self.signal_time: float | None = None
+    self._event = threading.Event()
+    self._unsaved = False
+    self._saved_step: int | None = None
+    self._installed = False
+    self._old: dict = {}
+
+  # ------------------------------------------------------------ install
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    self._r, self._w = socket.socketpair()
+    self._w.setblocking(False)
+    self._old_fd = signal.set_wakeup_fd(self._w.fileno(),
+                                        warn_on_full_buffer=False)
+    # With several processes SIGTERM stays with JAX's pre-emption service.
+    sigs = (signal.SIGINT,) if self.multi_process else (signal.SIGINT,
+                                                        signal.SIGTERM)
+    for sig in sigs:
+      # A Python-level handler is what makes the wakeup fd fire; the
+      # watchdog does the work.
+      self._old[sig] = signal.signal(sig, lambda *_: None)
+    self._installed = True
+    self._thread = threading.Thread(target=self._watch, daemon=True,
+                                    name="nc_jax-stop-watchdog")
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if not self._installed:
+      return
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    signal.set_wakeup_fd(self._old_fd)
+    self._installed = False
+    self._r.close()  # ends the watchdog's wait
+    self._w.close()
+
+  # ------------------------------------------------------------ the loop
+  def mark_trained(self) -> None:
+    """A step ran since the last checkpoint: a stop must save first."""
+    self._unsaved = True
+
+  def mark_saved(self, step: int) -> None:
+    """The state at `step` is in a checkpoint."""
+    self._saved_step = int(step)
+    self._unsaved = False
+
+  def pending(self) -> bool:
+    """A stop was requested (single process; evaluations stop early)."""
+    return self._event.is_set() and not self.multi_process
+
+  def requested(self, step: int) -> bool:
+    """Whether to save and stop after `step` (called at every step; with
+    several processes, the step all of them agreed on)."""
+    if self.multi_process:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    return self._event.is_set()
+
+  def stopped(self, step: int, where: str) -> Preempted:
+    """The exception that ends a run stopped after saving `step`."""
+    waited = ("" if self.signal_time is None else
+              f" {time.monotonic() - self.signal_time:.1f}s after the signal")
+    return Preempted(
+        f"stopped by {self.signal_name or 'a pre-emption notice'} at step "
+        f"{step}: checkpoint saved in {where}{waited}. Run the same command "
+        "to resume.")
+
+  # ----------------------------------------------------------- watchdog
+  def _resume_point(self) -> str:
+    return ("from the start" if self._saved_step is None
+            else f"from step {self._saved_step}")
+
+  def _exit(self, code: int, text: str) -> None:
+    self.say(text)
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
+
+  def _watch(self) -> None:
+    deadline = None
+    while True:
+      timeout = None if deadline is None else max(deadline - time.monotonic(),
+                                                  0.0)
+      self._r.settimeout(timeout)
+      try:
+        data = self._r.recv(16)
+      except socket.timeout:
+        self._exit(EXIT_PREEMPTED,
+                   f"{self.signal_name}: no step boundary within "
+                   f"{self.grace_seconds:g}s; exiting without a new "
+                   f"checkpoint. The same command resumes "
+                   f"{self._resume_point()}.")
+        return
+      except OSError:
+        return  # closed by __exit__
+      if not data:
+        return
+      for signum in data:
+        if self._on_signal(signum):
+          deadline = time.monotonic() + self.grace_seconds
+
+  def _on_signal(self, signum: int) -> bool:
+    """Acts on one signal; True when the grace period starts."""
+    name = signal.Signals(signum).name
+    if self._event.is_set():
+      if signum == signal.SIGINT:
+        self._exit(EXIT_INTERRUPTED, f"{name} again: exiting at once, "
+                   "without a checkpoint. The same command resumes "
+                   f"{self._resume_point()}.")
+      return False
+    self.signal_name, self.signal_time = name, time.monotonic()
+    self._event.set()
+    if self.multi_process:
+      if signum == signal.SIGINT:
+        os.kill(os.getpid(), signal.SIGTERM)  # to JAX's pre-emption service
+      self.say(f"{name}: all processes stop at an agreed step after saving "
+               "a checkpoint (a second Ctrl-C exits at once).")
+      return False
+    if not self._unsaved:
+      self._exit(EXIT_PREEMPTED,
+                 f"{name}: nothing trained since the last checkpoint; "
+                 f"exiting now. The same command resumes "
+                 f"{self._resume_point()}.")
+    self.say(f"{name}: stopping at the next step boundary to save a "
+             f"checkpoint (at most {self.grace_seconds:g}s; a second Ctrl-C "
+             "exits at once).")
+    return True

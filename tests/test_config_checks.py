@@ -1,0 +1,128 @@
+"""Numbers a config accepts only within their range, refused before any work.
+
+Each bad value stops `train.validate_config` (what `nc-jax-train` runs
+first) with one message that names the field; the command line turns it
+into one `error:` line with exit status 2 (tests/test_cli.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from experiments.configs import cifar_lt as cfg_lib
+from nc_jax import train
+
+
+def _config(arg="", **overrides):
+  c = cfg_lib.get_config(arg or "dataset=cifar10")
+  c.unlock()
+  c.data_dir = "/nonexistent"  # the numbers are checked before the data
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  c.lock()
+  return c
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    ({"optim.lr": -0.1}, ["optim.lr must be a finite number > 0",
+                          "climbs the loss"]),
+    ({"optim.lr": 0.0}, ["optim.lr must be a finite number > 0"]),
+    ({"optim.lr": math.nan}, ["optim.lr=nan is not a finite number"]),
+    ({"optim.lr": math.inf}, ["optim.lr=inf is not a finite number"]),
+    ({"optim.momentum": 1.5}, ["optim.momentum must lie in [0, 1)"]),
+    ({"optim.momentum": 1.0}, ["optim.momentum must lie in [0, 1)"]),
+    ({"optim.momentum": -0.1}, ["optim.momentum must lie in [0, 1)"]),
+    ({"optim.weight_decay": -2e-4}, ["optim.weight_decay must be >= 0"]),
+    ({"optim.decay_factor": 0.0}, ["optim.decay_factor must lie in (0, 1]"]),
+    ({"optim.decay_factor": 10.0}, ["optim.decay_factor must lie in (0, 1]"]),
+    ({"optim.decay_epochs": (180, 160)}, ["must be increasing"]),
+    ({"optim.decay_epochs": (160, 160)}, ["must be increasing"]),
+    ({"optim.decay_epochs": (160, 250)},
+     ["[250] at or past the end of the run (200 epochs)"]),
+    ({"optim.warmup_epochs": 300}, ["optim.warmup_epochs=300 is not shorter "
+                                    "than the run (200 epochs)"]),
+    ({"optim.warmup_epochs": -1}, ["must be >= 0"]),
+    ({"mixup_alpha": math.nan}, ["mixup_alpha=nan is not a finite number"]),
+    ({"mixup_alpha": -1.0}, ["mixup_alpha must be >= 0"]),
+    ({"imb_factor": math.nan}, ["imb_factor=nan is not a finite number"]),
+    ({"num_epochs": math.inf}, ["num_epochs=inf is not a finite number"]),
+    ({"loss.la_tau": -1.0, "method": "la"}, ["loss.la_tau must be >= 0"]),
+    ({"eval_logit_adjust_tau": -0.5}, ["eval_logit_adjust_tau must be >= 0"]),
+    ({"loss.e_w": 0.0}, ["loss.e_w and loss.e_h must be > 0"]),
+    ({"loss.reg_lam": -0.01}, ["loss.reg_lam must be >= 0"]),
+    ({"loss.cb_beta": 1.0, "method": "ldam_drw"},
+     ["loss.cb_beta must lie in (0, 1)"]),
+    ({"etf_rotation": "haar"}, ["etf_rotation must be one of"]),
+    ({"preemption_grace_seconds": 0.0},
+     ["preemption_grace_seconds must be > 0"]),
+])
+def test_impossible_numbers_are_refused(overrides, fragments):
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(_config(**overrides))
+  for f in fragments:
+    assert f in str(e.value), (f, str(e.value))
+
+
+def test_the_recipes_pass_the_checks():
+  """The presets and variants are within range (the data check aside)."""
+  for arg in ("cifar10_r0.01_etf_dr", "cifar100_r0.005_ce", "quick",
+              "imagenet_lt", "tiny,steps=4", "quick,method=ldam_drw"):
+    with pytest.raises(train.ConfigError, match="/nonexistent"):
+      train.validate_config(_config(arg))
+
+
+def test_a_schedule_longer_than_a_short_run_names_the_fix():
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(_config("cifar10_r0.01_etf_dr,epochs=100"))
+  assert "[160, 180] at or past the end of the run (100 epochs)" in str(
+      e.value)
+  assert "--config.optim.decay_epochs" in str(e.value)
+
+
+# ------------------------------------------------------- divergence, data
+
+
+def test_empty_class_folder_is_refused_naming_it(tiny_image_folder, tmp_path):
+  import shutil
+  tree = tmp_path / "tree"
+  shutil.copytree(tiny_image_folder, tree)
+  for f in (tree / "train" / "class_03").iterdir():
+    f.unlink()
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(_config("tiny", data_dir=str(tree)))
+  assert f"{tree}/train/class_03/ holds no images" in str(e.value)
+
+
+def test_a_long_tail_that_empties_a_class_is_refused(tiny_image_folder,
+                                                     tmp_path):
+  from tests.test_train import tiny_config
+  config = tiny_config(tiny_image_folder, imb_factor=0.01)  # 40 * 0.01 < 1
+  with pytest.raises(train.ConfigError, match="has no image of class"):
+    train.train_and_evaluate(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+
+
+def test_divergence_never_reaches_a_checkpoint(tiny_image_folder, tmp_path):
+  """Parameters blow up between log steps: the save refuses them."""
+  from nc_jax import checkpoint as ckpt_lib
+  from nc_jax import preemption
+  from tests.test_train import tiny_config
+  config = tiny_config(tiny_image_folder, arg="steps=6",
+                       log_every_steps=1000, checkpoint_every_epochs=0.0,
+                       checkpoint_every_steps=1, eval_every_epochs=0.0,
+                       eval_every_steps=1000, **{"optim.lr": 1e30})
+  with pytest.raises(preemption.Diverged) as e:
+    train.train_and_evaluate(config, tmp_path / "w")
+  assert e.value.exit_code == 3
+  assert "not finite" in str(e.value) and "lower --config.optim.lr" in str(
+      e.value)
+  saved = ckpt_lib.saved_steps(tmp_path / "w" / "checkpoints")
+  assert str(e.value).count("diverged at step") == 1
+  step = int(str(e.value).split("diverged at step ")[1].split(":")[0])
+  assert all(s < step for s in saved), (saved, step)
