@@ -48,7 +48,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "data_dir for every cell "
                                 "(image folder, archive or tfds data_dir).")
 flags.mark_flags_as_required(["root", "cells"])
 
-# Top-1 (%) published for these cells (method.md §8; ResNet backbones).
+# Top-1 (%) published for these cells (docs/method.md, Published numbers;
+# ResNet backbones).
 # ETF + DR from the paper's tables; the learnable-CE baseline as the paper
 # lists it. SVHN-LT as listed in the paper.
 PAPER_TOP1 = {

@@ -12,9 +12,9 @@ References:
   Network? NeurIPS 2022. arXiv:2203.09081. (Eq. 6: the dot-regression loss.)
   Zhang, Cisse, Dauphin, Lopez-Paz. mixup: Beyond Empirical Risk
   Minimization. ICLR 2018.
-  Long-tail baselines (method.md section 9): Menon et al., Long-tail learning
-  via logit adjustment, ICLR 2021; Ren et al., Balanced Meta-Softmax,
-  NeurIPS 2020; Cao et al., Learning Imbalanced Datasets with
+  Long-tail baselines (docs/method.md, Long-tail baselines): Menon et al.,
+  Long-tail learning via logit adjustment, ICLR 2021; Ren et al., Balanced
+  Meta-Softmax, NeurIPS 2020; Cao et al., Learning Imbalanced Datasets with
   Label-Distribution-Aware Margin Loss (LDAM, DRW), NeurIPS 2019; Cui et al.,
   Class-Balanced Loss Based on Effective Number of Samples, CVPR 2019.
 """

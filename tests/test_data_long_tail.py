@@ -146,7 +146,7 @@ def test_check_data_dir_messages(tmp_path):
   # Unset: tfds's default data directory (prepared by sources.prepare_tfds).
   assert sources.check_data_dir("cifar10", None) == sources.Source(
       "tfds", None, sources.REGISTRY["cifar10"])
-  with pytest.raises(FileNotFoundError, match="does not exist.*cifar10_jpeg"):
+  with pytest.raises(FileNotFoundError, match="does not exist.*cifar-10-batches-py"):
     data.check_data_dir("cifar10", tmp_path / "missing")
   with pytest.raises(ValueError, match="neither.*train/ and test/"):
     data.check_data_dir("cifar10", tmp_path)

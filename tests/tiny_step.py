@@ -25,6 +25,7 @@ def tiny_config(method: str = "etf_dr", conv_impl: str = "auto", **overrides):
   c.backbone = "resnet8"
   c.conv_impl = conv_impl
   c.loss.drw_epoch = 5  # inside the TOTAL_STEPS / STEPS_PER_EPOCH epochs
+  c.optim.decay_epochs = ()  # the recipe's 160 and 180 lie past the end
   for key, value in overrides.items():
     target = c
     *path, last = key.split(".")

@@ -170,7 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.e_w = 1.0
   c.loss.e_h = 1.0
   c.loss.reg_lam = 0.0
-  # Long-tail baselines (method.md section 9; nc_jax.methods).
+  # Long-tail baselines (docs/method.md, Long-tail baselines; nc_jax.methods).
   c.loss.la_tau = 1.0  # method=la: CE(z + la_tau * log(prior))
   c.loss.ldam_max_margin = 0.5  # method=ldam_drw: the rarest class's margin
   c.loss.ldam_scale = 30.0  # method=ldam_drw: scale of the cosine logits
