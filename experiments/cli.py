@@ -1,6 +1,6 @@
 """What the command-line entry points share: clean errors, config lookup.
 
-Every entry point (`nc-jax-train` = `python -m experiments.cifar_lt`,
+Every entry point (`nc-jax-train` = `python -m experiments.train`,
 `nc-jax-report` = `python -m experiments.report`, ...) is a module with a
 `run()` function that calls `run_app(main)`. An input mistake then ends the
 process with one line `error: ...` that names the fix and exit status 2,

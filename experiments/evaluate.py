@@ -95,7 +95,7 @@ def main(argv: list[str]) -> None:
   if not path.exists():
     raise cli.UsageProblem(
         f"--workdir {path} does not exist. Pass the --workdir of a run of "
-        "nc-jax-train (python -m experiments.cifar_lt) or a file written by "
+        "nc-jax-train (python -m experiments.train) or a file written by "
         "--export.")
   config = _run_config(path) or {}
   xla_defaults.apply(backbone=config.get("backbone"),

@@ -54,7 +54,7 @@ def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
   if not wd.exists():
     raise ReportError(
         f"--workdir {wd} does not exist. Pass the --workdir of a run of "
-        "nc-jax-train (python -m experiments.cifar_lt).")
+        "nc-jax-train (python -m experiments.train).")
   if not wd.is_dir():
     raise ReportError(f"--workdir {wd} is a file, not a run directory.")
   cfg_path, res_path, met_path = (wd / "config.json", wd / "results.json",
@@ -62,7 +62,7 @@ def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
   if not cfg_path.exists():
     raise ReportError(
         f"{wd} has no config.json: it is not a run directory of "
-        "nc-jax-train (python -m experiments.cifar_lt), or that run stopped "
+        "nc-jax-train (python -m experiments.train), or that run stopped "
         "before it started training.")
   records = []
   if met_path.exists():

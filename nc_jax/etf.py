@@ -130,16 +130,6 @@ def simplex_etf(num_classes: int,
   return jnp.asarray(m, dtype=dtype)
 
 
-def etf_gram(num_classes: int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  """The Gram matrix every K-class simplex ETF has, `(K, K)`.
-
-  Diagonal 1, off-diagonal -1/(K-1).
-  """
-  k = num_classes
-  return jnp.asarray(
-      k / (k - 1) * (np.eye(k) - np.full((k, k), 1.0 / k)), dtype=dtype)
-
-
 def replica_etfs(num_classes: int,
                  feature_dim: int,
                  *,

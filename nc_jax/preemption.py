@@ -43,6 +43,9 @@ import threading
 import time
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
+
 EXIT_DIVERGED = 3
 # EX_TEMPFAIL: stopped on request after saving; the same command resumes.
 EXIT_PREEMPTED = 75
@@ -63,10 +66,6 @@ class Preempted(Stopped):
 class Diverged(Stopped):
   """Training produced non-finite numbers; nothing non-finite was saved."""
   exit_code = EXIT_DIVERGED
-
-
-class EvalInterrupted(Exception):
-  """An evaluation gave way to a stop request (single process only)."""
 
 
 def _say(text: str) -> None:
@@ -217,3 +216,28 @@ class StopSignals:
              f"checkpoint (at most {self.grace_seconds:g}s; a second Ctrl-C "
              "exits at once).")
     return True
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def all_finite(tree) -> bool:
+  """Whether every float array in `tree` is finite (one device reduction)."""
+  return bool(_all_finite(tree))
+
+
+def diverged(step: int, what: str, lr: float, saved: int | None) -> Diverged:
+  """The `Diverged` error of a run whose `what` went non-finite at `step`
+  (`saved`: its newest checkpoint's step, or None)."""
+  last = ("no checkpoint was saved" if saved is None
+          else f"the last good checkpoint is at step {saved}")
+  return Diverged(
+      f"training diverged at step {step}: {what} not finite. No checkpoint "
+      f"holds a non-finite state ({last}), but resuming would replay the same "
+      "steps into the same divergence: start again in a new --workdir (or "
+      f"empty this one) with a lower --config.optim.lr (now {lr}), or check "
+      "the data.")

@@ -61,7 +61,7 @@ from nc_jax import nc_metrics
 from nc_jax import optim
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
-from nc_jax import train
+from nc_jax import evaluators
 from nc_jax.data import sources
 from nc_jax.data.archive import resolve_data_dir
 
@@ -227,7 +227,7 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> _Source:
   if not (wd / "config.json").is_file():
     raise RunError(
         f"{wd} has no config.json: it is not the workdir of a run of "
-        "nc-jax-train (python -m experiments.cifar_lt), or that run stopped "
+        "nc-jax-train (python -m experiments.train), or that run stopped "
         "before it started training.")
   raw = _read_json(wd / "config.json")
   if not isinstance(raw, dict):
@@ -341,7 +341,7 @@ def _open(path: str | os.PathLike, which: str | int = "final") -> _Source:
   if not p.exists():
     raise RunError(
         f"{p} does not exist. Pass the --workdir of a run of nc-jax-train "
-        "(python -m experiments.cifar_lt) or a file written by "
+        "(python -m experiments.train) or a file written by "
         "nc_jax.runs.export.")
   p = p.resolve()
   if p.is_file():
@@ -653,7 +653,7 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
   groups = {g: tuple(v) for g, v in src.class_groups.items()}
 
   # Pass 1: training's compiled eval step and evaluator.
-  evaluator = train._Evaluator(  # pylint: disable=protected-access
+  evaluator = evaluators.get("classification")(
       src.eval_step, eval_input, num_replicas=s, num_classes=k,
       groups=groups, classifier_fn=None, with_nc=False,
       calibrated=methods_lib.get_method(src.config.method).calibrated)
@@ -678,7 +678,7 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
     per_seed[r]["nc"] = {key: float(v) for key, v in nc.items()}
     per_seed[r]["epoch"] = src.epoch
   block = src.which  # final, latest (unfinished run), best or step
-  mean, std = train._aggregate(per_seed)  # pylint: disable=protected-access
+  mean, std = evaluators.aggregate(per_seed)
   out: dict[str, Any] = {
       "source": str(src.path), "which": src.which, "step": src.step,
       "epoch": src.epoch,

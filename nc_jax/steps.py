@@ -150,8 +150,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
           batch_labels=labels, partner_labels=partner, lam=lam,
           options=cfg.options)
       if mixing and method.combine_mixup:
-        loss = (lam * method.loss(ctx)
-                + (1.0 - lam) * method.loss(ctx.replace(labels=partner)))
+        loss = losses.mixup_loss(method.loss(ctx),
+                                 method.loss(ctx.replace(labels=partner)), lam)
       else:
         loss = method.loss(ctx)
       return loss, (new_model_state, logits, features)

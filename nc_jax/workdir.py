@@ -12,6 +12,9 @@ host: its pid is gone, or now belongs to a process that started later. A
 lock taken on another host cannot be checked from here; the error says so
 and how to remove it.
 
+Before any of that, `check_target` checks (reading only) that a path can
+take a run: a new folder it can create, or the folder of a run to resume.
+
 Multi-host runs: process 0 holds the lock for all processes (the others take
 none). Work directories given as URLs (gs://...) are not locked.
 """
@@ -26,7 +29,7 @@ import pathlib
 import socket
 import sys
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 LOCK_NAME = ".lock"
 
@@ -216,3 +219,85 @@ def hold(workdir: os.PathLike | str) -> Iterator[pathlib.Path]:
     current = _read(path)
     if current and current.get("token") == me["token"]:
       path.unlink(missing_ok=True)
+
+
+# Files and folders a run writes into its workdir.
+RUN_FILES = frozenset({
+    "config.json", "checkpoints", "metrics.jsonl", "tensorboard",
+    "results.json", "train_subset.json", "best", LOCK_NAME})
+
+
+def resolve_path(workdir: str | os.PathLike) -> pathlib.Path:
+  """The absolute workdir path (orbax needs one); URLs (gs://...) as given."""
+  return (pathlib.Path(workdir) if "://" in str(workdir)
+          else pathlib.Path(workdir).expanduser().resolve())
+
+
+def check_target(workdir: pathlib.Path,
+                 check_run: Callable[[pathlib.Path], None]) -> None:
+  """Read-only checks that `workdir` can take a run (nothing written).
+
+  Args:
+    workdir: from `resolve_path`.
+    check_run: called with an existing run directory, to compare its
+      recorded config and kernels with this run's (raises ValueError).
+
+  Raises:
+    ValueError: `workdir` is a file, cannot be created or written, holds
+      files of something else, or `check_run` refuses it.
+  """
+  if "://" in str(workdir):
+    return
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(
+        f"--workdir {workdir} is an existing file, not a directory. Pass a "
+        "new folder (it is created) or the folder of a run to resume.")
+  if not workdir.exists():
+    parent = workdir.parent
+    while not parent.exists():
+      parent = parent.parent
+    if not parent.is_dir():
+      raise ValueError(f"--workdir {workdir} cannot be created: {parent} is "
+                        "a file. Pass a path under a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise ValueError(f"--workdir {workdir} cannot be created: {parent} is "
+                        "not writable. Pass a folder you can write to.")
+    return
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir} is not writable. Pass a folder "
+                      "you can write to.")
+  names = {p.name for p in workdir.iterdir()}
+  others = sorted(n for n in names - RUN_FILES if not n.startswith("."))
+  if others and "config.json" not in names:
+    shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    raise ValueError(
+        f"--workdir {workdir} already holds other files ({shown}) and is not "
+        "a run directory (no config.json). Pass a new or empty folder.")
+  check_run(workdir)
+
+
+def on_chief(fn: Callable[[], Any], what: str) -> Any:
+  """Runs `fn` on process 0; every process raises if it failed there.
+
+  Process 0 alone checks and holds the workdir lock of a multi-host run.
+  Returns `fn()` on process 0, None elsewhere.
+
+  Raises:
+    WorkdirLocked: on every process, when `fn` raised it on process 0.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except WorkdirLocked as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = int(multihost_utils.broadcast_one_to_all(
+        np.int32(error is not None)))
+    if failed and error is None:
+      raise WorkdirLocked(f"process 0 could not {what}; its error says why.")
+  if error is not None:
+    raise error
+  return result

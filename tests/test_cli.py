@@ -34,7 +34,7 @@ def _env(**extra):
   return env
 
 
-def _run(args, cwd, module="experiments.cifar_lt", timeout=300, **env):
+def _run(args, cwd, module="experiments.train", timeout=300, **env):
   return subprocess.run([sys.executable, "-m", module, *map(str, args)],
                         cwd=cwd, env=_env(**env), capture_output=True,
                         text=True, timeout=timeout)
@@ -258,7 +258,7 @@ def test_second_run_on_a_live_workdir_stops_at_once(tiny_image_folder,
           f"--config.data_dir={tiny_image_folder}",
           "--config.log_every_steps=1000", "--workdir", wd]
   first = subprocess.Popen(
-      [sys.executable, "-m", "experiments.cifar_lt", *map(str, args)],
+      [sys.executable, "-m", "experiments.train", *map(str, args)],
       cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True)
   try:

@@ -33,7 +33,7 @@ def tfds_dir(tmp_path):
 
 
 def expected_counts(source, split, r, k):
-  labels = sources.read_labels(source, split)
+  labels = sources.split_index(source, split).labels
   want = long_tail.long_tail_counts(labels.size / k, r, num_classes=k)
   return long_tail.select_long_tail(labels, want, seed=0)[1]
 

@@ -53,7 +53,7 @@ STEPS = 30
 
 
 def _cli(workdir, data_dir, *extra):
-  return [sys.executable, "-m", "experiments.cifar_lt",
+  return [sys.executable, "-m", "experiments.train",
           "--config", str(REPO / "experiments/configs/cifar_lt.py")
           + f":tiny,steps={STEPS},imb=0.1",
           "--config.backbone=resnet8", f"--config.data_dir={data_dir}",

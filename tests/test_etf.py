@@ -38,8 +38,8 @@ def test_float64_precision_and_gram_helper():
     m = np.asarray(etf_lib.simplex_etf(7, 6, seed=1, dtype=np.float64))
     assert m.dtype == np.float64
     _check_etf(m, 7, 6, atol=1e-12)
-    np.testing.assert_allclose(m.T @ m, np.asarray(etf_lib.etf_gram(7, np.float64)),
-                               atol=1e-12)
+    gram = 7 / 6 * (np.eye(7) - np.full((7, 7), 1 / 7))
+    np.testing.assert_allclose(m.T @ m, gram, atol=1e-12)
 
 
 def test_deterministic_in_seed_and_different_across_seeds():

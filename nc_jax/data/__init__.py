@@ -15,6 +15,8 @@ Public API:
   -> EvalInput` (`.iterate()` covers every image once, with a mask).
 """
 
+import os
+
 from nc_jax.data.long_tail import PROFILES
 from nc_jax.data.long_tail import check_imb_factor
 from nc_jax.data.long_tail import long_tail_counts
@@ -49,6 +51,28 @@ def check_data(name: str, data_dir, *, train_splits=None) -> None:
   sources.check_source(source, pipeline._splits_key(train_splits))  # pylint: disable=protected-access
 
 
+def check_config(config) -> None:
+  """The data part of a run's config, checked before any work: the train
+  input's options (`pipeline.check_options`), the ImageNet-LT list, and the
+  data itself (`check_data`: for an image-folder tree or a CIFAR release,
+  its listing and a decoded sample).
+
+  Raises:
+    ValueError, FileNotFoundError: naming the problem and the fix.
+  """
+  from nc_jax.data import archive, pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.check_options(config.dataset, pipeline=config.pipeline,
+                         sampler=config.sampler,
+                         imb_factor=config.imb_factor,
+                         profile=config.imb_profile)
+  train_list = config.get("imagenet_lt_train_list")
+  if train_list and not os.path.isfile(os.path.expanduser(train_list)):
+    raise ValueError(f"imagenet_lt_train_list {train_list} is not a file. "
+                     "Pass the path of ImageNet_LT_train.txt.")
+  check_data(config.dataset, archive.resolve_data_dir(config.data_dir),
+             train_splits=config.train_splits or None)
+
+
 def prepare_tfds(name: str, **kwargs) -> None:
   """For an unset data_dir: makes sure tfds has `name` prepared in its
   default data directory, downloading it if needed (`sources.prepare_tfds`).
@@ -59,7 +83,8 @@ def prepare_tfds(name: str, **kwargs) -> None:
 
 __all__ = [
     "PROFILES", "PIPELINES", "SAMPLERS", "EVAL_SPLITS", "REGISTRY",
-    "DatasetInfo", "TrainInput", "EvalInput", "check_data", "check_data_dir",
+    "DatasetInfo", "TrainInput", "EvalInput", "check_config", "check_data",
+    "check_data_dir",
     "check_imb_factor", "prepare_tfds",
     "dataset_info", "long_tail_counts", "make_eval_input", "make_train_input",
     "select_long_tail",

@@ -33,8 +33,9 @@ def check_imb_factor(imb_factor: float) -> float:
     r = math.nan
   if not 0.0 < r <= 1.0:  # also False for nan
     raise ValueError(
-        f"imb_factor={imb_factor!r} is outside the valid range (0, 1]: it is "
-        "n_min / n_max, e.g. 0.01 for a 100:1 imbalance; 1 means balanced.")
+        f"imb_factor={imb_factor!r} is outside (0, 1]: it is n_min / n_max "
+        "(0.01 means a 100:1 imbalance, 1 means balanced). Pass e.g. "
+        "imb=0.01 in the config argument.")
   return r
 
 

@@ -220,6 +220,34 @@ def _array_tfdata(split: sources.ArraySplit, *, batch_size: int, seed: int,
   return local
 
 
+def check_options(name: str, *, pipeline: str, sampler: str,
+                  imb_factor: float, profile: str) -> None:
+  """The train input's options, checked once for every caller (the config
+  validation before any work, and `make_train_input`).
+
+  Raises:
+    ValueError: an unknown dataset, pipeline, sampler or profile, an
+      imbalance ratio outside (0, 1], or the device pipeline for a dataset
+      streamed from disk; naming the config field that fixes it.
+  """
+  sources.dataset_info(name)  # raises for unknown datasets
+  if pipeline not in PIPELINES:
+    raise ValueError(f"pipeline must be one of {PIPELINES}, got "
+                     f"{pipeline!r} (--config.pipeline=...).")
+  device_lib.check_sampler(sampler)
+  if profile not in long_tail.PROFILES:
+    raise ValueError(f"imb_profile must be one of {long_tail.PROFILES}, got "
+                     f"{profile!r} (profile= in the config argument).")
+  if name not in sources.IN_MEMORY:
+    if pipeline == "device":
+      raise ValueError(
+          f"{name!r} is streamed from disk; pipeline='device' holds the "
+          f"train set on the accelerator and supports only "
+          f"{sources.IN_MEMORY}. Pass --config.pipeline=tfdata.")
+    return
+  long_tail.check_imb_factor(imb_factor)
+
+
 def make_train_input(name: str, *,
                      data_dir: str | os.PathLike | None,
                      imb_factor: float,
@@ -262,21 +290,15 @@ def make_train_input(name: str, *,
     A `TrainInput`.
   """
   info = sources.dataset_info(name)
-  if pipeline not in PIPELINES:
-    raise ValueError(f"pipeline must be one of {PIPELINES}, got "
-                     f"{pipeline!r}.")
+  check_options(name, pipeline=pipeline, sampler=sampler,
+                imb_factor=imb_factor, profile=profile)
   if not 0 <= int(seed) < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
-  device_lib.check_sampler(sampler)
   rows = local_rows(batch_size, mesh, _process)
   data_dir = os.fspath(data_dir) if data_dir is not None else None
 
   if name not in sources.IN_MEMORY:
     from nc_jax.data import imagenet_lt  # pylint: disable=g-import-not-at-top
-    if pipeline == "device":
-      raise ValueError(f"{name!r} is streamed from disk; the device pipeline "
-                       "holds the train set on the accelerator and only "
-                       f"supports {sources.IN_MEMORY}. Use pipeline='tfdata'.")
     stream = imagenet_lt.make_train_stream(
         info, data_dir=data_dir, train_list=imagenet_lt_train_list,
         batch_size=batch_size, seed=seed, rows=rows,

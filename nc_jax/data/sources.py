@@ -497,11 +497,6 @@ def available_splits(source: Source,
   return wanted
 
 
-def read_labels(source: Source, split: str) -> np.ndarray:
-  """`(N,)` int64 labels of a split in canonical order, no image decoded."""
-  return split_index(source, split).labels
-
-
 def decode_images(source: Source, split: str,
                   indices: np.ndarray | None = None) -> np.ndarray:
   """Decodes (a subset of) a split into one uint8 array.
