@@ -99,7 +99,9 @@ def _validate(config: ConfigDict) -> None:
                      f"{config.compute_dtype!r}.")
   if config.num_seeds < 1:
     raise ValueError(f"num_seeds must be >= 1, got {config.num_seeds}.")
-  steps_lib.resolve_replica_mode(config.seeds_mode)  # raises for bad names
+  if config.seeds_mode not in steps_lib.REPLICA_MODES:
+    raise ValueError(f"seeds_mode must be one of {steps_lib.REPLICA_MODES}, "
+                     f"got {config.seeds_mode!r}.")
   for name in ("num", "eval_every", "checkpoint_every"):
     optim.duration_steps(config, name, 1)  # both-set conflicts
   if optim.duration_steps(config, "num", 1) is None:

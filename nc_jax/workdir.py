@@ -31,6 +31,8 @@ import sys
 import uuid
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 LOCK_NAME = ".lock"
 
 
