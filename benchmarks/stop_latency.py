@@ -10,7 +10,7 @@ line and the checkpoint it left:
 
 - "loading": 1 s after the start (imports, data loading);
 - "compiling": when the model line is printed (the first step compiles);
-- "training": at the second progress line (mid-epoch);
+- "training": at the third progress line (step 30, between evaluations);
 - "evaluating": right after the progress line of the step an evaluation
   follows (the run evaluates every 20 steps here, so the signal finds the
   first evaluation, with its compilation, in progress).
@@ -61,7 +61,7 @@ def one(phase: str, args) -> dict:
       send()
     if line.startswith("[") and "step " in line:
       progress += 1
-      if phase == "training" and progress == 2:
+      if phase == "training" and progress == 3:
         send()
       if phase == "evaluating" and " step 20/" in line:
         send()
@@ -71,6 +71,7 @@ def one(phase: str, args) -> dict:
                  if p.name.isdigit()) if (wd / "run").exists() else []
   return {"phase": phase, "seconds_to_exit": None if t is None else round(t, 2),
           "exit_status": proc.returncode, "checkpoints": ckpts,
+          "evaluations_logged": sum(l.startswith("eval ") for l in lines),
           "last_line": next((l for l in reversed(lines) if l.strip()), "")}
 
 

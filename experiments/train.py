@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from experiments import cli
 from experiments import xla_defaults
+from nc_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A preset name (cifar10_r0.01_etf_dr), a config argument "
@@ -69,6 +70,7 @@ def main(argv: list[str]) -> None:
 
 def run(argv: list[str] | None = None) -> None:
   """The `nc-jax-train` console entry point."""
+  preemption.exit_early_on_signals()
   cli.set_quiet_tensorflow()
   argv = cli.resolve_config_argv(sys.argv if argv is None else argv)
   cli.run_app(main, argv)

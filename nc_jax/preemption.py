@@ -35,6 +35,7 @@ divergence, so the run must start again with other settings.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -42,9 +43,6 @@ import sys
 import threading
 import time
 from typing import Callable
-
-import jax
-import jax.numpy as jnp
 
 EXIT_DIVERGED = 3
 # EX_TEMPFAIL: stopped on request after saving; the same command resumes.
@@ -218,16 +216,40 @@ class StopSignals:
     return True
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+@functools.lru_cache(maxsize=None)
+def _finite_fn():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def fn(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+  return jax.jit(fn)
 
 
 def all_finite(tree) -> bool:
   """Whether every float array in `tree` is finite (one device reduction)."""
-  return bool(_all_finite(tree))
+  return bool(_finite_fn()(tree))
+
+
+def exit_early_on_signals() -> None:
+  """Until a run installs `StopSignals`: SIGTERM/SIGINT end the process at
+  once with `EXIT_PREEMPTED` and one line (nothing is written before then,
+  so there is nothing to save). Called first thing by the entry point, so
+  a signal during the imports is no traceback."""
+  if threading.current_thread() is not threading.main_thread():
+    return
+
+  def handler(signum, frame):
+    del frame
+    _say(f"{signal.Signals(signum).name}: stopped before training started; "
+         "nothing to save. The same command starts again.")
+    os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, handler)
 
 
 def diverged(step: int, what: str, lr: float, saved: int | None) -> Diverged:

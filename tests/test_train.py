@@ -176,6 +176,32 @@ def test_kill_and_resume_equals_uninterrupted(tiny_image_folder, tmp_path,
   assert best[0] == best[1]
 
 
+def test_stop_during_an_evaluation_resumes_with_that_evaluation(
+    tiny_image_folder, tmp_path, monkeypatch):
+  """A stop request between eval batches saves the step's checkpoint; the
+  rerun evaluates that step first and ends as an uninterrupted run."""
+  from nc_jax import preemption
+  kw = dict(checkpoint_every_steps=100, checkpoint_every_epochs=None,
+            eval_every_steps=6, eval_every_epochs=None, eval_batch_size=20)
+  config = tiny_config(tiny_image_folder, arg="steps=12", **kw)
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  calls = []
+
+  def pending(self):  # asked between eval batches: stop in the second one
+    calls.append(1)
+    return len(calls) == 2
+
+  with monkeypatch.context() as m:
+    m.setattr(preemption.StopSignals, "pending", pending)
+    with pytest.raises(preemption.Preempted, match="at step 6"):
+      train.train_and_evaluate(config, tmp_path / "resumed")
+  assert ckpt_lib.saved_steps(tmp_path / "resumed" / "checkpoints") == [6]
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+  assert [h["step"] for h in resumed["history"]] == [6, 12]
+  for block in ("final", "best", "history"):
+    assert resumed[block] == full[block], block
+
+
 def test_finished_run_is_not_overwritten(tiny_image_folder, tmp_path, capsys):
   config = tiny_config(tiny_image_folder, arg="steps=3")
   train.train_and_evaluate(config, tmp_path)
