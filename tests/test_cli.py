@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the command line in subprocesses
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny,steps=4,imb=0.1", "--config.backbone=resnet8"]
 

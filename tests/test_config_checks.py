@@ -99,6 +99,7 @@ def test_empty_class_folder_is_refused_naming_it(tiny_image_folder, tmp_path):
   assert f"{tree}/train/class_03/ holds no images" in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_long_tail_that_empties_a_class_is_refused(tiny_image_folder,
                                                      tmp_path):
   from tests.test_train import tiny_config
@@ -108,6 +109,7 @@ def test_a_long_tail_that_empties_a_class_is_refused(tiny_image_folder,
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_divergence_never_reaches_a_checkpoint(tiny_image_folder, tmp_path):
   """Parameters blow up between log steps: the save refuses them."""
   from nc_jax import checkpoint as ckpt_lib

@@ -120,6 +120,7 @@ def test_vmap_over_replicas():
   chex.assert_trees_all_close(got, want, atol=1e-3, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_is_the_same_with_either_kernels():
   images = jnp.asarray(np.random.default_rng(2).normal(size=(8, 32, 32, 3)),
                        jnp.float32)
@@ -236,6 +237,7 @@ def test_missing_compiler_falls_back_to_xla_and_says_so(tmp_path):
   assert not list(tmp_path.rglob("*.so"))
 
 
+@pytest.mark.slow
 def test_build_goes_to_the_cache_dir(tmp_path):
   r = _run("""
       from nc_jax import cpu_kernels
@@ -250,6 +252,7 @@ def test_build_goes_to_the_cache_dir(tmp_path):
       os.path.basename(path)]
 
 
+@pytest.mark.slow
 def test_damaged_cache_entry_is_rebuilt(tmp_path):
   code = """
       from nc_jax import cpu_kernels

@@ -89,6 +89,7 @@ def _per_class_positions(ids, labels, rank):
   return {c: sorted(v) for c, v in out.items()}
 
 
+@pytest.mark.slow
 def test_release_subset_is_the_references_and_the_jpeg_trees(
     release_parent, cifar10_dir):
   rel = sources.load_train_lt("cifar10", str(release_parent), 0.01, "exp", 0)
@@ -240,6 +241,7 @@ def test_truncated_pickle_without_md5(tmp_path, monkeypatch):
   assert str(folder / "train") in str(e.value)
 
 
+@pytest.mark.slow
 def test_damaged_release_on_the_command_line(release_parent, tmp_path):
   from tests.test_cli import TINY, _assert_clean_error, _run
   folder = _linked_copy(release_parent / "cifar-10-batches-py",

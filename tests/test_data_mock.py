@@ -105,6 +105,7 @@ def test_stl10_mock_keeps_96x96(tfds_dir):
   assert not evs[-1]["mask"][-1]
 
 
+@pytest.mark.slow
 def test_unset_data_dir_trains_through_tfds(tmp_path, monkeypatch):
   """With data_dir unset, training asks tfds for the dataset in tfds's
   default data directory (download_and_prepare, then as_dataset), here

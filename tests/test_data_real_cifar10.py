@@ -13,6 +13,9 @@ import numpy as np
 
 from nc_jax import data
 from nc_jax import sharding
+import pytest
+
+pytestmark = pytest.mark.slow  # extracts and decodes the real CIFAR-10 JPEGs
 
 MESH = sharding.make_mesh(jax.devices()[:1])
 CIFAR10_R001 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]

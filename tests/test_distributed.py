@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess runs: several devices, processes, signals
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from experiments import layer_peeled
 
+pytestmark = pytest.mark.slow  # trains the layer-peeled model
+
 K = 10
 SIMPLEX = -1 / (K - 1)
 

@@ -172,6 +172,7 @@ def _batch(seed=0, b=16):
           "label": rng.integers(0, 10, b).astype(np.int32)}
 
 
+@pytest.mark.slow
 def test_ldam_drw_with_mixup_in_the_train_step():
   """Each mixup term is weighted by its own labels' DRW weights, and the
   weights switch on at epoch drw_epoch (step drw_epoch * spe), in one
@@ -204,6 +205,7 @@ def test_ldam_drw_with_mixup_in_the_train_step():
   assert step_fn._cache_size() == 1  # the switch is traced, not recompiled
 
 
+@pytest.mark.slow
 def test_etf_has_one_owner():
   """The ETF the steps use is the one built from etf_seed (+ r per replica),
   what the metrics report, and never part of params or optimiser state."""
@@ -235,6 +237,7 @@ def test_etf_has_one_owner():
   assert tiny_step.tiny_build("ce").etf is None
 
 
+@pytest.mark.slow
 def test_posthoc_logit_adjustment_and_eval_scale():
   plain = tiny_step.tiny_build("ce")
   tau = 1.5
@@ -286,6 +289,7 @@ def test_posthoc_adjustment_needs_every_class():
 
 
 @pytest.mark.parametrize("mode", ["vmap", "unroll"])
+@pytest.mark.slow
 def test_learnt_heads_run_as_replicas_without_an_etf(mode):
   built = tiny_step.tiny_build("ldam_drw", num_seeds=2, seeds_mode=mode)
   assert built.etf is None
@@ -303,6 +307,7 @@ def test_learnt_heads_run_as_replicas_without_an_etf(mode):
   np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_reports_honest_loss_and_no_ece_for_cosine_logits():
   """ETF heads: no ECE (softmax of cosines is not a probability they were
   trained for) and, for DR, the DR loss against unit targets as eval loss;
@@ -335,6 +340,7 @@ def test_eval_reports_honest_loss_and_no_ece_for_cosine_logits():
   np.testing.assert_allclose(counts["loss_sum"], np.sum(per), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_trained_etf_run_has_no_ece_and_ce_run_has_one(tiny_image_folder,
                                                        tmp_path):
   from nc_jax import train

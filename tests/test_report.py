@@ -14,6 +14,8 @@ from experiments import report
 from nc_jax import train
 from tests.test_train import tiny_config
 
+pytestmark = pytest.mark.slow  # trains runs to report on
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

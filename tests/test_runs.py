@@ -25,6 +25,8 @@ from nc_jax.data import sources
 from tests.test_readme import readme_snippet
 from tests.test_train import tiny_config
 
+pytestmark = pytest.mark.slow  # trains runs to load
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EVERY_4 = dict(eval_every_steps=4, eval_every_epochs=None,
                checkpoint_every_steps=4, checkpoint_every_epochs=None)

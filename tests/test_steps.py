@@ -11,6 +11,8 @@ from nc_jax import sharding
 from nc_jax import steps as steps_lib
 from tests.tiny_step import tiny_build
 
+pytestmark = pytest.mark.slow  # compiles replicated train steps
+
 S = 2
 
 

@@ -20,6 +20,8 @@ from nc_jax import kernels as kernels_lib
 from nc_jax import methods
 from nc_jax import train
 
+pytestmark = pytest.mark.slow  # end-to-end training runs
+
 BACKBONE = "resnet8"
 
 

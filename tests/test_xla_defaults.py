@@ -18,6 +18,8 @@ import pytest
 from experiments import xla_defaults
 from nc_jax import cpu_kernels
 
+pytestmark = pytest.mark.slow  # subprocesses that start XLA with other flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
