@@ -170,8 +170,8 @@ class StopSignals:
     while True:
       timeout = None if deadline is None else max(deadline - time.monotonic(),
                                                   0.0)
-      self._r.settimeout(timeout)
       try:
+        self._r.settimeout(timeout)
         data = self._r.recv(16)
       except socket.timeout:
         self._exit(EXIT_PREEMPTED,

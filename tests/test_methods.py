@@ -206,6 +206,51 @@ def test_ldam_drw_with_mixup_in_the_train_step():
 
 
 @pytest.mark.slow
+def test_a_method_with_its_own_mixup_gets_both_label_sets():
+  """combine_mixup=False: the step calls the loss once, with the partners'
+  labels and lam in the context; doing the reference's combination there
+  by hand gives the generic method's loss exactly."""
+
+  def own(ctx):
+    per = losses.mixup_loss(losses.cross_entropy(ctx.logits, ctx.labels),
+                            losses.cross_entropy(ctx.logits,
+                                                 ctx.partner_labels), ctx.lam)
+    return per.mean()
+
+  methods.register_method("ce_own_mixup", methods.Method(
+      head="linear", loss=own, combine_mixup=False), replace=True)
+  try:
+    batch = jax.tree.map(jnp.asarray, _batch())
+    out = {}
+    for name in ("ce", "ce_own_mixup"):
+      built = tiny_step.tiny_build(name)
+      step_fn = jax.jit(steps_lib.make_train_step(
+          built.model, built.tx, built.schedule, built.step_config))
+      _, out[name] = step_fn(built.init_state(), batch, None)
+    np.testing.assert_allclose(out["ce_own_mixup"]["loss"], out["ce"]["loss"],
+                               rtol=1e-6)
+  finally:
+    methods.METHODS.pop("ce_own_mixup")
+
+
+@pytest.mark.slow
+def test_bfloat16_train_step_keeps_float32_state():
+  built = tiny_step.tiny_build("etf_dr", compute_dtype="bfloat16")
+  step_fn = jax.jit(steps_lib.make_train_step(
+      built.model, built.tx, built.schedule, built.step_config))
+  state = built.init_state()
+  batch = jax.tree.map(jnp.asarray, _batch())
+  for _ in range(3):
+    state, out = step_fn(state, batch, built.etf)
+  assert np.isfinite(float(out["loss"]))
+  for leaf in jax.tree.leaves((state.params, state.model_state,
+                               state.opt_state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32, leaf.dtype
+      assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+@pytest.mark.slow
 def test_etf_has_one_owner():
   """The ETF the steps use is the one built from etf_seed (+ r per replica),
   what the metrics report, and never part of params or optimiser state."""

@@ -178,6 +178,21 @@ def test_kill_and_resume_equals_uninterrupted(tiny_image_folder, tmp_path,
   assert best[0] == best[1]
 
 
+def test_kill_and_resume_with_several_seeds(tiny_image_folder, tmp_path,
+                                            monkeypatch):
+  kw = dict(checkpoint_every_steps=3, checkpoint_every_epochs=None,
+            eval_every_steps=4, eval_every_epochs=None, num_seeds=2)
+  config = tiny_config(tiny_image_folder, arg="steps=8", **kw)
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  with monkeypatch.context() as m:
+    _crash_after(m, 5)  # checkpoint 3 exists, 6 does not
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, tmp_path / "resumed")
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed")
+  for block in ("final", "best", "final_std", "per_seed", "history"):
+    assert resumed[block] == full[block], block
+
+
 def test_stop_during_an_evaluation_resumes_with_that_evaluation(
     tiny_image_folder, tmp_path, monkeypatch):
   """A stop request between eval batches saves the step's checkpoint; the
