@@ -224,7 +224,19 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
-  # Config and data are good: from here on the run writes into workdir.
+  # Building the model and its ETF can still refuse the config (an ETF that
+  # does not fit the feature dimension); it writes nothing.
+  info = train_input.info
+  try:
+    built = builder_lib.build(
+        config, num_classes=info.num_classes, image_shape=info.image_shape,
+        mean=info.mean, std=info.std, class_counts=train_input.counts,
+        steps_per_epoch=spe, total_steps=total, mesh=mesh, kernels=kernels)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+  # Config, data and model are good: from here on the run writes into
+  # workdir.
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     if "://" not in str(workdir):
@@ -244,14 +256,6 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
     ckpt_lib.write_json_atomic(workdir / "train_subset.json",
                                train_input.subset)
 
-  info = train_input.info
-  try:
-    built = builder_lib.build(
-        config, num_classes=info.num_classes, image_shape=info.image_shape,
-        mean=info.mean, std=info.std, class_counts=train_input.counts,
-        steps_per_epoch=spe, total_steps=total, mesh=mesh, kernels=kernels)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   return _Setup(
       config, workdir, mesh, data_dir, train_input, eval_input, spe, total,
       optim.duration_steps(config, "eval_every", spe, default=total),

@@ -128,3 +128,17 @@ def test_divergence_never_reaches_a_checkpoint(tiny_image_folder, tmp_path):
   assert str(e.value).count("diverged at step") == 1
   step = int(str(e.value).split("diverged at step ")[1].split(":")[0])
   assert all(s < step for s in saved), (saved, step)
+
+
+def test_an_etf_that_does_not_fit_is_refused_by_the_build():
+  """uniform01 needs d >= K: ResNet-8's 64-d features cannot hold the
+  reference's draw for 65 classes (the Gaussian one fits). `build` refuses
+  it, and `train_and_evaluate` builds before it writes anything."""
+  from nc_jax import builder, sharding
+  from tests import tiny_step
+  config = tiny_step.tiny_config("etf_dr", etf_rotation="uniform01")
+  with pytest.raises(ValueError, match="etf_rotation='gaussian'"):
+    builder.build(config, num_classes=65, image_shape=(16, 16, 3),
+                  mean=(0.5,) * 3, std=(0.25,) * 3, class_counts=[5] * 65,
+                  steps_per_epoch=10, total_steps=100,
+                  mesh=sharding.make_mesh())
