@@ -97,6 +97,11 @@ def check_config(config: ConfigDict, *,
   method = methods_lib.get_method(config.method)
   if total_epochs is None:
     total_epochs = _training_epochs(config)
+  if total_epochs is not None and not total_epochs > 0:
+    raise ValueError(f"num_epochs must be > 0, got {total_epochs:g} (epochs=N "
+                     "or steps=N in the config argument).")
+  if config.get("num_steps") is not None and config.num_steps < 0:
+    raise ValueError(f"num_steps must be > 0, got {config.num_steps}.")
   optim.check_config(config.optim, total_epochs=total_epochs,
                      steps_per_epoch=steps_per_epoch)
   if config.etf_rotation not in etf_lib.ROTATIONS:

@@ -61,6 +61,9 @@ def _config(arg="", **overrides):
     ({"etf_rotation": "haar"}, ["etf_rotation must be one of"]),
     ({"preemption_grace_seconds": 0.0},
      ["preemption_grace_seconds must be > 0"]),
+    ({"num_epochs": -1.0}, ["num_epochs must be > 0, got -1"]),
+    ({"color_jitter": -1.0}, ["color_jitter must be >= 0"]),
+    ({"eval_every_epochs": math.nan}, ["eval_every_epochs=nan is not a finite"]),
 ])
 def test_impossible_numbers_are_refused(overrides, fragments):
   with pytest.raises(train.ConfigError) as e:

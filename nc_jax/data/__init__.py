@@ -65,6 +65,9 @@ def check_config(config) -> None:
                          sampler=config.sampler,
                          imb_factor=config.imb_factor,
                          profile=config.imb_profile)
+  if not config.color_jitter >= 0:
+    raise ValueError(f"color_jitter must be >= 0 (0.4 in the ImageNet-LT "
+                     f"recipe; 0 = off), got {config.color_jitter}.")
   train_list = config.get("imagenet_lt_train_list")
   if train_list and not os.path.isfile(os.path.expanduser(train_list)):
     raise ValueError(f"imagenet_lt_train_list {train_list} is not a file. "
