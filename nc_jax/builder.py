@@ -4,7 +4,11 @@ Training (`nc_jax.train`), the benchmark (`experiments.benchmark`) and the
 tests (`tests/tiny_step.py`) all call `build`, so the three can never
 disagree on how a method is assembled, and `steps.StepConfig` is made here
 only. The data-dependent facts (class counts, epoch length, image shape,
-normalisation) are arguments: the builder reads no data.
+normalisation) are arguments: the builder reads no data. As Flax's examples
+separate `create_model` from `create_train_state`, `build_model` is the
+model-and-evaluation part alone (model, ETF, eval step: what a trained run
+needs, `nc_jax.runs`), and `build` adds the training part (optimiser, train
+step, initial state).
 
     built = build(config, num_classes=10, image_shape=(32, 32, 3),
                   mean=..., std=..., class_counts=train_input.counts,
@@ -121,8 +125,8 @@ def check_config(config: ConfigDict, *,
 
 
 @dataclasses.dataclass(frozen=True)
-class Built:
-  """What `build` returns.
+class BuiltModel:
+  """What `build_model` returns: the model and what evaluates it.
 
   Attributes:
     method: the `methods.Method`.
@@ -130,28 +134,19 @@ class Built:
     etf: the fixed classifiers, replicated over the mesh, `(d, K)` or
       `(S, d, K)`; None when the head learns its classifier. Pass it as the
       steps' third argument.
-    tx, schedule: the optimiser and its learning-rate schedule.
     step_config: the `steps.StepConfig` the steps close over.
-    train_step: compiled `(state, batch, etf) -> (state, metrics)`; donates
-      the state.
     eval_step: compiled `(state, batch, etf) -> counts` (plus `features`
-      when built with `with_features`).
+      when built with `with_features`); reads only `state.params` and
+      `state.model_state`.
     num_replicas: S.
-    init_state: `() -> TrainState`, the initial state (stacked over S),
-      replicated over the mesh; replica r draws from
-      `fold_in(PRNGKey(config.seed), r)`.
     kernels: the `kernels.Kernels` the model runs.
   """
   method: methods_lib.Method
   model: models.ImageClassifier
   etf: jax.Array | None
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
   step_config: steps_lib.StepConfig
-  train_step: Callable
   eval_step: Callable
   num_replicas: int
-  init_state: Callable[[], steps_lib.TrainState]
   kernels: kernels_lib.Kernels
 
   def classifiers(self, state: steps_lib.TrainState) -> np.ndarray:
@@ -167,21 +162,50 @@ class Built:
     return np.asarray(jax.vmap(one)(state.params, state.model_state))
 
 
+@dataclasses.dataclass(frozen=True)
+class Built(BuiltModel):
+  """What `build` returns: `BuiltModel`'s fields and the training part.
+
+  Attributes:
+    tx, schedule: the optimiser and its learning-rate schedule.
+    train_step: compiled `(state, batch, etf) -> (state, metrics)`; donates
+      the state.
+    init_state: `() -> TrainState`, the initial state (stacked over S),
+      replicated over the mesh; replica r draws from
+      `fold_in(PRNGKey(config.seed), r)`.
+  """
+  tx: optax.GradientTransformation | None = None
+  schedule: optax.Schedule | None = None
+  train_step: Callable | None = None
+  init_state: Callable[[], steps_lib.TrainState] | None = None
+
+
 def step_config(config: ConfigDict, method: methods_lib.Method, *,
                 num_classes: int, mean: Sequence[float],
-                std: Sequence[float], class_counts: Sequence[int],
-                steps_per_epoch: int) -> steps_lib.StepConfig:
+                std: Sequence[float], class_counts: Sequence[int] | None,
+                steps_per_epoch: int | None = None) -> steps_lib.StepConfig:
   """The `StepConfig` of `config` (the only place one is made).
 
+  `class_counts` None (unknown) evaluates without a loss; `steps_per_epoch`
+  None makes a config that only evaluates.
+
   Raises:
-    ValueError: class counts not of length K, or post-hoc adjustment with
-      a class that has no training examples (its log-prior is -inf).
+    ValueError: class counts not of length K; post-hoc adjustment with
+      a class that has no training examples (its log-prior is -inf) or
+      with unknown counts.
   """
-  counts = tuple(int(c) for c in class_counts)
-  if len(counts) != num_classes:
-    raise ValueError(f"class_counts has {len(counts)} entries for "
-                     f"{num_classes} classes.")
   tau = float(config.eval_logit_adjust_tau)
+  counts = None
+  if class_counts is not None:
+    counts = tuple(int(c) for c in class_counts)
+    if len(counts) != num_classes:
+      raise ValueError(f"class_counts has {len(counts)} entries for "
+                       f"{num_classes} classes.")
+  if tau > 0 and counts is None:
+    raise ValueError(
+        f"eval_logit_adjust_tau={tau} needs the training class counts, "
+        "which are unknown here (results.json or train_subset.json gives "
+        "them).")
   if tau > 0 and min(counts) <= 0:
     raise ValueError(
         "eval_logit_adjust_tau > 0 needs every class in the training subset "
@@ -190,7 +214,9 @@ def step_config(config: ConfigDict, method: methods_lib.Method, *,
   return steps_lib.StepConfig(
       method=method, num_classes=num_classes, mean=tuple(mean),
       std=tuple(std), mixup_alpha=float(config.mixup_alpha),
-      steps_per_epoch=int(steps_per_epoch), class_counts=counts,
+      steps_per_epoch=None if steps_per_epoch is None else int(
+          steps_per_epoch),
+      class_counts=counts,
       options=methods_lib.LossOptions(config.loss.to_dict()),
       eval_logit_adjust_tau=tau,
       compute_dtype=DTYPES[config.compute_dtype],
@@ -215,12 +241,68 @@ def create_model(config: ConfigDict, method: methods_lib.Method, *,
                              head=method.head, **opts)
 
 
+def build_model(config: ConfigDict, *, num_classes: int,
+                mean: Sequence[float], std: Sequence[float],
+                class_counts: Sequence[int] | None, mesh: Mesh,
+                kernels: kernels_lib.Kernels | None = None,
+                steps_per_epoch: int | None = None,
+                with_features: bool | None = None) -> BuiltModel:
+  """The model, its fixed ETF and its compiled eval step; no optimiser.
+
+  What a trained run needs to be evaluated or used (`nc_jax.runs`), and the
+  first half of `build`.
+
+  Args:
+    config: the run's config.
+    num_classes: K.
+    mean, std: per-channel normalisation (0-1 scale).
+    class_counts: the K training counts; None when unknown (the eval step
+      then reports no loss, and `eval_logit_adjust_tau` is refused).
+    mesh: the data-parallel mesh.
+    kernels: the implementations to use; None resolves them here
+      (`kernels.resolve_kernels` on the backend and the mesh's devices).
+    steps_per_epoch: for `build`'s train step; None here.
+    with_features: the eval step also returns the features; None follows
+      `config.nc_metrics`.
+
+  Raises:
+    ValueError: for a config that cannot work (the message names the fix).
+  """
+  method = methods_lib.get_method(config.method)
+  s = int(config.num_seeds)
+  if kernels is None:
+    kernels = kernels_lib.resolve_kernels(config,
+                                          device_count=mesh.devices.size)
+  model = create_model(config, method, num_classes=num_classes,
+                       kernels=kernels)
+  etf = None
+  if method.fixed_classifier:
+    etf = jax.device_put(
+        etf_lib.replica_etfs(num_classes, model.feature_dim,
+                             seed=int(config.etf_seed), num_replicas=s,
+                             rotation=config.etf_rotation),
+        sharding.replicated_sharding(mesh))
+  cfg = step_config(config, method, num_classes=num_classes, mean=mean,
+                    std=std, class_counts=class_counts,
+                    steps_per_epoch=steps_per_epoch)
+  if with_features is None:
+    with_features = bool(config.nc_metrics)
+  eval_step = steps_lib.compile_eval_step(
+      steps_lib.make_eval_step(model, cfg, with_features=with_features),
+      mesh, num_replicas=s, replica_mode=config.seeds_mode)
+  return BuiltModel(method=method, model=model, etf=etf, step_config=cfg,
+                    eval_step=eval_step, num_replicas=s, kernels=kernels)
+
+
 def build(config: ConfigDict, *, num_classes: int,
           image_shape: tuple[int, int, int], mean: Sequence[float],
           std: Sequence[float], class_counts: Sequence[int],
           steps_per_epoch: int, total_steps: int, mesh: Mesh,
           kernels: kernels_lib.Kernels | None = None) -> Built:
   """Assembles everything a run needs from `config`; see the module doc.
+
+  `build_model`'s part, then the optimiser, the train step and the initial
+  state.
 
   Args:
     config: the run's config (method, backbone, loss, optim, seeds, ...).
@@ -231,8 +313,7 @@ def build(config: ConfigDict, *, num_classes: int,
     steps_per_epoch: steps in one epoch.
     total_steps: steps of the whole run.
     mesh: the data-parallel mesh.
-    kernels: the implementations to use; None resolves them here
-      (`kernels.resolve_kernels` on the backend and the mesh's devices).
+    kernels: the implementations to use; None resolves them here.
 
   Returns:
     A `Built`.
@@ -240,31 +321,17 @@ def build(config: ConfigDict, *, num_classes: int,
   Raises:
     ValueError: for a config that cannot work (the message names the fix).
   """
-  method = check_config(config,
-                        total_epochs=total_steps / max(steps_per_epoch, 1),
-                        steps_per_epoch=steps_per_epoch)
-  s = int(config.num_seeds)
-  if kernels is None:
-    kernels = kernels_lib.resolve_kernels(config,
-                                          device_count=mesh.devices.size)
-  model = create_model(config, method, num_classes=num_classes,
-                       kernels=kernels)
-  rep = sharding.replicated_sharding(mesh)
-  etf = None
-  if method.fixed_classifier:
-    etf = jax.device_put(
-        etf_lib.replica_etfs(num_classes, model.feature_dim,
-                             seed=int(config.etf_seed), num_replicas=s,
-                             rotation=config.etf_rotation), rep)
+  check_config(config, total_epochs=total_steps / max(steps_per_epoch, 1),
+               steps_per_epoch=steps_per_epoch)
+  part = build_model(config, num_classes=num_classes, mean=mean, std=std,
+                     class_counts=class_counts, mesh=mesh, kernels=kernels,
+                     steps_per_epoch=steps_per_epoch)
+  s, model, rep = part.num_replicas, part.model, sharding.replicated_sharding(
+      mesh)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch,
                                       total_steps)
-  cfg = step_config(config, method, num_classes=num_classes, mean=mean,
-                    std=std, class_counts=class_counts,
-                    steps_per_epoch=steps_per_epoch)
-  train_step, eval_step = steps_lib.compile_steps(
-      steps_lib.make_train_step(model, tx, schedule, cfg),
-      steps_lib.make_eval_step(model, cfg,
-                               with_features=bool(config.nc_metrics)),
+  train_step = steps_lib.compile_train_step(
+      steps_lib.make_train_step(model, tx, schedule, part.step_config),
       mesh, num_replicas=s, replica_mode=config.seeds_mode)
 
   def init_one(key):
@@ -277,7 +344,7 @@ def build(config: ConfigDict, *, num_classes: int,
                    out_shardings=rep)
     return init(keys[0] if s == 1 else keys)
 
-  return Built(method=method, model=model, etf=etf, tx=tx,
-               schedule=schedule, step_config=cfg, train_step=train_step,
-               eval_step=eval_step, num_replicas=s, init_state=init_state,
-               kernels=kernels)
+  return Built(**{f.name: getattr(part, f.name)
+                  for f in dataclasses.fields(BuiltModel)},
+               tx=tx, schedule=schedule, train_step=train_step,
+               init_state=init_state)

@@ -232,14 +232,27 @@ class Checkpointer:
                                 record=ocp.args.JsonSave(record)))
     self._manager.wait_until_finished()
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores `step` into the shardings and shapes of `abstract_state`."""
+  def restore(self, step: int, abstract_state: Any, *,
+              partial: bool = False) -> tuple[Any, dict]:
+    """Restores `step` into the shardings and shapes of `abstract_state`.
+
+    `partial`: `abstract_state` is a dict naming only some of the saved
+    state's fields (e.g. `params` and `model_state`, without the optimiser
+    state, for a model that only evaluates); only those are read.
+    """
+    if partial:
+      state_args = ocp.args.PyTreeRestore(
+          abstract_state, partial_restore=True,
+          restore_args=jax.tree.map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+              abstract_state))
+    else:
+      state_args = ocp.args.StandardRestore(abstract_state)
     try:
       out = self._manager.restore(
           step,
-          args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state),
-              record=ocp.args.JsonRestore()))
+          args=ocp.args.Composite(state=state_args,
+                                  record=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for damaged files
       raise CheckpointError(
           f"The checkpoint at step {step} in {self.directory} cannot be "

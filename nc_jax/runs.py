@@ -58,7 +58,6 @@ from nc_jax import data as data_lib
 from nc_jax import methods as methods_lib
 from nc_jax import models
 from nc_jax import nc_metrics
-from nc_jax import optim
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
 from nc_jax import evaluators
@@ -165,21 +164,6 @@ def _class_facts(wd: pathlib.Path, info) -> tuple[list | None, list | None,
   return counts, (list(names) if names else None), groups
 
 
-def _placeholder_counts(config: ConfigDict, counts, num_classes: int,
-                        where: str) -> list[int]:
-  """The training counts, which only the post-hoc adjustment needs for
-  evaluation; ones when they are unknown and it is off."""
-  if counts is not None:
-    return [int(c) for c in counts]
-  if config.eval_logit_adjust_tau:
-    raise RunError(
-        f"{where} evaluates with eval_logit_adjust_tau="
-        f"{config.eval_logit_adjust_tau}, which needs the training class "
-        "counts, and neither results.json nor train_subset.json is there "
-        "to give them.")
-  return [1] * num_classes
-
-
 def _pick_checkpoint(wd: pathlib.Path, which: str | int
                      ) -> tuple[int, str, dict | None]:
   """(step, label, best) of `which` in workdir `wd`; `best` is
@@ -223,6 +207,56 @@ def _pick_checkpoint(wd: pathlib.Path, which: str | int
       "'best'.")
 
 
+def _abstract_weights(built: builder_lib.BuiltModel,
+                      image_shape: tuple[int, int, int], mesh) -> dict:
+  """`{"params", "model_state"}` as shapes (stacked over the replicas),
+  replicated over `mesh`: what a checkpoint's weights are restored into."""
+  def one(key):
+    return steps_lib.init_variables(built.model, key, tuple(image_shape))
+  s = built.num_replicas
+  key = jax.ShapeDtypeStruct((2,) if s == 1 else (s, 2), jnp.uint32)
+  params, model_state = jax.eval_shape(one if s == 1 else jax.vmap(one), key)
+  rep = sharding.replicated_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+      {"params": params, "model_state": model_state})
+
+
+def _eval_state(step: int, weights: dict, num_replicas: int
+                ) -> steps_lib.TrainState:
+  """A train state that holds only what evaluation reads (stacked over the
+  replicas, as the eval step maps over them)."""
+  steps = jnp.full((num_replicas,) if num_replicas > 1 else (), step,
+                   jnp.int32)
+  return steps_lib.TrainState(
+      step=steps, params=weights["params"],
+      model_state=weights["model_state"], opt_state=None, rng=None)
+
+
+def _restore_weights(wd: pathlib.Path, step: int, best: dict | None,
+                     abstract: dict) -> tuple[dict, dict]:
+  """(weights, record) of the checkpoint at `step`: from `best` when given,
+  else from `checkpoints/`; the optimiser state is not read."""
+  if best is None:
+    reader = ckpt_lib.Checkpointer(wd / "checkpoints", keep=None,
+                                   read_only=True)
+    try:
+      return reader.restore(step, abstract, partial=True)
+    finally:
+      reader.close()
+  try:
+    weights = flax.serialization.from_state_dict(
+        abstract, {k: best["state"][k] for k in abstract})
+    weights = jax.tree.map(
+        lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
+        weights, abstract)
+  except (ValueError, KeyError, TypeError) as e:
+    raise RunError(
+        f"{wd / 'best' / ckpt_lib.BEST_FILE} does not match the model of "
+        f"{wd / 'config.json'} ({type(e).__name__}: {str(e)[:200]}).") from e
+  return weights, best["record"]
+
+
 def _open_workdir(wd: pathlib.Path, which: str | int) -> _Source:
   if not (wd / "config.json").is_file():
     raise RunError(
@@ -239,48 +273,27 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> _Source:
     raise RunError(f"{wd}: {e}") from None
   step, label, best = _pick_checkpoint(wd, which)
   counts, names, groups = _class_facts(wd, info)
-  counts_known = counts is not None
-  counts = _placeholder_counts(config, counts, info.num_classes, str(wd))
-  spe = max(sum(counts) // int(config.batch_size), 1)
-  total = optim.duration_steps(config, "num", spe) or spe
   mesh = sharding.make_mesh()
-  built = builder_lib.build(
-      config, num_classes=info.num_classes, image_shape=info.image_shape,
-      mean=info.mean, std=info.std, class_counts=counts, steps_per_epoch=spe,
-      total_steps=max(total, step, 1), mesh=mesh)
-  rep = sharding.replicated_sharding(mesh)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-      jax.eval_shape(built.init_state))
-  if best is not None:
-    try:
-      state = flax.serialization.from_state_dict(abstract, best["state"])
-      state = jax.tree.map(
-          lambda x, a: jax.device_put(np.asarray(x, a.dtype), rep), state,
-          abstract)
-    except (ValueError, KeyError, TypeError) as e:
-      raise RunError(
-          f"{wd / 'best' / ckpt_lib.BEST_FILE} does not match the model of "
-          f"{wd / 'config.json'} ({type(e).__name__}: {str(e)[:200]}).") from e
-    record = best["record"]
-  else:
-    reader = ckpt_lib.Checkpointer(wd / "checkpoints", keep=None,
-                                   read_only=True)
-    try:
-      state, record = reader.restore(step, abstract)
-    finally:
-      reader.close()
-  epoch = record.get("epoch")  # the best checkpoint's record has it
-  if epoch is None and counts_known:
-    epoch = step / spe
+  try:
+    built = builder_lib.build_model(
+        config, num_classes=info.num_classes, mean=info.mean, std=info.std,
+        class_counts=counts, mesh=mesh, with_features=False)
+  except ValueError as e:
+    raise RunError(f"{wd}: {e}") from None
+  weights, record = _restore_weights(
+      wd, step, best, _abstract_weights(built, info.image_shape, mesh))
+  epoch = record.get("epoch")
+  if epoch is None and counts is not None:
+    # The train input drops the last partial batch of an epoch.
+    epoch = step / max(sum(counts) // int(config.batch_size), 1)
   return _Source(
       path=wd, kind="workdir", config=config, which=label, step=int(step),
       epoch=None if epoch is None else float(epoch), model=built.model,
       step_config=built.step_config, num_replicas=built.num_replicas,
-      state=state, etf=None if built.etf is None else np.asarray(built.etf),
+      state=_eval_state(step, weights, built.num_replicas),
+      etf=None if built.etf is None else np.asarray(built.etf),
       etf_device=built.etf, eval_step=built.eval_step, mesh=mesh,
-      class_counts=counts if counts_known else None, class_names=names,
-      class_groups=groups, info=info)
+      class_counts=counts, class_names=names, class_groups=groups, info=info)
 
 
 def _open_file(path: pathlib.Path) -> _Source:
@@ -298,38 +311,36 @@ def _open_file(path: pathlib.Path) -> _Source:
                    "than this nc_jax reads; update nc_jax.")
   config = _config_from_dict(json.loads(blob["config"]))
   meta = json.loads(blob["meta"])
-  method = methods_lib.get_method(config.method)
   info = data_lib.dataset_info(config.dataset)
-  k = int(meta["num_classes"])
-  # Parameters do not depend on the kernels: use what runs here.
-  model = builder_lib.create_model(config, method, num_classes=k,
-                                   kernels=kernels_lib.resolve_kernels(config))
-  counts = _placeholder_counts(config, meta.get("class_counts"), k, str(path))
-  cfg = builder_lib.step_config(
-      config, method, num_classes=k, mean=meta["mean"], std=meta["std"],
-      class_counts=counts, steps_per_epoch=1)
-  mesh = sharding.make_mesh()
-  rep = sharding.replicated_sharding(mesh)
-  eval_fn = steps_lib.make_eval_step(model, cfg)
-  _, eval_step = steps_lib.compile_steps(eval_fn, eval_fn, mesh,
-                                         num_replicas=1)
-  params = jax.device_put(blob["params"], rep)
-  model_state = jax.device_put(blob.get("model_state") or {}, rep)
-  state = steps_lib.TrainState(
-      step=jnp.asarray(meta["step"], jnp.int32), params=params,
-      model_state=model_state, opt_state=None, rng=None)
-  etf = blob.get("etf")
-  etf = None if etf is None or not method.fixed_classifier else np.asarray(
-      etf, np.float32)
-  info = dataclasses.replace(info, num_classes=k,
+  info = dataclasses.replace(info, num_classes=int(meta["num_classes"]),
                              image_shape=tuple(meta["image_shape"]),
                              mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+  mesh = sharding.make_mesh()
+  # One replica: the file holds the one `export` picked.
+  one = ConfigDict(config.to_dict())
+  one.num_seeds = 1
+  try:
+    built = builder_lib.build_model(
+        one, num_classes=info.num_classes, mean=info.mean, std=info.std,
+        class_counts=meta.get("class_counts"), mesh=mesh,
+        with_features=False)
+  except ValueError as e:
+    raise RunError(f"{path}: {e}") from None
+  rep = sharding.replicated_sharding(mesh)
+  weights = {"params": jax.device_put(blob["params"], rep),
+             "model_state": jax.device_put(blob.get("model_state") or {},
+                                           rep)}
+  etf = blob.get("etf")
+  etf = None if etf is None or not built.method.fixed_classifier else (
+      np.asarray(etf, np.float32))
   return _Source(
       path=path, kind="file", config=config, which=meta["which"],
-      step=int(meta["step"]), epoch=meta.get("epoch"), model=model,
-      step_config=cfg, num_replicas=1, state=state, etf=etf,
+      step=int(meta["step"]), epoch=meta.get("epoch"), model=built.model,
+      step_config=built.step_config, num_replicas=1,
+      state=_eval_state(int(meta["step"]), weights, 1), etf=etf,
       etf_device=None if etf is None else jax.device_put(etf, rep),
-      eval_step=eval_step, mesh=mesh, class_counts=meta.get("class_counts"),
+      eval_step=built.eval_step, mesh=mesh,
+      class_counts=meta.get("class_counts"),
       class_names=meta.get("class_names"),
       class_groups={k_: list(v) for k_, v in meta["class_groups"].items()},
       info=info)

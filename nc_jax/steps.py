@@ -64,8 +64,11 @@ class StepConfig:
     num_classes: K.
     mean, std: per-channel normalisation of the uint8 images.
     mixup_alpha: Beta(alpha, alpha) mixup; 0 turns it off.
-    steps_per_epoch: steps in one epoch (the loss context's epoch).
-    class_counts: K per-class counts of the training subset.
+    steps_per_epoch: steps in one epoch (the loss context's epoch); None
+      for a config that only evaluates (`builder.build_model`).
+    class_counts: K per-class counts of the training subset; None where
+      they are unknown (a model loaded without them), which evaluates
+      without a loss.
     options: the loss hyper-parameters (`config.loss`).
     eval_logit_adjust_tau: post-hoc logit adjustment at evaluation (0: off).
     compute_dtype: the backbone's compute dtype.
@@ -76,8 +79,8 @@ class StepConfig:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   mixup_alpha: float
-  steps_per_epoch: int
-  class_counts: tuple[int, ...]
+  steps_per_epoch: int | None
+  class_counts: tuple[int, ...] | None
   options: methods_lib.LossOptions = dataclasses.field(
       default_factory=methods_lib.LossOptions)
   eval_logit_adjust_tau: float = 0.0
@@ -120,6 +123,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
   heads that learn theirs.
   """
   method = cfg.method
+  if cfg.steps_per_epoch is None or cfg.class_counts is None:
+    raise ValueError("A train step needs the StepConfig's steps_per_epoch "
+                     "and class_counts (builder.build makes it so).")
   counts = tuple(float(c) for c in cfg.class_counts)
 
   def train_step(state: TrainState, batch, etf):
@@ -223,7 +229,7 @@ def make_eval_step(model, cfg: StepConfig, *, with_features: bool = False
         {"params": state.params, **state.model_state}, x, train=False,
         classifier=_classifier_input(cfg, etf))
     per_example = None
-    if cfg.method.eval_loss is not None:
+    if cfg.method.eval_loss is not None and cfg.class_counts is not None:
       per_example = cfg.method.eval_loss(_eval_context(
           cfg, logits, features, batch["label"], _classifier_input(cfg, etf)))
     out = metrics_lib.batch_counts(eval_logits(cfg, logits), batch["label"],
@@ -269,47 +275,66 @@ def resolve_replica_mode(mode: str, backend: str | None = None) -> str:
   return "unroll" if (backend or jax.default_backend()) == "cpu" else "vmap"
 
 
-def compile_steps(train_step: Callable, eval_step: Callable, mesh: Mesh, *,
-                  num_replicas: int, replica_mode: str = "auto"
-                  ) -> tuple[Callable, Callable]:
+def _over_replicas(fn: Callable, num_replicas: int, replica_mode: str
+                   ) -> Callable:
+  """`fn(state, batch, etf)` of one replica -> of `num_replicas` stacked."""
+  if num_replicas == 1:
+    return fn
+  if resolve_replica_mode(replica_mode) == "vmap":
+    return jax.vmap(fn, in_axes=(0, None, 0))
+  return _unrolled(fn, num_replicas)
+
+
+def compile_eval_step(eval_step: Callable, mesh: Mesh, *, num_replicas: int,
+                      replica_mode: str = "auto") -> Callable:
+  """`eval_step` jitted over the mesh: state and ETF replicated, the batch
+  split over the data axis; replicas batched as `compile_train_step`'s."""
+  return jax.jit(_over_replicas(eval_step, num_replicas, replica_mode),
+                 in_shardings=(sharding.replicated_sharding(mesh),
+                               sharding.batch_sharding(mesh),
+                               sharding.replicated_sharding(mesh)))
+
+
+def compile_train_step(train_step: Callable, mesh: Mesh, *,
+                       num_replicas: int, replica_mode: str = "auto"
+                       ) -> Callable:
   """jit over the mesh, batching replicas by `vmap` or unrolling them.
 
   State and ETF are replicated, batches split over the data axis; the
   train step donates its input state so parameters are updated in place.
   With `num_replicas > 1` every leaf of state and ETF (None for learnt
-  heads) has a leading replica axis; `replica_mode` ("auto", "vmap", "unroll"; see
-  `resolve_replica_mode`) picks how the replicas share the program.
+  heads) has a leading replica axis; `replica_mode` ("auto", "vmap",
+  "unroll"; see `resolve_replica_mode`) picks how the replicas share the
+  program.
   """
-  if num_replicas > 1:
-    if resolve_replica_mode(replica_mode) == "vmap":
-      train_step = jax.vmap(train_step, in_axes=(0, None, 0))
-      eval_step = jax.vmap(eval_step, in_axes=(0, None, 0))
-    else:
-      train_step = _unrolled(train_step, num_replicas)
-      eval_step = _unrolled(eval_step, num_replicas)
   rep = sharding.replicated_sharding(mesh)
-  data = sharding.batch_sharding(mesh)
-  train = jax.jit(train_step, in_shardings=(rep, data, rep),
-                  out_shardings=(rep, rep), donate_argnums=(0,))
-  evaluate = jax.jit(eval_step, in_shardings=(rep, data, rep))
-  return train, evaluate
+  return jax.jit(_over_replicas(train_step, num_replicas, replica_mode),
+                 in_shardings=(rep, sharding.batch_sharding(mesh), rep),
+                 out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-               image_shape: tuple[int, int, int]) -> TrainState:
-  """Initialises one replica from `rng` (raw uint32 key).
+def init_variables(model, rng: jax.Array, image_shape: tuple[int, int, int]
+                   ) -> tuple[Any, dict]:
+  """`(params, model_state)` of one replica, initialised from `rng`.
 
   A fixed-classifier head only needs its input's shape at init, so a zero
   placeholder stands in for the ETF: nothing of it is stored.
   """
-  k_init, k_state = jax.random.split(rng)
   classifier = None
   if model.head_name in models.FIXED_CLASSIFIER_HEADS:
     classifier = jnp.zeros((model.feature_dim, model.num_classes), jnp.float32)
-  variables = model.init(k_init, jnp.zeros((1, *image_shape), jnp.float32),
+  variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32),
                          train=False, classifier=classifier)
   variables = flax.core.unfreeze(variables)
   params = variables.pop("params")
+  return params, variables
+
+
+def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+               image_shape: tuple[int, int, int]) -> TrainState:
+  """Initialises one replica's train state from `rng` (raw uint32 key)."""
+  k_init, k_state = jax.random.split(rng)
+  params, model_state = init_variables(model, k_init, image_shape)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=variables, opt_state=tx.init(params),
+                    model_state=model_state, opt_state=tx.init(params),
                     rng=k_state)

@@ -394,7 +394,8 @@ class _Loop:
     t = time.perf_counter()
     self._check_finite(step)
     self.checkpointer.save(step, self.state, {
-        "history": self.history, "resumes": self.resumes,
+        "epoch": step / self.spe, "history": self.history,
+        "resumes": self.resumes,
         "wall_s": self.wall_before + time.perf_counter() - self.t_start})
     self.stop.mark_saved(step)
     self.progress.exclude(time.perf_counter() - t)

@@ -161,6 +161,31 @@ def test_export_round_trip(trained, test_split, tmp_path):
     runs.load(tmp_path / "junk.msgpack")
 
 
+def test_a_workdir_without_its_counts_loads_without_inventing_them(
+    trained, test_split, tmp_path):
+  """Without results.json and train_subset.json the class counts are
+  unknown: the model still loads and predicts the same logits (the weights
+  alone are restored, the optimiser state is not read), `class_counts` is
+  None, and the epoch comes from the checkpoint's own record."""
+  wd, res = trained
+  copy = tmp_path / "no_counts"
+  shutil.copytree(wd, copy)
+  (copy / "results.json").unlink()
+  (copy / "train_subset.json").unlink()
+  run, ref = runs.load(copy), runs.load(wd)
+  assert run.class_counts is None and run.step == 12
+  assert run.epoch == pytest.approx(res["final"]["epoch"])
+  np.testing.assert_array_equal(run.predict(test_split.images),
+                                ref.predict(test_split.images))
+  assert run._src.step_config.class_counts is None  # pylint: disable=protected-access
+  # The post-hoc adjustment needs the counts: refused, naming why.
+  raw = json.loads((copy / "config.json").read_text())
+  raw["eval_logit_adjust_tau"] = 1.0
+  (copy / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(runs.RunError, match="needs the training class counts"):
+    runs.load(copy)
+
+
 def test_evaluate_matches_results_json(trained, tmp_path):
   wd, res = trained
   ev = runs.evaluate(wd)
