@@ -514,7 +514,8 @@ def test_cosine_head_gives_cosines_of_unit_features_and_columns():
 
 def test_unknown_backbone_head_and_option_raise():
   with pytest.raises(ValueError, match="densenet_bc, resnet20, resnet32, "
-                     "resnet32_c100, resnet50, resnet8"):
+                     "resnet32_c100, resnet50, resnet50_standard, "
+                     "resnet8"):
     models.create_model("resnet18", num_classes=10, head="etf")
   with pytest.raises(ValueError, match="valid heads: cosine, etf, linear"):
     models.create_model("resnet32", num_classes=10, head="arcface")
@@ -558,7 +559,8 @@ def test_kernels_are_injected_not_decided():
 
 def test_registries_are_explicit_dicts():
   assert set(models.BACKBONES) == {"resnet8", "resnet20", "resnet32",
-                                   "resnet32_c100", "densenet_bc", "resnet50"}
+                                   "resnet32_c100", "densenet_bc", "resnet50",
+                                   "resnet50_standard"}
   assert set(models.HEADS) == {"linear", "cosine", "etf"}
   assert models.FIXED_CLASSIFIER_HEADS == {"etf"}
   assert isinstance(models.create_model("resnet32", num_classes=10,

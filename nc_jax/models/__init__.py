@@ -5,7 +5,10 @@ head (features -> logits). Both are looked up in explicit registries:
 
   BACKBONES  resnet8 / resnet20 (64-d; small CIFAR ResNets for tests and
              smoke runs), resnet32 (64-d), resnet32_c100 (128-d), densenet_bc (510-d),
-             resnet50 (4096-d; `wide_layer4=False` for 2048-d)
+             resnet50 (4096-d, the reference's widened layer4;
+             `wide_layer4=False` for 2048-d), resnet50_standard (2048-d,
+             torchvision's widths; what `nc_jax.pretrained` loads
+             ImageNet weights into)
   HEADS      linear (learnable, or frozen with `freeze_classifier=True`),
              cosine (LDAM's normalised linear layer, cosine logits),
              etf (fixed simplex ETF given at call time; option
@@ -54,6 +57,7 @@ BACKBONES: Mapping[str, Callable[..., nn.Module]] = {
     "resnet32_c100": resnet_cifar.resnet32_c100,
     "densenet_bc": densenet.densenet_bc,
     "resnet50": resnet.resnet50,
+    "resnet50_standard": resnet.resnet50_standard,
 }
 
 # name -> factory(num_classes, feature_dim, *, **head_options).

@@ -9,8 +9,10 @@ conv (v1.5), not on the first 1x1.
 
 The reference's ImageNet-LT feature extractor (`ResNet_FE`) doubles the last
 stage's planes, 512 -> 1024, so the features are 4 * 1024 = 4096-d (about
-63M parameters); `wide_layer4=False` gives the standard 2048-d ResNet-50
-(23,508,032 backbone parameters, torchvision's 25,557,032 less its fc).
+63M parameters); `wide_layer4=False` (or `resnet50_standard`) gives the
+standard 2048-d ResNet-50 (23,508,032 backbone parameters, torchvision's
+25,557,032 less its fc), the one ImageNet-pretrained weights exist for
+(`nc_jax.pretrained` loads them).
 
 Initialisation as the reference (`models/resnet.py`, `ResNet_FE`, i.e.
 torchvision's): every conv kernel is Kaiming-normal fan-out, N(0, 2 /
@@ -153,3 +155,18 @@ def resnet50(*, wide_layer4: bool = True, dtype: Dtype = jnp.float32,
   last = 1024 if wide_layer4 else 512
   return ResNet(stage_sizes=(3, 4, 6, 3), planes=(64, 128, 256, last),
                 dtype=dtype, norm_impl=norm_impl)
+
+
+def resnet50_standard(*, dtype: Dtype = jnp.float32,
+                      norm_impl: str = "flax") -> ResNet:
+  """torchvision's ResNet-50 (2048-d features): `resnet50(wide_layer4=False)`.
+
+  A registry entry of its own, so that the width is fixed by the name (and
+  a config cannot ask it for `wide_layer4`): the architecture that
+  torchvision's and timm's ImageNet weights fit.
+
+  Args:
+    dtype: compute dtype.
+    norm_impl: BatchNorm implementation, "flax" or "fused".
+  """
+  return resnet50(wide_layer4=False, dtype=dtype, norm_impl=norm_impl)
