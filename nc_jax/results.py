@@ -69,9 +69,14 @@ def assemble(config: ConfigDict, train_input, history: Sequence[dict],
   return out
 
 
+def _pct(value: float | None) -> str:
+  """A percentage, or n/a for a group without classes or test images."""
+  return "n/a" if value is None else f"{value:.2f}"
+
+
 def summary_line(results: Mapping[str, Any], path: str) -> str:
   """The one line a finished run ends with."""
   f, b = results["final"], results["best"]
-  return (f"done: final top1 {f['top1']:.2f} (head {f['head']:.2f} / medium "
-          f"{f['medium']:.2f} / tail {f['tail']:.2f}), best top1 "
-          f"{b['top1']:.2f} at epoch {b['epoch']:g}; {path}")
+  return (f"done: final top1 {_pct(f['top1'])} (head {_pct(f['head'])} / "
+          f"medium {_pct(f['medium'])} / tail {_pct(f['tail'])}), best top1 "
+          f"{_pct(b['top1'])} at epoch {b['epoch']:g}; {path}")
