@@ -179,7 +179,7 @@ def main(argv=None) -> None:
 
   ref_train, resnet_cifar, config = import_reference(args.reference)
   import torch  # pylint: disable=g-import-not-at-top
-  from nc_jax.data import archive, sources  # pylint: disable=g-import-not-at-top
+  from nc_jax.data import archive, in_memory, sources  # pylint: disable=g-import-not-at-top
   if args.threads:
     torch.set_num_threads(args.threads)
   name = (f"Res_{args.dataset}_imb{args.imb.replace('.', '')}"
@@ -197,9 +197,9 @@ def main(argv=None) -> None:
     root = archive.resolve_data_dir(args.data_dir)
     src = sources.check_data_dir(args.dataset, root)
     sources.check_source(src)
-    train = sources.load_train_lt(args.dataset, root, float(config.imb_factor),
-                                  "exp", 0)
-    test = sources.load_split(args.dataset, root, "test")
+    train = in_memory.load_train_lt(args.dataset, root,
+                                    float(config.imb_factor), "exp", 0)
+    test = in_memory.load_split(args.dataset, root, "test")
   except (ValueError, FileNotFoundError) as e:
     fail(str(e))
   wd = args.workdir

@@ -223,6 +223,34 @@ def step_config(config: ConfigDict, method: methods_lib.Method, *,
       ece_bins=int(config.ece_bins))
 
 
+def resolve_kernels(config: ConfigDict, *, device_count: int | None = None,
+                    for_loading: bool = False) -> kernels_lib.Kernels:
+  """The convolution and BatchNorm implementations `config` runs with here
+  (`nc_jax.kernels`): the one place outside the entry points' XLA set-up
+  that asks.
+
+  Args:
+    config: with `backbone`, `compute_dtype`, `conv_impl`, `norm_impl`.
+    device_count: devices of the mesh (oneDNN's convolutions need one).
+    for_loading: a trained model to evaluate or use: parameters are the
+      same whichever implementation computes them, so one asked for that
+      cannot run here (oneDNN's on an accelerator) falls back to "auto".
+
+  Raises:
+    ValueError: an unknown request, or oneDNN's asked for (and not
+      `for_loading`) where it cannot run.
+  """
+  try:
+    return kernels_lib.resolve_kernels(config, device_count=device_count)
+  except ValueError:
+    if not for_loading:
+      raise
+  return kernels_lib.resolve(backbone=config.backbone,
+                             compute_dtype=config.compute_dtype,
+                             conv_impl="auto", norm_impl="auto",
+                             device_count=device_count)
+
+
 def create_model(config: ConfigDict, method: methods_lib.Method, *,
                  num_classes: int,
                  kernels: kernels_lib.Kernels) -> models.ImageClassifier:
@@ -271,8 +299,7 @@ def build_model(config: ConfigDict, *, num_classes: int,
   method = methods_lib.get_method(config.method)
   s = int(config.num_seeds)
   if kernels is None:
-    kernels = kernels_lib.resolve_kernels(config,
-                                          device_count=mesh.devices.size)
+    kernels = resolve_kernels(config, device_count=mesh.devices.size)
   model = create_model(config, method, num_classes=num_classes,
                        kernels=kernels)
   etf = None

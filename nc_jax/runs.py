@@ -52,7 +52,6 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from nc_jax import builder as builder_lib
-from nc_jax import kernels as kernels_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
 from nc_jax import methods as methods_lib
@@ -135,14 +134,6 @@ def _read_json(path: pathlib.Path) -> Any:
 
 def _config_from_dict(d: dict) -> ConfigDict:
   config = ConfigDict({**ckpt_lib.MISSING_MEANS, **d})
-  # Parameters are the same whichever convolution kernels compute them; a
-  # run trained with oneDNN's loads where they are not available (an
-  # accelerator) with the ones that are.
-  if config.get("conv_impl") not in (None, "auto", "xla"):
-    try:
-      kernels_lib.resolve_kernels(config)
-    except ValueError:
-      config.conv_impl = "auto"
   config.lock()
   return config
 
@@ -277,7 +268,8 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> _Source:
   try:
     built = builder_lib.build_model(
         config, num_classes=info.num_classes, mean=info.mean, std=info.std,
-        class_counts=counts, mesh=mesh, with_features=False)
+        class_counts=counts, mesh=mesh, with_features=False,
+        kernels=builder_lib.resolve_kernels(config, for_loading=True))
   except ValueError as e:
     raise RunError(f"{wd}: {e}") from None
   weights, record = _restore_weights(
@@ -323,7 +315,8 @@ def _open_file(path: pathlib.Path) -> _Source:
     built = builder_lib.build_model(
         one, num_classes=info.num_classes, mean=info.mean, std=info.std,
         class_counts=meta.get("class_counts"), mesh=mesh,
-        with_features=False)
+        with_features=False,
+        kernels=builder_lib.resolve_kernels(one, for_loading=True))
   except ValueError as e:
     raise RunError(f"{path}: {e}") from None
   rep = sharding.replicated_sharding(mesh)

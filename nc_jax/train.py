@@ -27,7 +27,6 @@ from nc_jax import builder as builder_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
 from nc_jax import evaluators as evaluators_lib
-from nc_jax import kernels as kernels_lib
 from nc_jax.data.archive import resolve_data_dir
 from nc_jax import optim
 from nc_jax import preemption
@@ -110,7 +109,7 @@ def _validate(config: ConfigDict) -> None:
   # Raises here, before any work, for an unknown backbone, a bad conv_impl
   # or norm_impl, or oneDNN convolutions asked for where they cannot run
   # (this is also where they are built, once, if they are chosen).
-  kernels_lib.resolve_kernels(config)
+  builder_lib.resolve_kernels(config)
   data_lib.check_config(config)
 
 
@@ -128,7 +127,7 @@ class _Setup:
   eval_every: int
   ckpt_every: int
   kernel_record: dict
-  kernels: kernels_lib.Kernels
+  kernels: Any  # builder.resolve_kernels's answer
   built: builder_lib.Built
 
 
@@ -180,12 +179,11 @@ def _load_data(config: ConfigDict, mesh) -> tuple[str | None, Any, Any]:
         profile=config.imb_profile, selection_seed=config.selection_seed,
         batch_size=config.batch_size, seed=config.seed, mesh=mesh,
         pipeline=config.pipeline, sampler=config.sampler,
-        imagenet_lt_train_list=config.imagenet_lt_train_list,
-        train_splits=config.train_splits or None,
-        color_jitter=config.color_jitter)
+        options=data_lib.options_of(config.dataset, config))
     eval_input = data_lib.make_eval_input(
         config.dataset, data_dir=data_dir,
-        batch_size=config.eval_batch_size, mesh=mesh)
+        batch_size=config.eval_batch_size, mesh=mesh,
+        options=data_lib.options_of(config.dataset, config))
   except (ValueError, FileNotFoundError) as e:
     # Data problems (a file that does not decode, too few images for one
     # batch, a missing ImageNet-LT list): nothing has been written yet.
@@ -200,7 +198,7 @@ def _load_data(config: ConfigDict, mesh) -> tuple[str | None, Any, Any]:
 def _set_up(config: ConfigDict, workdir: pathlib.Path,
             held: contextlib.ExitStack) -> _Setup:
   """Checks, loads the data, claims the workdir and builds the model."""
-  kernels = kernels_lib.resolve_kernels(config)  # as validated, once more
+  kernels = builder_lib.resolve_kernels(config)  # as validated, once more
   try:
     workdir_lib.check_target(workdir, lambda wd: ckpt_lib.check_config(
         wd, config, kernels.record(), why=kernels.note))
@@ -308,7 +306,7 @@ class _Loop:
           batch_size=config.eval_batch_size, mesh=setup.mesh,
           split="train_lt", imb_factor=config.imb_factor,
           profile=config.imb_profile, selection_seed=config.selection_seed,
-          train_splits=config.train_splits or None)
+          options=data_lib.options_of(config.dataset, config))
       out["train"] = make(built.eval_step, train_eval_input, with_nc=True,
                           **common)
     return out

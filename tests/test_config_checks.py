@@ -62,7 +62,9 @@ def _config(arg="", **overrides):
     ({"preemption_grace_seconds": 0.0},
      ["preemption_grace_seconds must be > 0"]),
     ({"num_epochs": -1.0}, ["num_epochs must be > 0, got -1"]),
-    ({"color_jitter": -1.0}, ["color_jitter must be >= 0"]),
+    # Checked by the dataset that reads it (ImageNet-LT's recipe).
+    ({"dataset": "imagenet_lt", "pipeline": "tfdata", "color_jitter": -1.0},
+     ["color_jitter must be >= 0"]),
     ({"eval_every_epochs": math.nan}, ["eval_every_epochs=nan is not a finite"]),
 ])
 def test_impossible_numbers_are_refused(overrides, fragments):

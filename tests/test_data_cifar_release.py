@@ -22,6 +22,7 @@ from tests.conftest import REPO
 from nc_jax.data import archive
 from nc_jax.data import cifar_release
 from nc_jax.data import sources
+from nc_jax.data import in_memory
 
 RELEASE_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
 CIFAR10_R001 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -61,8 +62,8 @@ def test_three_forms_name_one_release(release_archive, release_parent,
     assert pathlib.Path(src.root).name == "cifar-10-batches-py"
     roots.add(src.root)
   assert len(roots) == 2  # the cache's extraction, and the folder above
-  test = sources.load_split("cifar10", str(folder), "test")
-  train = sources.load_split("cifar10", str(release_parent), "train")
+  test = in_memory.load_split("cifar10", str(folder), "test")
+  train = in_memory.load_split("cifar10", str(release_parent), "train")
   assert test.images.shape == (10000, 32, 32, 3)
   assert test.images.dtype == np.uint8
   assert test.counts == tuple([1000] * 10)
@@ -92,9 +93,9 @@ def _per_class_positions(ids, labels, rank):
 @pytest.mark.slow
 def test_release_subset_is_the_references_and_the_jpeg_trees(
     release_parent, cifar10_dir):
-  rel = sources.load_train_lt("cifar10", str(release_parent), 0.01, "exp", 0)
+  rel = in_memory.load_train_lt("cifar10", str(release_parent), 0.01, "exp", 0)
   assert list(rel.counts) == CIFAR10_R001
-  full = sources.load_split("cifar10", str(release_parent), "train")
+  full = in_memory.load_split("cifar10", str(release_parent), "train")
   # Position of each example among its class, in the release's order.
   within = np.zeros(full.labels.size, np.int64)
   for c in range(10):
@@ -110,7 +111,7 @@ def test_release_subset_is_the_references_and_the_jpeg_trees(
     rng.shuffle(idx)
     assert got[c] == sorted(within[idx[:n_c]].tolist())
   # The JPEG tree names file NNNN the NNNN-th image of its class.
-  jpg = sources.load_train_lt("cifar10", str(cifar10_dir), 0.01, "exp", 0)
+  jpg = in_memory.load_train_lt("cifar10", str(cifar10_dir), 0.01, "exp", 0)
   jpos = _per_class_positions(
       jpg.ids, jpg.labels, lambda i, y: int(i.split("/")[1].split(".")[0]))
   assert jpos == got
@@ -172,13 +173,13 @@ def test_cifar100_release_archive(tmp_path, monkeypatch):
   src = sources.check_data_dir("cifar100", root)
   assert src.kind == "release"
   sources.check_source(src)
-  test = sources.load_split("cifar100", root, "test")
+  test = in_memory.load_split("cifar100", root, "test")
   data, labels = written["test"]
   np.testing.assert_array_equal(test.labels, labels)  # fine labels, in order
   np.testing.assert_array_equal(
       test.images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
   assert test.class_names[:2] == ("fine_00", "fine_01")
-  lt = sources.load_train_lt("cifar100", root, 0.5, "exp", 0)
+  lt = in_memory.load_train_lt("cifar100", root, 0.5, "exp", 0)
   assert lt.counts[0] == 6 and lt.counts[-1] == 3
   # A CIFAR-10 run pointed at it is told which dataset it holds.
   with pytest.raises(ValueError, match="--config.dataset=cifar100"):

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from nc_jax import data
 from nc_jax import sharding
+from nc_jax.data import augment
 from nc_jax.data import device as device_lib
 from nc_jax.data import imagenet_lt
 from nc_jax.data import long_tail
@@ -70,7 +71,7 @@ def mock_imagenet(tmp_path):
 def test_tfds_imagenet_lt_train_stream(mock_imagenet):
   root, lst = mock_imagenet
   kw = dict(data_dir=root, imb_factor=1.0, batch_size=4, seed=2, mesh=MESH,
-            imagenet_lt_train_list=lst)
+            options={"imagenet_lt_train_list": lst})
   ti = data.make_train_input("imagenet_lt", **kw)
   assert ti.num_examples == N_MOCK // 2 and ti.steps_per_epoch == 3
   assert ti.counts[0] == 4 and ti.counts[7] == 4 and ti.counts[14] == 4
@@ -78,7 +79,7 @@ def test_tfds_imagenet_lt_train_stream(mock_imagenet):
   # The reference's rank groups: the three listed classes lead the ranks.
   head = ti.info.class_groups["head"]
   assert {0, 7, 14} <= set(head) and len(head) == 390
-  assert ti.info.class_groups == imagenet_lt.class_groupings(
+  assert ti.info.class_groups == long_tail.class_groupings(
       ti.counts)["by_rank"]
   full = take(ti.iterate(0), 7)
   b = full[0]
@@ -113,7 +114,7 @@ def test_tfds_imagenet_lt_eval(mock_imagenet):
   batches = take(ev.iterate(), 100)
   tl = data.make_eval_input("imagenet_lt", data_dir=root, batch_size=8,
                             mesh=MESH, split="train_lt",
-                            imagenet_lt_train_list=lst)
+                            options={"imagenet_lt_train_list": lst})
   tb = take(tl.iterate(), 100)
   assert ev.num_examples == N_MOCK and len(batches) == 3
   assert batches[0]["image"].shape == (10, 224, 224, 3)
@@ -151,7 +152,7 @@ def _folder_tree(root) -> str:
 def test_folder_imagenet_lt(tmp_path):
   lst = _folder_tree(tmp_path)
   kw = dict(data_dir=tmp_path, imb_factor=1.0, batch_size=3, seed=0,
-            mesh=MESH, imagenet_lt_train_list=str(lst))
+            mesh=MESH, options={"imagenet_lt_train_list": str(lst)})
   ti = data.make_train_input("imagenet_lt", **kw)
   assert ti.counts[:3] == [4, 3, 2] and ti.steps_per_epoch == 3
   # Both groupings reach the training loop, and the note names them.
@@ -189,7 +190,7 @@ def test_tfds_stream_detects_listed_images_missing(mock_imagenet, tmp_path):
       f"train/n00000000/missing_{i}.JPEG 0\n" for i in range(4)))
   ti = data.make_train_input("imagenet_lt", data_dir=root, imb_factor=1.0,
                              batch_size=4, seed=0, mesh=MESH,
-                             imagenet_lt_train_list=str(bad))
+                             options={"imagenet_lt_train_list": str(bad)})
   assert ti.steps_per_epoch == 4  # 16 listed, only 12 exist
   with pytest.raises(RuntimeError, match="fewer than the 16 listed"):
     take(ti.iterate(0), 5)
@@ -207,16 +208,16 @@ NUMPY124_ORDER_40 = [13, 24, 23, 28, 35, 20, 30, 17, 15, 11, 22, 16, 31, 0, 12,
 
 
 def test_rank_by_count_reproduces_numpy_introsort_ties():
-  order = imagenet_lt.rank_by_count(COUNTS_40)
+  order = long_tail.rank_by_count(COUNTS_40)
   assert order.tolist() == NUMPY124_ORDER_40
-  stable = imagenet_lt.rank_by_count(COUNTS_40, ties="stable")
+  stable = long_tail.rank_by_count(COUNTS_40, ties="stable")
   assert stable.tolist() == np.argsort(-np.asarray(COUNTS_40),
                                        kind="stable").tolist()
   assert stable.tolist() != order.tolist()  # Ties are ordered differently.
   counts = np.asarray(COUNTS_40)
   np.testing.assert_array_equal(counts[order], counts[stable])
   with pytest.raises(ValueError, match="ties"):
-    imagenet_lt.rank_by_count(COUNTS_40, ties="random")
+    long_tail.rank_by_count(COUNTS_40, ties="random")
 
 
 def test_introsort_argsort_sorts_and_its_heapsort_is_numpys():
@@ -224,7 +225,7 @@ def test_introsort_argsort_sorts_and_its_heapsort_is_numpys():
   rng = np.random.RandomState(0)
   for n in (0, 1, 16, 17, 300):
     keys = rng.randint(0, 4, n)
-    order = imagenet_lt._introsort_argsort(keys)
+    order = long_tail._introsort_argsort(keys)
     assert sorted(order) == list(range(n))
     assert np.all(np.diff(keys[order]) >= 0)
   # The depth-limit fallback, against numpy 1.24's argsort(kind="heapsort")
@@ -232,7 +233,7 @@ def test_introsort_argsort_sorts_and_its_heapsort_is_numpys():
   keys = [3, 2, 3, 1, 2, 2, 0, 1, 0, 0, 3, 2, 3, 0, 2, 0, 3, 0, 3, 1, 1, 3, 0,
           3, 0, 1, 3, 1, 3, 2]
   heap = list(range(30))
-  imagenet_lt._heapsort(keys, heap, 0, 30)
+  long_tail._heapsort(keys, heap, 0, 30)
   assert heap == [6, 9, 24, 13, 17, 15, 22, 8, 27, 19, 25, 7, 3, 20, 14, 5,
                   11, 4, 1, 29, 28, 12, 23, 2, 21, 26, 10, 18, 16, 0]
 
@@ -240,7 +241,7 @@ def test_introsort_argsort_sorts_and_its_heapsort_is_numpys():
 def test_class_groupings_by_rank_and_by_count():
   # About five classes per count value: ties straddle both rank boundaries.
   counts = np.random.RandomState(3).randint(1, 200, 1000)
-  groups = imagenet_lt.class_groupings(counts)
+  groups = long_tail.class_groupings(counts)
   ref, lit = groups["by_rank"], groups["by_count"]
   assert [len(ref[g]) for g in ("head", "medium", "tail")] == [390, 445, 165]
   assert sorted(ref["head"] + ref["medium"] + ref["tail"]) == list(range(1000))
@@ -254,7 +255,7 @@ def test_class_groupings_by_rank_and_by_count():
   tied = [c for c in range(1000) if counts[c] == 121]
   assert tied == [114, 648, 654]
   assert [c for c in tied if c in ref["head"]] == [114, 654]
-  stable = imagenet_lt.groups_by_rank(counts, ties="stable")
+  stable = long_tail.groups_by_rank(counts, ties="stable")
   assert [c for c in tied if c in stable["head"]] == [114, 648]
   # Seven classes of 30 images straddle rank 835.
   tied = [c for c in range(1000) if counts[c] == 30]
@@ -266,9 +267,9 @@ def test_class_groupings_by_rank_and_by_count():
   assert all(20 <= counts[c] <= 100 for c in lit["medium"])
   assert all(counts[c] < 20 for c in lit["tail"])
   with pytest.raises(ValueError, match="tile"):
-    imagenet_lt.groups_by_rank(counts[:999])
+    long_tail.groups_by_rank(counts[:999])
   with pytest.raises(ValueError, match="tile"):
-    imagenet_lt.groups_by_rank(counts, (("head", 0, 500), ("tail", 501, 1000)))
+    long_tail.groups_by_rank(counts, (("head", 0, 500), ("tail", 501, 1000)))
 
 
 def test_stream_class_groups_from_a_train_list_with_ties(tmp_path):
@@ -304,10 +305,10 @@ def test_stream_class_groups_from_a_train_list_with_ties(tmp_path):
           seed=0, rows=(0, 2), color_jitter=-1)
   counts = stream.counts
   assert [counts[c] for c in (1, 2, 3, 5, 9)] == [1, 1, 3, 2, 3]
-  order = imagenet_lt.rank_by_count(counts)
+  order = long_tail.rank_by_count(counts)
   assert sorted(order[:2]) == [3, 9] and order[2] == 5
   assert sorted(order[3:5]) == [1, 2]
-  expected = imagenet_lt.class_groupings(counts)
+  expected = long_tail.class_groupings(counts)
   assert stream.info.class_groups == expected["by_rank"]
   assert stream.class_groups_by_count == expected["by_count"]
   assert {1, 2, 3, 5, 9} <= set(stream.info.class_groups["head"])
@@ -337,7 +338,7 @@ def test_color_jitter_ops_equal_pil():
       img = (img // 4 + 100).astype(np.uint8)  # Low contrast.
     factors = rng.uniform(0.6, 1.4, 3).astype(np.float32)
     order = rng.permutation(3)
-    out = imagenet_lt.apply_color_jitter(
+    out = augment.apply_color_jitter(
         tf.constant(img, tf.float32), tf.constant(factors),
         tf.constant(order, tf.int32))
     np.testing.assert_array_equal(out.numpy(),
@@ -348,16 +349,16 @@ def test_color_jitter_is_seeded_and_switchable():
   img = tf.constant(np.random.default_rng(1).integers(
       0, 256, (16, 16, 3)).astype(np.float32))
   seed = tf.constant([3, 4], tf.int64)
-  a = imagenet_lt.color_jitter(img, seed, 0.4).numpy()
-  np.testing.assert_array_equal(a, imagenet_lt.color_jitter(img, seed).numpy())
-  assert not np.array_equal(a, imagenet_lt.color_jitter(
+  a = augment.color_jitter(img, seed, 0.4).numpy()
+  np.testing.assert_array_equal(a, augment.color_jitter(img, seed).numpy())
+  assert not np.array_equal(a, augment.color_jitter(
       img, tf.constant([3, 5], tf.int64)).numpy())
   assert not np.array_equal(a, img.numpy())
-  assert imagenet_lt.color_jitter(img, seed, 0.0) is img
+  assert augment.color_jitter(img, seed, 0.0) is img
   with pytest.raises(ValueError, match="color_jitter"):
-    imagenet_lt.color_jitter(img, seed, -0.1)
+    augment.color_jitter(img, seed, -0.1)
   # Strength 1: factors from [0, 2], as torchvision's max(0, 1 - s).
-  assert np.all(np.isin(imagenet_lt.color_jitter(img, seed, 1.0).numpy(),
+  assert np.all(np.isin(augment.color_jitter(img, seed, 1.0).numpy(),
                         np.arange(256)))
 
 
@@ -365,16 +366,16 @@ def test_train_preprocess_jitter_parameter():
   img = np.random.default_rng(2).integers(0, 256, (40, 50, 3), np.uint8)
   enc = tf.io.encode_png(img)
   seed = tf.constant([1, 2], tf.int64)
-  plain = imagenet_lt.train_preprocess(enc, seed, 0.0).numpy()
-  jittered = imagenet_lt.train_preprocess(enc, seed).numpy()
+  plain = augment.train_preprocess(enc, seed, 0.0).numpy()
+  jittered = augment.train_preprocess(enc, seed).numpy()
   assert plain.shape == jittered.shape == (224, 224, 3)
   assert not np.array_equal(plain, jittered)
   np.testing.assert_array_equal(
-      jittered, imagenet_lt.train_preprocess(enc, seed, 0.4).numpy())
+      jittered, augment.train_preprocess(enc, seed, 0.4).numpy())
 
 
 def test_eval_resize_and_center_crop_as_torchvision():
-  shape = lambda h, w: imagenet_lt.resized_shape(  # noqa: E731
+  shape = lambda h, w: augment.resized_shape(  # noqa: E731
       tf.constant(h), tf.constant(w)).numpy().tolist()
   # int(256 * long / short): 256.85 -> 256 (rounding would give 257).
   assert shape(300, 301) == [256, 256]
@@ -384,7 +385,7 @@ def test_eval_resize_and_center_crop_as_torchvision():
   # (half to even), not 59.
   cols = np.broadcast_to((np.arange(343) % 256).astype(np.uint8)[
       None, :, None], (256, 343, 3))
-  out = imagenet_lt.eval_preprocess(tf.io.encode_png(cols)).numpy()
+  out = augment.eval_preprocess(tf.io.encode_png(cols)).numpy()
   np.testing.assert_array_equal(out[0, :, 0], cols[0, 60:284, 0])
   # Against PIL's antialiased bilinear Resize(256) + CenterCrop(224).
   rng = np.random.default_rng(0)
@@ -396,7 +397,7 @@ def test_eval_resize_and_center_crop_as_torchvision():
     pil = pil.resize((nw, nh), Image.BILINEAR)
     top, left = round((nh - 224) / 2), round((nw - 224) / 2)
     ref = np.asarray(pil.crop((left, top, left + 224, top + 224)), int)
-    ours = imagenet_lt.eval_preprocess(tf.io.encode_png(img)).numpy()
+    ours = augment.eval_preprocess(tf.io.encode_png(img)).numpy()
     assert np.abs(ours.astype(int) - ref).max() <= 1
 
 

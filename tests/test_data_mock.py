@@ -21,6 +21,7 @@ from nc_jax import sharding
 from nc_jax.data import device as device_lib
 from nc_jax.data import long_tail
 from nc_jax.data import sources
+from nc_jax.data import in_memory
 
 MESH = sharding.make_mesh(jax.devices()[:1])
 
@@ -73,7 +74,7 @@ def test_svhn_mock_concatenates_train_and_extra(tfds_dir):
   # Mock train and extra are the same 300 examples, each subsampled with the
   # same ratio and seed, so every class count doubles.
   assert ti.counts == [2 * c for c in one]
-  arrays = sources.load_train_lt("svhn", os.path.abspath(tfds_dir), 0.1,
+  arrays = in_memory.load_train_lt("svhn", os.path.abspath(tfds_dir), 0.1,
                                  "exp", 0)
   half = arrays.labels.size // 2
   np.testing.assert_array_equal(arrays.images[:half], arrays.images[half:])

@@ -22,6 +22,7 @@ from nc_jax import data
 from nc_jax import sharding
 from nc_jax.data import device as device_lib
 from nc_jax.data import sources
+from nc_jax.data import in_memory
 
 MESH = sharding.make_mesh(jax.devices()[:1])
 B = 16
@@ -68,7 +69,7 @@ def assert_same(a, b):
 
 
 def subset(tree):
-  return sources.load_train_lt("cifar10", os.path.abspath(tree), R, "exp", 0)
+  return in_memory.load_train_lt("cifar10", os.path.abspath(tree), R, "exp", 0)
 
 
 def test_train_input_counts_shapes_and_epoch(tree):
@@ -226,7 +227,7 @@ def test_eval_covers_every_test_image_once(tree):
   images = np.concatenate([b["image"] for b in batches])[mask]
   labels = np.concatenate([b["label"] for b in batches])[mask]
   assert np.bincount(labels).tolist() == [13] + [10] * 9
-  ref = sources.load_split("cifar10", os.path.abspath(tree), "test")
+  ref = in_memory.load_split("cifar10", os.path.abspath(tree), "test")
   np.testing.assert_array_equal(images, ref.images)
   np.testing.assert_array_equal(labels, ref.labels)
   # Every image distinct (random noise), so "exactly once" is checkable.
@@ -381,5 +382,5 @@ def test_svhn_folder_without_extra_stops_unless_told(tree):
                           seed=0, mesh=MESH)
   ti = data.make_train_input("svhn", data_dir=tree, imb_factor=R,
                              batch_size=B, seed=0, mesh=MESH,
-                             train_splits=("train",))
+                             options={"train_splits": ("train",)})
   assert ti.counts == data.long_tail_counts(40, R, num_classes=10)

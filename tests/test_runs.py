@@ -22,6 +22,7 @@ from nc_jax import etf as etf_lib
 from nc_jax import runs
 from nc_jax import train
 from nc_jax.data import sources
+from nc_jax.data import in_memory
 from tests.test_readme import readme_snippet
 from tests.test_train import tiny_config
 
@@ -43,7 +44,7 @@ def trained(tiny_image_folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def test_split(tiny_image_folder):
-  return sources.load_split("cifar10", str(tiny_image_folder), "test")
+  return in_memory.load_split("cifar10", str(tiny_image_folder), "test")
 
 
 def test_load_final_predicts_what_the_eval_counted(trained, test_split):

@@ -1,4 +1,8 @@
-"""Long-tailed input pipelines (issue 4). Data knows nothing of models.
+"""Long-tailed input pipelines. Data knows nothing of models.
+
+A dataset is one registry entry (`datasets.REGISTRY`) and one module behind
+`datasets.Dataset` (`in_memory` for the small sets, `imagenet_lt` for the
+streamed one); nothing outside this package names a dataset.
 
 Public API:
 
@@ -8,14 +12,13 @@ Public API:
   `check_data` (cheap checks before any work), `prepare_tfds` (an unset
   data_dir: tfds downloads and prepares the dataset).
 - `make_train_input(name, *, data_dir, imb_factor, profile, selection_seed,
-  batch_size, seed, mesh, pipeline, sampler, imagenet_lt_train_list)
-  -> TrainInput`
+  batch_size, seed, mesh, pipeline, sampler, options) -> TrainInput`
   (`.iterate(start_step)` yields global sharded uint8 batches).
 - `make_eval_input(name, *, data_dir, batch_size, mesh, split, ...)
   -> EvalInput` (`.iterate()` covers every image once, with a mask).
+- `options_of(name, config)`: the dataset's own config fields, for
+  `options=`.
 """
-
-import os
 
 from nc_jax.data.long_tail import PROFILES
 from nc_jax.data.long_tail import check_imb_factor
@@ -28,9 +31,10 @@ from nc_jax.data.pipeline import SAMPLERS
 from nc_jax.data.pipeline import TrainInput
 from nc_jax.data.pipeline import make_eval_input
 from nc_jax.data.pipeline import make_train_input
-from nc_jax.data.sources import REGISTRY
-from nc_jax.data.sources import DatasetInfo
-from nc_jax.data.sources import dataset_info
+from nc_jax.data.datasets import REGISTRY
+from nc_jax.data.datasets import DatasetInfo
+from nc_jax.data.datasets import dataset_info
+from nc_jax.data.datasets import options_of
 
 
 def check_data_dir(name: str, data_dir) -> None:
@@ -46,34 +50,28 @@ def check_data(name: str, data_dir, *, train_splits=None) -> None:
   Raises:
     ValueError, FileNotFoundError: naming the problem and the fix.
   """
-  from nc_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from nc_jax.data import in_memory, sources  # pylint: disable=g-import-not-at-top
   source = sources.check_data_dir(name, data_dir)
-  sources.check_source(source, pipeline._splits_key(train_splits))  # pylint: disable=protected-access
+  sources.check_source(source, in_memory.splits_key(train_splits))
 
 
 def check_config(config) -> None:
   """The data part of a run's config, checked before any work: the train
-  input's options (`pipeline.check_options`), the ImageNet-LT list, and the
-  data itself (`check_data`: for an image-folder tree or a CIFAR release,
+  input's options (`pipeline.check_options`, the dataset's own included),
+  and the data itself (`check_data`: for an image-folder tree or a CIFAR release,
   its listing and a decoded sample).
 
   Raises:
     ValueError, FileNotFoundError: naming the problem and the fix.
   """
   from nc_jax.data import archive, pipeline  # pylint: disable=g-import-not-at-top
+  options = options_of(config.dataset, config)
   pipeline.check_options(config.dataset, pipeline=config.pipeline,
                          sampler=config.sampler,
                          imb_factor=config.imb_factor,
-                         profile=config.imb_profile)
-  if not config.color_jitter >= 0:
-    raise ValueError(f"color_jitter must be >= 0 (0.4 in the ImageNet-LT "
-                     f"recipe; 0 = off), got {config.color_jitter}.")
-  train_list = config.get("imagenet_lt_train_list")
-  if train_list and not os.path.isfile(os.path.expanduser(train_list)):
-    raise ValueError(f"imagenet_lt_train_list {train_list} is not a file. "
-                     "Pass the path of ImageNet_LT_train.txt.")
+                         profile=config.imb_profile, options=options)
   check_data(config.dataset, archive.resolve_data_dir(config.data_dir),
-             train_splits=config.train_splits or None)
+             train_splits=options.get("train_splits") or None)
 
 
 def prepare_tfds(name: str, **kwargs) -> None:
@@ -90,5 +88,6 @@ __all__ = [
     "check_data_dir",
     "check_imb_factor", "prepare_tfds",
     "dataset_info", "long_tail_counts", "make_eval_input", "make_train_input",
+    "options_of",
     "select_long_tail",
 ]

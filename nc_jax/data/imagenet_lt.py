@@ -1,5 +1,9 @@
 """ImageNet-LT: the standard train list over ImageNet, streamed from disk.
 
+The dataset module of registry entry "imagenet_lt" (`make(info)` returns
+its `datasets.Dataset`); its own config fields are `imagenet_lt_train_list`
+and `color_jitter`.
+
 The subset is given by the standard split file (ImageNet_LT_train.txt,
 115,846 lines "train/n01440764/n01440764_10026.JPEG 0"); the test set is the
 50,000-image ImageNet validation set. Two sources (see `sources.py`):
@@ -17,20 +21,10 @@ The subset is given by the standard split file (ImageNet_LT_train.txt,
   the block shuffle is enough mixing. Every process reads every record but
   decodes only its own rows.
 
-Augmentation, as the reference's `datasets/imagenet.py` (torchvision on PIL
-images): train: random resized crop to 224 (area 8%-100%, aspect 3/4-4/3),
-horizontal flip, then ColorJitter(brightness=s, contrast=s, saturation=s,
-hue=0) with s = `color_jitter` (0.4; 0 turns it off), all from stateless ops
-seeded by (seed, step, row), so a stream is deterministic and resumable;
-eval: Resize(256) (shorter side to 256, longer side `int(256 * long /
-short)`) and CenterCrop(224). Resizes are bilinear with antialiasing, as
-PIL's (eval output within 1 level of PIL's). The colour jitter follows PIL's
-integer arithmetic exactly (`color_jitter`). Known differences: the crop box
-comes from `tf.image.stateless_sample_distorted_bounding_box` (aspect ratio
-uniform, not log-uniform; the whole image, not a centre crop, after 10
-failed tries), and TensorFlow's JPEG decoder is not PIL's.
+Augmentation: `augment.py` (the reference's torchvision recipe: random
+resized crop, flip, colour jitter; resize and centre crop for evaluation).
 
-Class groups (`class_groupings`): the reference relabels the classes by
+Class groups (`long_tail.class_groupings`): the reference relabels the classes by
 descending train count and reports head / medium / tail accuracy over the
 rank ranges [0, 390) / [390, 835) / [835, 1000) (`config/imagenet/*.yaml`,
 `train.py`); the literature's many / medium / few split is by count (> 100,
@@ -54,13 +48,12 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from nc_jax.data import augment
 from nc_jax.data import device as device_lib
+from nc_jax.data import datasets
 from nc_jax.data import long_tail
 from nc_jax.data import sources
 
-SIZE, RESIZE = 224, 256
-# The reference's ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4).
-COLOR_JITTER = 0.4
 Batch = dict[str, np.ndarray]
 Groups = dict[str, tuple[int, ...]]
 
@@ -94,346 +87,6 @@ def read_split_list(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
   return paths, np.asarray(labels, np.int64)
 
 
-# ------------------------------------------------------------- class groups
-
-# The reference's head / medium / tail: half-open ranges of ranks by
-# descending train count (`config/imagenet/Res50_imagenetLT*.yaml`
-# head/med/tail_class_idx, used as `acc_classes[lo:hi]` in `train.py`).
-REFERENCE_RANK_RANGES: tuple[tuple[str, int, int], ...] = (
-    ("head", 0, 390), ("medium", 390, 835), ("tail", 835, 1000))
-TIES = ("reference", "stable")
-
-
-def _heapsort(v: list[int], t: list[int], lo: int, n: int) -> None:
-  """numpy's `aheapsort_`: sorts `t[lo:lo + n]` in place by the keys `v`."""
-  def sift(i: int, n: int, tmp: int) -> None:
-    # 1-based heap: node i is t[lo + i - 1].
-    j = 2 * i
-    while j <= n:
-      if j < n and v[t[lo + j - 1]] < v[t[lo + j]]:
-        j += 1
-      if v[tmp] < v[t[lo + j - 1]]:
-        t[lo + i - 1] = t[lo + j - 1]
-        i, j = j, 2 * j
-      else:
-        break
-    t[lo + i - 1] = tmp
-  for l in range(n >> 1, 0, -1):
-    sift(l, n, t[lo + l - 1])
-  while n > 1:
-    tmp = t[lo + n - 1]
-    t[lo + n - 1] = t[lo]
-    n -= 1
-    sift(1, n, tmp)
-
-
-def _introsort_argsort(keys: Sequence[int]) -> list[int]:
-  """numpy's classic `argsort(kind="quicksort")` (introsort), in Python.
-
-  The reference ranks classes with `np.argsort(-counts)`, whose order among
-  equal counts is whatever this unstable sort leaves. numpy < 1.25 ran it on
-  every CPU; later numpy versions dispatch 64-bit argsorts to SIMD sorts
-  (x86-simd-sort, Highway) whose tie order depends on the CPU, so the
-  reference's own code no longer gives one answer. This is that classic
-  algorithm (`npysort/quicksort.cpp` `aquicksort_`: median-of-three
-  partitions while a range holds more than 16 items, insertion sort below,
-  heapsort past a depth of 2 * floor(log2 n)), step for step, so the ranks
-  are the same on every machine and equal numpy 1.24's.
-
-  Args:
-    keys: integers to sort ascending.
-
-  Returns:
-    The permutation as a list of indices.
-  """
-  v = [int(x) for x in keys]
-  t = list(range(len(v)))
-  if len(v) < 2:
-    return t
-  stack: list[tuple[int, int, int]] = []
-  pl, pr = 0, len(v) - 1
-  depth = 2 * (len(v).bit_length() - 1)
-  while True:
-    if depth < 0:
-      _heapsort(v, t, pl, pr - pl + 1)
-    else:
-      while pr - pl > 15:
-        pm = pl + ((pr - pl) >> 1)
-        if v[t[pm]] < v[t[pl]]:
-          t[pm], t[pl] = t[pl], t[pm]
-        if v[t[pr]] < v[t[pm]]:
-          t[pr], t[pm] = t[pm], t[pr]
-        if v[t[pm]] < v[t[pl]]:
-          t[pm], t[pl] = t[pl], t[pm]
-        vp = v[t[pm]]
-        pi, pj = pl, pr - 1
-        t[pm], t[pj] = t[pj], t[pm]
-        while True:
-          pi += 1
-          while v[t[pi]] < vp:
-            pi += 1
-          pj -= 1
-          while vp < v[t[pj]]:
-            pj -= 1
-          if pi >= pj:
-            break
-          t[pi], t[pj] = t[pj], t[pi]
-        t[pi], t[pr - 1] = t[pr - 1], t[pi]
-        depth -= 1
-        # Defer the larger side, continue with the smaller.
-        if pi - pl < pr - pi:
-          stack.append((pi + 1, pr, depth))
-          pr = pi - 1
-        else:
-          stack.append((pl, pi - 1, depth))
-          pl = pi + 1
-      for i in range(pl + 1, pr + 1):
-        ti, j = t[i], i
-        while j > pl and v[ti] < v[t[j - 1]]:
-          t[j] = t[j - 1]
-          j -= 1
-        t[j] = ti
-    if not stack:
-      return t
-    pl, pr, depth = stack.pop()
-
-
-def rank_by_count(counts: Sequence[int], *, ties: str = "reference"
-                  ) -> np.ndarray:
-  """Original class indices by descending train count.
-
-  Args:
-    counts: K per-class train counts.
-    ties: order among equal counts: "reference" (the reference's
-      `np.argsort(-counts)` as numpy < 1.25 computes it, see
-      `_introsort_argsort`) or "stable" (ascending class index).
-
-  Returns:
-    `(K,)` int64 `order`: `order[r]` is the class of rank r (the reference
-    relabels class `order[r]` as r).
-  """
-  neg = [-int(c) for c in counts]
-  if ties == "reference":
-    return np.asarray(_introsort_argsort(neg), np.int64)
-  if ties == "stable":
-    return np.argsort(np.asarray(neg, np.int64), kind="stable")
-  raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
-
-
-def groups_by_rank(counts: Sequence[int],
-                   ranges: Sequence[tuple[str, int, int]] = (
-                       REFERENCE_RANK_RANGES),
-                   *, ties: str = "reference") -> Groups:
-  """The reference's groups: rank ranges as sets of original labels.
-
-  Args:
-    counts: K per-class train counts.
-    ranges: `(name, lo, hi)` half-open rank ranges that tile [0, K).
-    ties: see `rank_by_count`.
-
-  Returns:
-    dict name -> ascending tuple of original class indices.
-  """
-  k = len(counts)
-  edges = [0] + [hi for _, _, hi in ranges]
-  if [lo for _, lo, _ in ranges] != edges[:-1] or edges[-1] != k or any(
-      hi < lo for _, lo, hi in ranges):
-    raise ValueError(f"Rank ranges {ranges} must tile [0, {k}) in order.")
-  order = rank_by_count(counts, ties=ties)
-  return {name: tuple(sorted(int(c) for c in order[lo:hi]))
-          for name, lo, hi in ranges}
-
-
-def class_groupings(counts: Sequence[int], *, ties: str = "reference",
-                    many: int = 100, few: int = 20
-                    ) -> dict[str, Groups]:
-  """Both ImageNet-LT groupings from the per-class train counts.
-
-  Args:
-    counts: the 1000 per-class train counts (original labels).
-    ties: order among equal counts for the rank split (`rank_by_count`).
-    many, few: the count thresholds of the literature's split.
-
-  Returns:
-    {"by_rank": the reference's head/medium/tail (ranks [0, 390),
-    [390, 835), [835, 1000) by descending count), "by_count": the
-    literature's many/medium/few (> many, many..few, < few images), stored
-    under head/medium/tail}; each group an ascending tuple of original class
-    indices.
-  """
-  return {"by_rank": groups_by_rank(counts, ties=ties),
-          "by_count": long_tail.groups_by_count(counts, many=many, few=few)}
-
-
-# ------------------------------------------------------------ preprocessing
-
-
-def _decode(encoded: tf.Tensor) -> tf.Tensor:
-  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-
-def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-# PIL's integer colour arithmetic, which torchvision's ColorJitter uses on the
-# reference's PIL images. Images are float32 (H, W, 3) holding integers in
-# [0, 255]; every op returns the same (PIL stores a uint8 image after each).
-
-
-def _grayscale(image: tf.Tensor) -> tf.Tensor:
-  """PIL's `convert("L")`: (19595 R + 38470 G + 7471 B + 2**15) >> 16."""
-  rgb = tf.cast(image, tf.int32)
-  gray = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471
-          + 32768) // 65536
-  return tf.cast(gray, tf.float32)[..., None]
-
-
-def _blend(degenerate: tf.Tensor, image: tf.Tensor,
-           factor: tf.Tensor) -> tf.Tensor:
-  """PIL's `Image.blend(degenerate, image, factor)`: clipped, truncated."""
-  out = degenerate + factor * (image - degenerate)
-  return tf.floor(tf.clip_by_value(out, 0.0, 255.0))
-
-
-def adjust_brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """torchvision's `adjust_brightness` on a PIL image: blend with black."""
-  return _blend(tf.zeros_like(image), image, factor)
-
-
-def adjust_contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """torchvision's `adjust_contrast` on a PIL image.
-
-  Blends with a constant image at the mean of the grayscale image, rounded
-  to an integer (PIL's `ImageEnhance.Contrast`).
-  """
-  gray = tf.cast(_grayscale(image), tf.float64)
-  mean = tf.floor(tf.reduce_mean(gray) + 0.5)
-  return _blend(tf.fill(tf.shape(image), tf.cast(mean, tf.float32)), image,
-                factor)
-
-
-def adjust_saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """torchvision's `adjust_saturation` on a PIL image: blend with gray."""
-  gray = tf.broadcast_to(_grayscale(image), tf.shape(image))
-  return _blend(gray, image, factor)
-
-
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation)
-
-
-def apply_color_jitter(image: tf.Tensor, factors: tf.Tensor,
-                       order: tf.Tensor) -> tf.Tensor:
-  """Brightness, contrast and saturation with given factors, in given order.
-
-  Args:
-    image: float32 `(H, W, 3)`, integers in [0, 255].
-    factors: `(3,)` brightness, contrast, saturation factors.
-    order: `(3,)` int permutation of (0, 1, 2): op `order[i]` runs i-th.
-
-  Returns:
-    float32 `(H, W, 3)`, integers in [0, 255].
-  """
-  for i in range(3):
-    image = tf.switch_case(
-        order[i], [lambda op=op, x=image, j=j: op(x, factors[j])
-                   for j, op in enumerate(_JITTER_OPS)])
-    image = tf.ensure_shape(image, [None, None, 3])
-  return image
-
-
-def color_jitter(image: tf.Tensor, seed: tf.Tensor,
-                 strength: float = COLOR_JITTER) -> tf.Tensor:
-  """torchvision's `ColorJitter(s, s, s, hue=0)`, statelessly seeded.
-
-  Each factor is uniform on [max(0, 1 - s), 1 + s] and the three ops run in
-  a uniformly random order, as torchvision (whose `randperm(4)` also places
-  the skipped hue op; the order of the other three is uniform all the same).
-
-  Args:
-    image: float32 `(H, W, 3)`, integers in [0, 255].
-    seed: `(2,)` int stateless seed.
-    strength: s >= 0; 0 returns `image`.
-
-  Returns:
-    float32 `(H, W, 3)`, integers in [0, 255].
-  """
-  strength = float(strength)
-  if strength < 0:
-    raise ValueError(f"color_jitter must be >= 0, got {strength}.")
-  if strength == 0:
-    return image
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  factors = tf.random.stateless_uniform(
-      [3], seeds[0], minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
-  order = tf.argsort(tf.random.stateless_uniform([3], seeds[1]))
-  return apply_color_jitter(image, factors, order)
-
-
-def train_preprocess(encoded: tf.Tensor, seed: tf.Tensor,
-                     jitter: float = COLOR_JITTER) -> tf.Tensor:
-  """Random resized crop, flip and colour jitter of one encoded image.
-
-  Args:
-    encoded: scalar tf.string (JPEG or PNG).
-    seed: `(2,)` int stateless seed.
-    jitter: colour-jitter strength (`color_jitter`); 0 for none.
-
-  Returns:
-    `(224, 224, 3)` uint8.
-  """
-  image = _decode(encoded)
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-      seed=seeds[0], min_object_covered=0.0, aspect_ratio_range=(0.75, 4 / 3),
-      area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  image = tf.slice(image, begin, size)
-  image = tf.image.resize(image, (SIZE, SIZE), method="bilinear",
-                          antialias=True)
-  flip = tf.random.stateless_uniform((), seeds[1]) < 0.5
-  image = tf.cond(flip, lambda: tf.image.flip_left_right(image),
-                  lambda: image)
-  image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
-  return _to_uint8(color_jitter(image, seeds[2], jitter))
-
-
-def resized_shape(height: tf.Tensor, width: tf.Tensor,
-                  size: int = RESIZE) -> tf.Tensor:
-  """torchvision's `Resize(size)` output `(h, w)`: shorter side to `size`.
-
-  The longer side is `int(size * long / short)`, truncated (integer floor
-  division gives the same for positive integers).
-  """
-  short, long = tf.minimum(height, width), tf.maximum(height, width)
-  new_long = size * long // short
-  return tf.where(height <= width, tf.stack([size, new_long]),
-                  tf.stack([new_long, size]))
-
-
-def eval_preprocess(encoded: tf.Tensor) -> tf.Tensor:
-  """Resize(256), CenterCrop(224) as torchvision: `(224, 224, 3)` uint8.
-
-  The crop offsets are `int(round((side - 224) / 2))` with Python's
-  round-half-to-even, which `tf.round` also uses.
-  """
-  image = _decode(encoded)
-  shape = tf.shape(image)
-  hw = resized_shape(shape[0], shape[1])
-  image = tf.image.resize(image, hw, method="bilinear", antialias=True)
-  top, left = (tf.cast(tf.round(tf.cast(hw[i] - SIZE, tf.float32) / 2),
-                       tf.int32) for i in (0, 1))
-  image = tf.slice(image, [top, left, 0], [SIZE, SIZE, 3])
-  return _to_uint8(image)
-
-
-def _row_seed(seed: int, step: tf.Tensor, row: tf.Tensor) -> tf.Tensor:
-  base = tf.constant([seed, 1], tf.int64)
-  s = tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
-  return tf.random.experimental.stateless_fold_in(s, tf.cast(row, tf.int64))
-
-
 # -------------------------------------------------------------------- train
 
 
@@ -450,7 +103,7 @@ class Stream:
     class_groups_by_count: the literature's many/medium/few grouping
       (`class_groupings(...)["by_count"]`), empty when `counts` is.
   """
-  info: sources.DatasetInfo
+  info: datasets.DatasetInfo
   counts: list[int]
   num_examples: int
   iterate_local: Callable[..., Iterator[Batch]]
@@ -472,10 +125,10 @@ def _selection(source: sources.Source, train_list: str | None
   return paths, labels
 
 
-def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
+def make_train_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
                       train_list: str | None, batch_size: int, seed: int,
                       rows: tuple[int, int], block: int = 4096,
-                      color_jitter: float = COLOR_JITTER,
+                      color_jitter: float = augment.COLOR_JITTER,
                       sampler: str = "random") -> Stream:
   """The ImageNet-LT train stream of this process's rows.
 
@@ -509,7 +162,7 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
   paths, labels = _selection(source, train_list)
   k = info.num_classes
   counts = long_tail.class_histogram(labels, k)
-  groups = class_groupings(counts)
+  groups = long_tail.class_groupings(counts)
   info = dataclasses.replace(info, class_groups=groups["by_rank"])
   n, b = labels.size, batch_size
   if n < b:
@@ -523,7 +176,8 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
   def finish(ds: tf.data.Dataset, start_step: int) -> Iterator[Batch]:
     # ds: per-example (encoded, label, step, row), in batch order.
     ds = ds.map(lambda img, y, s, r: {
-        "image": train_preprocess(img, _row_seed(seed, s, r), color_jitter),
+        "image": augment.train_preprocess(img, augment.row_seed(seed, s, r),
+                                          color_jitter),
         "label": tf.cast(y, tf.int32), "step": s},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(r1 - r0, drop_remainder=True).prefetch(2)
@@ -591,7 +245,7 @@ def make_train_stream(info: sources.DatasetInfo, *, data_dir: str | None,
 # --------------------------------------------------------------------- eval
 
 
-def make_eval_stream(info: sources.DatasetInfo, *, data_dir: str | None,
+def make_eval_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
                      split: str, batch_size: int, rows: tuple[int, int],
                      train_list: str | None = None) -> Stream:
   """ImageNet(-LT) evaluation stream, every image once, padded last batch.
@@ -633,7 +287,7 @@ def make_eval_stream(info: sources.DatasetInfo, *, data_dir: str | None,
                 if split == "train_lt" else [])
   by_count = {}
   if counts:
-    groups = class_groupings(counts)
+    groups = long_tail.class_groupings(counts)
     info = dataclasses.replace(info, class_groups=groups["by_rank"])
     by_count = groups["by_count"]
   r0, r1 = rows
@@ -648,9 +302,77 @@ def make_eval_stream(info: sources.DatasetInfo, *, data_dir: str | None,
     d = d.batch(batch_size, drop_remainder=True).map(
         lambda img, y, m: (img[r0:r1], y[r0:r1], m[r0:r1])).unbatch()
     d = d.map(lambda img, y, m: {
-        "image": tf.cond(m, lambda: eval_preprocess(img),
-                         lambda: tf.zeros((SIZE, SIZE, 3), tf.uint8)),
+        "image": tf.cond(
+            m, lambda: augment.eval_preprocess(img),
+            lambda: tf.zeros((augment.SIZE, augment.SIZE, 3), tf.uint8)),
         "label": tf.where(m, tf.cast(y, tf.int32), 0), "mask": m},
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return d.batch(r1 - r0).prefetch(2).as_numpy_iterator()
   return Stream(info, counts, n, local, by_count)
+
+
+# ------------------------------------------------------------ the dataset
+
+_GROUPS_NOTE = (
+    "head/medium/tail: the reference's ranks 0-390 / 390-835 / 835-1000 of "
+    "the classes sorted by descending train count; many_shot/medium_shot/"
+    "few_shot: > 100, 20-100, < 20 train images (the literature's split)")
+
+
+class ImageNetLT(datasets.Dataset):
+  """ImageNet-LT behind `datasets.Dataset`: streamed, its subset a list."""
+
+  options = ("imagenet_lt_train_list", "color_jitter")
+
+  def check_options(self, *, pipeline, imb_factor, options) -> None:
+    del imb_factor  # the list is the subset
+    if pipeline == "device":
+      raise ValueError(
+          f"{self.info.name!r} is streamed from disk; pipeline='device' "
+          "holds the train set on the accelerator, which only datasets "
+          "decoded into memory allow. Pass --config.pipeline=tfdata.")
+    jitter = options.get("color_jitter")
+    if jitter is not None and not jitter >= 0:
+      raise ValueError(f"color_jitter must be >= 0 (0.4 in the ImageNet-LT "
+                       f"recipe; 0 = off), got {jitter}.")
+    train_list = options.get("imagenet_lt_train_list")
+    if train_list and not os.path.isfile(os.path.expanduser(train_list)):
+      raise ValueError(f"imagenet_lt_train_list {train_list} is not a file. "
+                       "Pass the path of ImageNet_LT_train.txt.")
+
+  def train_input(self, *, data_dir, imb_factor, profile, selection_seed,
+                  batch_size, seed, mesh, pipeline, sampler, rows, options
+                  ) -> datasets.TrainInput:
+    del imb_factor, profile, selection_seed  # the list is the subset
+    jitter = options.get("color_jitter")
+    stream = make_train_stream(
+        self.info, data_dir=data_dir,
+        train_list=options.get("imagenet_lt_train_list"),
+        batch_size=batch_size, seed=seed, rows=rows,
+        color_jitter=augment.COLOR_JITTER if jitter is None else jitter,
+        sampler=sampler)
+    by_count = stream.class_groups_by_count
+    return datasets.TrainInput(
+        stream.info, stream.counts, stream.num_examples, batch_size,
+        stream.num_examples // batch_size, pipeline, mesh, None,
+        stream.iterate_local,
+        extra_groups={"many_shot": by_count["head"],
+                      "medium_shot": by_count["medium"],
+                      "few_shot": by_count["tail"]},
+        groups_note=_GROUPS_NOTE)
+
+  def eval_input(self, *, data_dir, split, batch_size, mesh, rows,
+                 imb_factor, profile, selection_seed, options
+                 ) -> datasets.EvalInput:
+    del imb_factor, profile, selection_seed
+    stream = make_eval_stream(
+        self.info, data_dir=data_dir, split=split, batch_size=batch_size,
+        rows=rows, train_list=options.get("imagenet_lt_train_list"))
+    return datasets.EvalInput(
+        self.info, stream.num_examples, batch_size,
+        -(-stream.num_examples // batch_size), mesh, stream.iterate_local)
+
+
+def make(info: datasets.DatasetInfo) -> ImageNetLT:
+  """The registry's constructor for this module."""
+  return ImageNetLT(info)

@@ -38,82 +38,18 @@ from absl import logging
 import numpy as np
 
 from nc_jax.data import cifar_release
+from nc_jax.data import datasets
 from nc_jax.data import folders
 from nc_jax.data import long_tail
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-HALF = (0.5, 0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """Static description of a dataset.
-
-  Attributes:
-    name: registry key.
-    num_classes: K.
-    image_shape: `(H, W, C)` of the images the pipelines yield.
-    mean, std: per-channel normalisation constants on the 0-1 scale (the
-      train step normalises on device).
-    train_augment: "crop_flip" (pad 4, random crop, horizontal flip),
-      "none", or "imagenet" (random resized crop + flip).
-    class_groups: head/medium/tail -> class indices (empty for ImageNet-LT
-      until the train list is read; `TrainInput.info` fills it in).
-    tfds_name: the tfds builder name.
-    train_splits: source splits that are subsampled and concatenated.
-    test_split: the source split used as the test set.
-  """
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  train_augment: str
-  class_groups: Mapping[str, tuple[int, ...]] = dataclasses.field(
-      default_factory=dict, hash=False)
-  tfds_name: str = ""
-  train_splits: tuple[str, ...] = ("train",)
-  test_split: str = "test"
-
-
-_TEN = long_tail.groups_by_ranges({"head": (0, 2), "medium": (3, 6),
-                                   "tail": (7, 9)})
-
-REGISTRY: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo(
-        "cifar10", 10, (32, 32, 3), CIFAR_MEAN, CIFAR_STD, "crop_flip", _TEN,
-        tfds_name="cifar10"),
-    "cifar100": DatasetInfo(
-        "cifar100", 100, (32, 32, 3), CIFAR_MEAN, CIFAR_STD, "crop_flip",
-        long_tail.groups_by_ranges({"head": (0, 35), "medium": (36, 70),
-                                    "tail": (71, 99)}),
-        tfds_name="cifar100"),
-    "svhn": DatasetInfo(
-        "svhn", 10, (32, 32, 3), HALF, HALF, "none", _TEN,
-        tfds_name="svhn_cropped", train_splits=("train", "extra")),
-    "stl10": DatasetInfo(
-        "stl10", 10, (96, 96, 3), HALF, HALF, "none", _TEN,
-        tfds_name="stl10"),
-    # Groups come from the train list (>100 / 20-100 / <20 images).
-    "imagenet_lt": DatasetInfo(
-        "imagenet_lt", 1000, (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD,
-        "imagenet", {}, tfds_name="imagenet2012", test_split="validation"),
-}
-
+# The registry lives in `datasets`; these names stay importable from here.
+CIFAR_MEAN, CIFAR_STD = datasets.CIFAR_MEAN, datasets.CIFAR_STD
+IMAGENET_MEAN, IMAGENET_STD = datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
+DatasetInfo = datasets.DatasetInfo
+REGISTRY = datasets.REGISTRY
+dataset_info = datasets.dataset_info
 # Datasets decoded into host memory (and eligible for the device pipeline).
-IN_MEMORY = ("cifar10", "cifar100", "svhn", "stl10")
-
-
-def dataset_info(name: str) -> DatasetInfo:
-  """The registry entry for `name`; ValueError listing the valid names."""
-  try:
-    return REGISTRY[name]
-  except (KeyError, TypeError):
-    raise ValueError(f"Unknown dataset {name!r}; valid names are "
-                     f"{sorted(REGISTRY)}.") from None
+IN_MEMORY = tuple(n for n, i in REGISTRY.items() if not i.streamed)
 
 
 # ------------------------------------------------------------------ sources
@@ -541,125 +477,3 @@ def decode_images(source: Source, split: str,
   out = np.empty((canon.size,) + shape, np.uint8)
   out[order] = np.concatenate(parts)
   return out
-
-
-# ---------------------------------------------------------- cached arrays
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySplit:
-  """Decoded images and labels held in host memory.
-
-  Attributes:
-    images: `(N, H, W, C)` uint8 (read-only).
-    labels: `(N,)` int32 (read-only).
-    counts: K per-class counts of `labels`.
-    requested: K per-class counts asked for (equal to `counts` unless a
-      class had fewer images than requested), or None for full splits.
-    ids: N example ids (see `SplitIndex`), prefixed by the split for
-      subsets of several splits (SVHN's "extra/...").
-    class_names: the K class names.
-    canonical: whether every split was walked in its original order.
-  """
-  images: np.ndarray
-  labels: np.ndarray
-  counts: tuple[int, ...]
-  requested: tuple[int, ...] | None = None
-  ids: tuple[str, ...] = ()
-  class_names: tuple[str, ...] = ()
-  canonical: bool = True
-
-  def subset_record(self) -> dict:
-    """`{"classes": [names], "images": [[ids of class 0], ...]}`: which
-    images were selected, ids in canonical order within each class."""
-    per = [[] for _ in self.class_names]
-    for i, y in zip(self.ids, self.labels):
-      per[int(y)].append(i)
-    return {"classes": list(self.class_names), "images": per}
-
-
-def _freeze(x: np.ndarray) -> np.ndarray:
-  x.setflags(write=False)
-  return x
-
-
-def load_train_lt(name: str, data_dir: str, imb_factor: float,
-                  profile: str, selection_seed: int,
-                  train_splits: tuple[str, ...] | None = None) -> ArraySplit:
-  """The long-tailed training subset of a small dataset, decoded (cached;
-  see `_load_train_lt`)."""
-  return _load_train_lt(name, data_dir, float(imb_factor), profile,
-                        int(selection_seed),
-                        tuple(train_splits) if train_splits else None)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_train_lt(name: str, data_dir: str, imb_factor: float,
-                   profile: str, selection_seed: int,
-                   train_splits: tuple[str, ...] | None) -> ArraySplit:
-  """The long-tailed training subset of a small dataset, decoded.
-
-  The reference's selection: per split, one `RandomState(selection_seed)`
-  shuffles each class's positions in the split's canonical order, classes
-  in label order, and the first n_c are kept. Each train split (SVHN: train
-  and extra, unless `train_splits` says otherwise) is subsampled on its own
-  with `n_max = len(split) / K` and the subsets are concatenated in split
-  order. The subset is held in canonical order. Cached: the train input and
-  the train_lt eval input share one copy.
-  """
-  info = dataset_info(name)
-  source = check_data_dir(name, data_dir)
-  k = info.num_classes
-  splits = available_splits(source, train_splits)
-  images, labels, ids = [], [], []
-  requested, counts = np.zeros(k, int), np.zeros(k, int)
-  canonical = True
-  for split in splits:
-    index = split_index(source, split)
-    want = long_tail.long_tail_counts(index.labels.size / k, imb_factor,
-                                      num_classes=k, profile=profile)
-    idx, got = long_tail.select_long_tail(index.labels, want,
-                                          seed=selection_seed)
-    if got != want:
-      logging.warning("%s/%s: some classes have fewer images than the "
-                      "long-tail profile asks for; kept %s of %s.", name,
-                      split, got, want)
-    images.append(decode_images(source, split, idx))
-    labels.append(index.labels[idx])
-    prefix = f"{split}/" if len(splits) > 1 else ""
-    ids += [prefix + index.ids[i] for i in idx]
-    requested += want
-    counts += got
-    canonical &= index.canonical
-  empty = [c for c in range(k) if counts[c] == 0]
-  if empty:
-    raise ValueError(
-        f"The long-tailed subset of {name} (imb_factor={imb_factor}, "
-        f"{profile}) has no image of class(es) "
-        f"{[class_names(source)[c] for c in empty]} (asked for "
-        f"{[int(requested[c]) for c in empty]}): the run would report "
-        "classes it never saw. Raise imb_factor, or add images.")
-  out = ArraySplit(_freeze(np.concatenate(images)),
-                   _freeze(np.concatenate(labels).astype(np.int32)),
-                   tuple(int(x) for x in counts),
-                   tuple(int(x) for x in requested), tuple(ids),
-                   class_names(source), canonical)
-  logging.info("%s-LT r=%s (%s, selection seed %d) from %s: %d images, per "
-               "class %s", name, imb_factor, profile, selection_seed,
-               source.root, out.labels.size, list(out.counts))
-  return out
-
-
-@functools.lru_cache(maxsize=4)
-def load_split(name: str, data_dir: str, split: str) -> ArraySplit:
-  """A whole split of a small dataset (e.g. "test"), decoded."""
-  source = check_data_dir(name, data_dir)
-  index = split_index(source, split)
-  images = decode_images(source, split)
-  if images.shape[0] != index.labels.size:
-    raise RuntimeError(f"{name}/{split}: {images.shape[0]} images but "
-                       f"{index.labels.size} labels.")
-  k = dataset_info(name).num_classes
-  return ArraySplit(_freeze(images), _freeze(index.labels.astype(np.int32)),
-                    tuple(long_tail.class_histogram(index.labels, k)),
-                    None, index.ids, class_names(source), index.canonical)
