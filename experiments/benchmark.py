@@ -10,7 +10,8 @@ training loop runs, mixup and DR loss included):
   eval_images_per_sec   the eval step, likewise
   peak_memory_mb        the accelerator's peak bytes in use, or on CPU the
                         process's peak resident memory
-  conv_impl, norm_impl  the kernels the model ran (`nc_jax.kernels`, as in
+  conv_impl, norm_impl  the implementations the model ran
+                        (`nc_jax.implementations`, as in
                         training; `kernels_note` says why oneDNN's
                         convolutions were not used where they were wanted)
 Data loading is excluded (batches are random uint8 already on device), which
@@ -50,10 +51,10 @@ _SEEDS_MODE = flags.DEFINE_enum("seeds_mode", "auto", ["auto", "vmap", "unroll"]
                                 "How replicas share the program "
                                 "(nc_jax.steps.resolve_replica_mode).")
 _CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "onednn"],
-                               "Convolution kernels (nc_jax.kernels); "
+                               "Convolution kernels (nc_jax.implementations); "
                                "oneDNN's for the CIFAR ResNets only.")
 _NORM_IMPL = flags.DEFINE_enum("norm_impl", "auto", ["auto", "flax", "fused"],
-                               "BatchNorm implementation (nc_jax.kernels).")
+                               "BatchNorm implementation (nc_jax.implementations).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _MIXUP = flags.DEFINE_float("mixup_alpha", 1.0, "Mixup alpha (0 = off).")
@@ -81,7 +82,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
 
   from nc_jax import builder
   from nc_jax import data as data_lib
-  from nc_jax import kernels as kernels_lib
+  from nc_jax import implementations as impl_lib
   from nc_jax import sharding
   from nc_jax import steps as steps_lib
   from experiments.configs import cifar_lt
@@ -95,8 +96,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
                      conv_impl=conv_impl, norm_impl=norm_impl,
                      mixup_alpha=float(mixup_alpha)))
   config.lock()
-  kernels = kernels_lib.resolve_kernels(config,
-                                        device_count=mesh.devices.size)
+  impls = impl_lib.resolve_implementations(config,
+                                           device_count=mesh.devices.size)
   # A CIFAR-10-LT-like profile (r = 0.01) over K classes, at least 1 each.
   counts = [max(1, c) for c in data_lib.long_tail_counts(
       max(50000 // num_classes, 1), 0.01, num_classes=num_classes)]
@@ -104,7 +105,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   built = builder.build(config, num_classes=num_classes, image_shape=shape,
                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                         class_counts=counts, steps_per_epoch=100,
-                        total_steps=20000, mesh=mesh, kernels=kernels)
+                        total_steps=20000, mesh=mesh, impls=impls)
   train_step, eval_step, etf = built.train_step, built.eval_step, built.etf
   state = built.init_state()
   rng = np.random.default_rng(0)
@@ -146,8 +147,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
       "seeds_mode": (steps_lib.resolve_replica_mode(seeds_mode)
                      if num_seeds > 1 else "single"),
       "image_size": image_size,
-      **kernels.record(),
-      "kernels_note": kernels.note,
+      **impls.record(),
+      "kernels_note": impls.note,
       "compile_seconds": round(compile_s, 2),
       "train_step_ms_median": round(1e3 * med, 2),
       "train_step_ms_min": round(1e3 * min(times), 2),

@@ -3,7 +3,7 @@
 `apply()` runs first thing in an entry point, before jax starts its
 backends (both settings must be in place by then), and only for runs that
 will compute on the CPU: it guesses jax's backend with
-`nc_jax.kernels.likely_backend` (JAX_PLATFORMS, or an installed GPU/TPU
+`nc_jax.implementations.likely_backend` (JAX_PLATFORMS, or an installed GPU/TPU
 plugin together with a device node), and on an accelerator it does
 nothing. It never overrides what the user set.
 
@@ -23,7 +23,7 @@ alone when GLIBC_TUNABLES or MALLOC_ARENA_MAX is set, and off glibc.
 
 ## XLA flags (CPU runs only)
 
-Which flags depend on who computes the convolutions (`nc_jax.kernels`):
+Which flags depend on who computes the convolutions (`nc_jax.implementations`):
 
 * nc_jax's oneDNN kernels (a CIFAR ResNet on one CPU device in float32,
   the kernels buildable here): no flags. With the convolutions out of XLA's
@@ -48,7 +48,7 @@ import ctypes
 import os
 import platform
 
-from nc_jax import kernels as kernels_lib
+from nc_jax import implementations as impl_lib
 
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
              "--xla_cpu_experimental_onednn_fusion_type=individual_convolution")
@@ -58,14 +58,14 @@ def expects_onednn_convs(backbone: str, compute_dtype: str, conv_impl: str,
                          *, multi_process: bool = False) -> bool:
   """Whether a CPU run will use nc_jax's oneDNN convolution kernels.
 
-  Decided before jax starts its backends by `nc_jax.kernels.choose` on the
+  Decided before jax starts its backends by `nc_jax.implementations.choose` on the
   CPU backend (one device, or two or more with `multi_process`) and, for
   "auto", the cheap checks of `nc_jax.cpu_kernels.problem` (compiler and
   oneDNN wheels present; nothing is compiled). A wrong guess costs speed,
   never correctness.
   """
   try:
-    choice = kernels_lib.choose(
+    choice = impl_lib.choose(
         backbone=backbone, compute_dtype=compute_dtype, conv_impl=conv_impl,
         backend="cpu", device_count=2 if multi_process else 1)
   except ValueError:
@@ -112,14 +112,14 @@ def apply(*, backbone: str | None = None, compute_dtype: str = "float32",
       XLA's own flag defaults are kept.
 
   Returns:
-    The backend guessed (`nc_jax.kernels.likely_backend`): on anything but
+    The backend guessed (`nc_jax.implementations.likely_backend`): on anything but
     "cpu" nothing was changed.
 
   XLA_FLAGS is left alone if set, or if NC_JAX_NO_XLA_DEFAULTS is set. Must
   run first thing in the process: before jax's backends (or anything that
   starts threads) start.
   """
-  backend = kernels_lib.likely_backend()
+  backend = impl_lib.likely_backend()
   if backend != "cpu":
     return backend
   # First: a thread that allocates before this gets its own malloc arena.

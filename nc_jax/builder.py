@@ -17,9 +17,10 @@ step, initial state).
     state, metrics = built.train_step(state, batch, built.etf)
     counts = built.eval_step(state, eval_batch, built.etf)
 
-The kernels (convolution and BatchNorm implementations) are decided once,
-by `nc_jax.kernels`, before the model is made: `build` takes the caller's
-`Kernels` (training resolves them first, to check and record them) or
+The convolution and BatchNorm implementations are decided once,
+by `nc_jax.implementations`, before the model is made: `build` takes the
+caller's `Implementations` (training resolves them first, to check and
+record them) or
 resolves them from the config and the mesh, and passes them to the model,
 which never decides anything itself.
 
@@ -45,7 +46,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from nc_jax import etf as etf_lib
-from nc_jax import kernels as kernels_lib
+from nc_jax import implementations as impl_lib
 from nc_jax import methods as methods_lib
 from nc_jax import models
 from nc_jax import optim
@@ -139,7 +140,7 @@ class BuiltModel:
       when built with `with_features`); reads only `state.params` and
       `state.model_state`.
     num_replicas: S.
-    kernels: the `kernels.Kernels` the model runs.
+    impls: the `implementations.Implementations` the model runs.
   """
   method: methods_lib.Method
   model: models.ImageClassifier
@@ -147,7 +148,7 @@ class BuiltModel:
   step_config: steps_lib.StepConfig
   eval_step: Callable
   num_replicas: int
-  kernels: kernels_lib.Kernels
+  impls: impl_lib.Implementations
 
   def classifiers(self, state: steps_lib.TrainState) -> np.ndarray:
     """The `(d, K)` (or `(S, d, K)`) classifier the logits use, as numpy."""
@@ -223,11 +224,13 @@ def step_config(config: ConfigDict, method: methods_lib.Method, *,
       ece_bins=int(config.ece_bins))
 
 
-def resolve_kernels(config: ConfigDict, *, device_count: int | None = None,
-                    for_loading: bool = False) -> kernels_lib.Kernels:
+def resolve_implementations(config: ConfigDict, *,
+                            device_count: int | None = None,
+                            for_loading: bool = False
+                            ) -> impl_lib.Implementations:
   """The convolution and BatchNorm implementations `config` runs with here
-  (`nc_jax.kernels`): the one place outside the entry points' XLA set-up
-  that asks.
+  (`nc_jax.implementations`): the one place outside the entry points' XLA
+  set-up that asks.
 
   Args:
     config: with `backbone`, `compute_dtype`, `conv_impl`, `norm_impl`.
@@ -241,11 +244,12 @@ def resolve_kernels(config: ConfigDict, *, device_count: int | None = None,
       `for_loading`) where it cannot run.
   """
   try:
-    return kernels_lib.resolve_kernels(config, device_count=device_count)
+    return impl_lib.resolve_implementations(config,
+                                            device_count=device_count)
   except ValueError:
     if not for_loading:
       raise
-  return kernels_lib.resolve(backbone=config.backbone,
+  return impl_lib.resolve(backbone=config.backbone,
                              compute_dtype=config.compute_dtype,
                              conv_impl="auto", norm_impl="auto",
                              device_count=device_count)
@@ -253,18 +257,18 @@ def resolve_kernels(config: ConfigDict, *, device_count: int | None = None,
 
 def create_model(config: ConfigDict, method: methods_lib.Method, *,
                  num_classes: int,
-                 kernels: kernels_lib.Kernels) -> models.ImageClassifier:
-  """The classifier of `config` with the method's head and `kernels`."""
+                 impls: impl_lib.Implementations) -> models.ImageClassifier:
+  """The classifier of `config` with the method's head and `impls`."""
   opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype],
                           # Ignored by heads other than etf.
                           "l2_normalize": bool(config.l2_normalize),
-                          "norm_impl": kernels.norm,
+                          "norm_impl": impls.norm,
                           **method.head_options}
   if models.supports_onednn_convs(config.backbone):
-    opts["conv_impl"] = kernels.conv
-  elif kernels.conv != "xla":
+    opts["conv_impl"] = impls.conv
+  elif impls.conv != "xla":
     raise ValueError(f"Backbone {config.backbone!r} runs XLA's convolutions "
-                     f"only, not {kernels.conv!r}.")
+                     f"only, not {impls.conv!r}.")
   return models.create_model(config.backbone, num_classes=num_classes,
                              head=method.head, **opts)
 
@@ -272,7 +276,7 @@ def create_model(config: ConfigDict, method: methods_lib.Method, *,
 def build_model(config: ConfigDict, *, num_classes: int,
                 mean: Sequence[float], std: Sequence[float],
                 class_counts: Sequence[int] | None, mesh: Mesh,
-                kernels: kernels_lib.Kernels | None = None,
+                impls: impl_lib.Implementations | None = None,
                 steps_per_epoch: int | None = None,
                 with_features: bool | None = None) -> BuiltModel:
   """The model, its fixed ETF and its compiled eval step; no optimiser.
@@ -287,8 +291,9 @@ def build_model(config: ConfigDict, *, num_classes: int,
     class_counts: the K training counts; None when unknown (the eval step
       then reports no loss, and `eval_logit_adjust_tau` is refused).
     mesh: the data-parallel mesh.
-    kernels: the implementations to use; None resolves them here
-      (`kernels.resolve_kernels` on the backend and the mesh's devices).
+    impls: the implementations to use; None resolves them here
+      (`implementations.resolve_implementations` on the backend and the
+      mesh's devices).
     steps_per_epoch: for `build`'s train step; None here.
     with_features: the eval step also returns the features; None follows
       `config.nc_metrics`.
@@ -298,10 +303,10 @@ def build_model(config: ConfigDict, *, num_classes: int,
   """
   method = methods_lib.get_method(config.method)
   s = int(config.num_seeds)
-  if kernels is None:
-    kernels = resolve_kernels(config, device_count=mesh.devices.size)
+  if impls is None:
+    impls = resolve_implementations(config, device_count=mesh.devices.size)
   model = create_model(config, method, num_classes=num_classes,
-                       kernels=kernels)
+                       impls=impls)
   etf = None
   if method.fixed_classifier:
     etf = jax.device_put(
@@ -318,14 +323,14 @@ def build_model(config: ConfigDict, *, num_classes: int,
       steps_lib.make_eval_step(model, cfg, with_features=with_features),
       mesh, num_replicas=s, replica_mode=config.seeds_mode)
   return BuiltModel(method=method, model=model, etf=etf, step_config=cfg,
-                    eval_step=eval_step, num_replicas=s, kernels=kernels)
+                    eval_step=eval_step, num_replicas=s, impls=impls)
 
 
 def build(config: ConfigDict, *, num_classes: int,
           image_shape: tuple[int, int, int], mean: Sequence[float],
           std: Sequence[float], class_counts: Sequence[int],
           steps_per_epoch: int, total_steps: int, mesh: Mesh,
-          kernels: kernels_lib.Kernels | None = None) -> Built:
+          impls: impl_lib.Implementations | None = None) -> Built:
   """Assembles everything a run needs from `config`; see the module doc.
 
   `build_model`'s part, then the optimiser, the train step and the initial
@@ -340,7 +345,7 @@ def build(config: ConfigDict, *, num_classes: int,
     steps_per_epoch: steps in one epoch.
     total_steps: steps of the whole run.
     mesh: the data-parallel mesh.
-    kernels: the implementations to use; None resolves them here.
+    impls: the implementations to use; None resolves them here.
 
   Returns:
     A `Built`.
@@ -351,7 +356,7 @@ def build(config: ConfigDict, *, num_classes: int,
   check_config(config, total_epochs=total_steps / max(steps_per_epoch, 1),
                steps_per_epoch=steps_per_epoch)
   part = build_model(config, num_classes=num_classes, mean=mean, std=std,
-                     class_counts=class_counts, mesh=mesh, kernels=kernels,
+                     class_counts=class_counts, mesh=mesh, impls=impls,
                      steps_per_epoch=steps_per_epoch)
   s, model, rep = part.num_replicas, part.model, sharding.replicated_sharding(
       mesh)

@@ -10,9 +10,9 @@ Rules that protect finished work:
 - A restart with a different config stops with the differing keys named. A
   workdir whose run never saved a checkpoint has nothing to protect: a rerun
   with another config starts afresh there.
-- `config.json` also records the kernels the run resolved to (`resolved`:
-  `conv_impl`, `norm_impl`; `nc_jax.kernels`). A restart that resolves to
-  others (e.g. on a machine without a C++ compiler) stops, because the
+- `config.json` also records the convolution and BatchNorm implementations
+  the run resolved to (`resolved`: `conv_impl`, `norm_impl`;
+  `nc_jax.implementations`). A restart that resolves to others (e.g. on a machine without a C++ compiler) stops, because the
   numbers would change, unless the config sets `allow_kernel_change=True`;
   an accepted change is recorded (`resolved_before`).
 - A directory with `results.json` is finished: a rerun reports it and exits
@@ -122,9 +122,10 @@ def check_config(workdir: pathlib.Path, config: ConfigDict,
   Args:
     workdir: the run directory.
     config: this run's config.
-    resolved: this process's kernels (`nc_jax.kernels.Kernels.record()`),
-      or None not to compare them.
-    why: a note on the new kernels for the message (`Kernels.note`).
+    resolved: this process's implementations
+      (`nc_jax.implementations.Implementations.record()`), or None not to
+      compare them.
+    why: a note on the new ones for the message (`Implementations.note`).
   """
   path = workdir / "config.json"
   if not path.exists() or not has_checkpoint(workdir):

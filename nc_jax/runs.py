@@ -269,7 +269,7 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> _Source:
     built = builder_lib.build_model(
         config, num_classes=info.num_classes, mean=info.mean, std=info.std,
         class_counts=counts, mesh=mesh, with_features=False,
-        kernels=builder_lib.resolve_kernels(config, for_loading=True))
+        impls=builder_lib.resolve_implementations(config, for_loading=True))
   except ValueError as e:
     raise RunError(f"{wd}: {e}") from None
   weights, record = _restore_weights(
@@ -316,7 +316,7 @@ def _open_file(path: pathlib.Path) -> _Source:
         one, num_classes=info.num_classes, mean=info.mean, std=info.std,
         class_counts=meta.get("class_counts"), mesh=mesh,
         with_features=False,
-        kernels=builder_lib.resolve_kernels(one, for_loading=True))
+        impls=builder_lib.resolve_implementations(one, for_loading=True))
   except ValueError as e:
     raise RunError(f"{path}: {e}") from None
   rep = sharding.replicated_sharding(mesh)

@@ -78,7 +78,7 @@ _DEFAULTS = {"batch_size": 128, "eval_batch_size": 500, "log_every_steps": 20,
 
 def _validate(config: ConfigDict) -> None:
   # Each part by its owner: the numbers, optimiser and method (builder), the
-  # kernels, the data; the run's own fields here.
+  # implementations, the data; the run's own fields here.
   builder_lib.check_config(config)
   _positive_int(config, "batch_size", "the global batch, over all devices")
   _positive_int(config, "eval_batch_size", "the global evaluation batch")
@@ -109,7 +109,7 @@ def _validate(config: ConfigDict) -> None:
   # Raises here, before any work, for an unknown backbone, a bad conv_impl
   # or norm_impl, or oneDNN convolutions asked for where they cannot run
   # (this is also where they are built, once, if they are chosen).
-  builder_lib.resolve_kernels(config)
+  builder_lib.resolve_implementations(config)
   data_lib.check_config(config)
 
 
@@ -127,7 +127,7 @@ class _Setup:
   eval_every: int
   ckpt_every: int
   kernel_record: dict
-  kernels: Any  # builder.resolve_kernels's answer
+  impls: Any  # builder.resolve_implementations's answer
   built: builder_lib.Built
 
 
@@ -198,10 +198,11 @@ def _load_data(config: ConfigDict, mesh) -> tuple[str | None, Any, Any]:
 def _set_up(config: ConfigDict, workdir: pathlib.Path,
             held: contextlib.ExitStack) -> _Setup:
   """Checks, loads the data, claims the workdir and builds the model."""
-  kernels = builder_lib.resolve_kernels(config)  # as validated, once more
+  # As validated, once more.
+  impls = builder_lib.resolve_implementations(config)
   try:
     workdir_lib.check_target(workdir, lambda wd: ckpt_lib.check_config(
-        wd, config, kernels.record(), why=kernels.note))
+        wd, config, impls.record(), why=impls.note))
     if "://" not in str(workdir):
       workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
                            "use the workdir")
@@ -229,7 +230,7 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
     built = builder_lib.build(
         config, num_classes=info.num_classes, image_shape=info.image_shape,
         mean=info.mean, std=info.std, class_counts=train_input.counts,
-        steps_per_epoch=spe, total_steps=total, mesh=mesh, kernels=kernels)
+        steps_per_epoch=spe, total_steps=total, mesh=mesh, impls=impls)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -243,7 +244,7 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
           "take the workdir's lock")
     fresh = not ckpt_lib.has_checkpoint(workdir)
     kernel_record = ckpt_lib.check_or_write_config(
-        workdir, config, kernels.record(), why=kernels.note)
+        workdir, config, impls.record(), why=impls.note)
   except (ValueError, OSError, workdir_lib.WorkdirLocked) as e:
     raise ConfigError(str(e)) from e
   if fresh and reporting.is_chief():
@@ -258,7 +259,7 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
       config, workdir, mesh, data_dir, train_input, eval_input, spe, total,
       optim.duration_steps(config, "eval_every", spe, default=total),
       optim.duration_steps(config, "checkpoint_every", spe, default=total),
-      kernel_record, kernels, built)
+      kernel_record, impls, built)
 
 
 class _Loop:
@@ -267,17 +268,18 @@ class _Loop:
   def __init__(self, setup: _Setup, stop: preemption.StopSignals):
     self.setup, self.stop = setup, stop
     config, built = setup.config, setup.built
-    self.config, self.spe, self.total = config, setup.steps_per_epoch, setup.total
+    self.config, self.spe = config, setup.steps_per_epoch
+    self.total = setup.total
     self.s = int(config.num_seeds)
     self.state = built.init_state()
     n_params = sum(x.size for x in jax.tree.leaves(self.state.params)) // self.s
     replicas = f"{self.s} replica(s)"
     if self.s > 1:
       replicas += f" ({steps_lib.resolve_replica_mode(config.seeds_mode)})"
-    kernels = setup.kernels
+    impls = setup.impls
     say(f"model: {config.backbone} + {built.method.head} head "
         f"({config.method}), {n_params:,} trainable parameters, feature dim "
-        f"{built.model.feature_dim}; {kernels.describe()}; {replicas}; mesh "
+        f"{built.model.feature_dim}; {impls.describe()}; {replicas}; mesh "
         f"{setup.mesh.devices.size} device(s) over {jax.process_count()} "
         f"process(es), backend {jax.default_backend()}")
     self.checkpointer = ckpt_lib.Checkpointer(setup.workdir / "checkpoints",

@@ -7,13 +7,41 @@ it looked.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
 import tarfile
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _share_compilations() -> None:
+  """One JAX persistent compilation cache for the whole test session.
+
+  Many tests compile the same tiny programs, in this process and in the
+  subprocesses of the CLI and multi-process tests (which inherit the
+  environment); compiling each once cuts the suite's time by minutes. The
+  cache starts empty every session and is deleted at its end, so no test
+  depends on an earlier one's compilations. Set JAX_COMPILATION_CACHE_DIR
+  to use another (or "none" for no cache).
+  """
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") == "none":
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+    return
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    path = tempfile.mkdtemp(prefix="nc_jax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+_share_compilations()
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10_jpeg.tar.gz"
 
 

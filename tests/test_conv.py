@@ -2,7 +2,7 @@
 
 They are CPU custom calls built for x86-64 Linux: these tests run where the
 default backend is the CPU on such a machine, and skip elsewhere (on a GPU
-or TPU host, the kernels are never chosen; `tests/test_kernels.py` checks
+or TPU host, the kernels are never chosen; `tests/test_implementations.py` checks
 that decision on every backend).
 """
 
@@ -22,7 +22,7 @@ import pytest
 
 from nc_jax import cpu_kernels
 from nc_jax import etf as etf_lib
-from nc_jax import kernels as kernels_lib
+from nc_jax import implementations as impl_lib
 from nc_jax import models
 from nc_jax.models import conv as conv_lib
 
@@ -55,7 +55,7 @@ def _xla_conv(x, k, strides, padding):
 def test_kernels_are_built_here():
   assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
   assert os.path.exists(cpu_kernels.library_path())
-  assert kernels_lib.resolve(backbone="resnet32").conv == "onednn"
+  assert impl_lib.resolve(backbone="resnet32").conv == "onednn"
 
 
 # (N, H, W, Ci, Co, KH, KW, strides, padding)
@@ -159,7 +159,7 @@ def test_conv_arguments_are_checked():
 
 def test_tracing_compiles_nothing(monkeypatch):
   # The kernels are built at start-up (the `loaded` fixture, as
-  # `kernels.resolve` in training); a trace with the injected impl only
+  # `implementations.resolve` in training); a trace with the injected impl only
   # emits the registered custom calls.
   def no_compiling(*args, **kwargs):
     raise AssertionError("the C++ compiler ran while tracing")
@@ -200,13 +200,13 @@ def test_a_trace_before_loading_stops_instead_of_building(tmp_path):
 
 
 CHECK_FALLBACK = """
-    from nc_jax import cpu_kernels, kernels
+    from nc_jax import cpu_kernels, implementations
     assert not cpu_kernels.available()
     print("REASON:", cpu_kernels.unavailable_reason())
-    k = kernels.resolve(backbone="resnet32", backend="cpu", device_count=1)
+    k = implementations.resolve(backbone="resnet32", backend="cpu", device_count=1)
     print("AUTO:", k.describe())
     try:
-      kernels.resolve(backbone="resnet32", conv_impl="onednn", backend="cpu",
+      implementations.resolve(backbone="resnet32", conv_impl="onednn", backend="cpu",
                       device_count=1)
     except ValueError as e:
       print("ERROR:", e)

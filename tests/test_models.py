@@ -547,7 +547,7 @@ def test_kernels_are_injected_not_decided():
                              norm_impl="fused").backbone.norm_impl == "fused"
   assert models.supports_onednn_convs("resnet32")
   assert not models.supports_onednn_convs("resnet50")
-  # "auto" is a request for nc_jax.kernels, never decided by a model.
+  # "auto" is a request for nc_jax.implementations, never decided by a model.
   x = jnp.zeros((2, 8, 8, 3))
   etf = etf_lib.simplex_etf(10, 64)
   for opt in ("conv_impl", "norm_impl"):

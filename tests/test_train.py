@@ -16,7 +16,7 @@ from experiments.configs import cifar_lt as cfg_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import cpu_kernels
 from nc_jax import data as data_lib
-from nc_jax import kernels as kernels_lib
+from nc_jax import implementations as impl_lib
 from nc_jax import methods
 from nc_jax import train
 
@@ -247,7 +247,7 @@ def test_kernels_are_recorded_and_a_change_on_resume_is_refused(
     tiny_image_folder, tmp_path, monkeypatch):
   kw = dict(checkpoint_every_steps=2, checkpoint_every_epochs=None)
   config = tiny_config(tiny_image_folder, arg="steps=6", **kw)
-  first = kernels_lib.resolve_kernels(config).record()
+  first = impl_lib.resolve_implementations(config).record()
   with monkeypatch.context() as m:
     _crash_after(m, 3)
     with pytest.raises(_Crash):
@@ -266,7 +266,7 @@ def test_kernels_are_recorded_and_a_change_on_resume_is_refused(
   change = ({} if first["conv_impl"] == "onednn" else {"norm_impl": (
       "flax" if first["norm_impl"] == "fused" else "fused")})
   changed = tiny_config(tiny_image_folder, arg="steps=6", **change, **kw)
-  second = kernels_lib.resolve_kernels(changed).record()
+  second = impl_lib.resolve_implementations(changed).record()
   assert second != first
   with pytest.raises(train.ConfigError) as e:
     train.train_and_evaluate(changed, tmp_path)
@@ -288,7 +288,7 @@ def test_kernels_are_recorded_and_a_change_on_resume_is_refused(
 def test_results_record_the_kernels(tiny_image_folder, tmp_path):
   config = tiny_config(tiny_image_folder, arg="steps=2")
   res = train.train_and_evaluate(config, tmp_path)
-  want = kernels_lib.resolve_kernels(config).record()
+  want = impl_lib.resolve_implementations(config).record()
   assert res["resolved"] == want
   assert "resolved_before" not in res
   assert json.loads((tmp_path / "results.json").read_text())["resolved"] == want
@@ -405,9 +405,8 @@ def test_presets_are_the_reference_configs():
   presets = cfg_lib.presets()
   # 4 datasets x 3 ratios x {ce, etf_dr}, all ResNet-32, + ImageNet-LT pair.
   assert len(presets) == 26
-  for name, arg in presets.items():
+  for name in presets:
     c = cfg_lib.get_config(name)
-    assert c.to_dict() == cfg_lib.get_config(arg).to_dict()
     data_lib.dataset_info(c.dataset)
     assert c.method == name.rsplit("_", 2)[-1] if name.endswith("_ce") else (
         c.method == "etf_dr")

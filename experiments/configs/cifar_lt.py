@@ -150,7 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.etf_rotation = "gaussian"
   c.l2_normalize = True  # the ETF head's feature normalisation
   c.compute_dtype = "float32"
-  # Kernels (nc_jax.kernels decides "auto" once at start-up; the choice is
+  # Implementations (nc_jax.implementations decides "auto" once at start-up; the choice is
   # recorded in config.json and results.json). Convolutions of the CIFAR
   # ResNets: "auto" = oneDNN's own primitives (nc_jax.cpu_kernels) on a
   # single CPU device in float32 when they build, else XLA's; "xla" or

@@ -5,7 +5,7 @@ forward convolution over transposed copies of the activation and of the
 output gradient. This component calls oneDNN's forward, backward-data and
 backward-weights primitives on the NHWC arrays as they are instead.
 Nothing else in nc_jax needs it: models run XLA's convolutions unless they
-are given `conv_impl="onednn"`, which `nc_jax.kernels` chooses only on a
+are given `conv_impl="onednn"`, which `nc_jax.implementations` chooses only on a
 single CPU device in float32, after `load()` has succeeded.
 
   build.py        find oneDNN, compile csrc/onednn_conv.cc into the cache,

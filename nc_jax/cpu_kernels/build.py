@@ -5,7 +5,7 @@ forward, backward-data, backward-weights, on NHWC activations and HWIO
 kernels) against the oneDNN of the `onednn-cpu-gomp` /
 `onednn-devel-cpu-gomp` wheels (the `cpu-kernels` extra), loads the shared
 library and registers the handlers with `jax.ffi` for the CPU platform.
-It is called once, at start-up, by `nc_jax.kernels.resolve` (never while a
+It is called once, at start-up, by `nc_jax.implementations.resolve` (never while a
 model is traced: the JAX side, `nc_jax.cpu_kernels.conv`, only checks that
 the handlers are registered).
 
@@ -256,5 +256,5 @@ def require_loaded() -> None:
   if not is_loaded():
     raise KernelsNotLoaded(
         "nc_jax's oneDNN kernels are not loaded in this process; call "
-        "nc_jax.cpu_kernels.load() at start-up (nc_jax.kernels.resolve does) "
+        "nc_jax.cpu_kernels.load() at start-up (nc_jax.implementations.resolve does) "
         "before tracing a model with conv_impl='onednn'.")

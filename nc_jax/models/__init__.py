@@ -26,7 +26,7 @@ Heads with learnable weights take no `classifier` argument.
 
 Implementations are options, taken as given: `conv_impl` ("xla", default,
 or "onednn" for the CIFAR ResNets) and `norm_impl` ("flax", default, or
-"fused"). `nc_jax.kernels` decides them once per run and the builder
+"fused"). `nc_jax.implementations` decides them once per run and the builder
 passes them; a model never decides (and refuses "auto").
 
 References:
@@ -164,7 +164,7 @@ def create_model(name: str, *, num_classes: int, head: str,
       goes to the backbone and to the head. An option that belongs to the
       other head is accepted and ignored (so one config can drive both
       heads; none of them changes the chosen head's meaning). The
-      implementations are taken as given: `nc_jax.kernels` decides them
+      implementations are taken as given: `nc_jax.implementations` decides them
       (the builder passes its choice).
 
   Returns:

@@ -2,7 +2,7 @@
 
 `Conv` is a drop-in for the bias-free `flax.linen.Conv` of the backbones:
 the same `params/kernel` (HWIO, float32), the same output. Its `impl`,
-chosen once at start-up by `nc_jax.kernels` and passed down by the builder,
+chosen once at start-up by `nc_jax.implementations` and passed down by the builder,
 says how the convolution and its two gradients are computed:
 
   xla     `lax.conv_general_dilated` and its autodiff transpose (every
@@ -31,14 +31,14 @@ Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 # The implementations a model can be given (already resolved; "auto" is a
-# request that `nc_jax.kernels` turns into one of these).
+# request that `nc_jax.implementations` turns into one of these).
 IMPLS = ("xla", "onednn")
 
 
 def check_impl(impl: str) -> None:
   """Raises ValueError unless `impl` is a resolved convolution impl."""
   if impl not in IMPLS:
-    hint = (" Resolve 'auto' first with nc_jax.kernels.resolve (the builder "
+    hint = (" Resolve 'auto' first with nc_jax.implementations.resolve (the builder "
             "does)." if impl == "auto" else "")
     raise ValueError(f"A model's conv_impl must be one of {IMPLS}, got "
                      f"{impl!r}.{hint}")

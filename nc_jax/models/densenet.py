@@ -147,7 +147,7 @@ class DenseNet(nn.Module):
     bottleneck: use bottleneck layers (DenseNet-B).
     dtype: compute dtype (parameters stay float32).
     norm_impl: BatchNorm implementation, "flax" or "fused"
-      (`nc_jax.models.layers.batch_norm`; `nc_jax.kernels` chooses).
+      (`nc_jax.models.layers.batch_norm`; `nc_jax.implementations` chooses).
   """
   depth: int = 150
   growth_rate: int = 12

@@ -7,7 +7,7 @@ implementations with the same variables (`params/scale`, `params/bias`,
 
   flax   `flax.linen.BatchNorm`, then the residual add and the activation
          as plain jnp ops, differentiated by autodiff. The default, and what
-         `nc_jax.kernels` picks on GPU and TPU.
+         `nc_jax.implementations` picks on GPU and TPU.
   fused  `nc_jax.models.norm.BatchNorm`: BatchNorm, residual and ReLU in one
          hand-written VJP shaped for XLA's CPU fusion; picked on CPU.
 
@@ -49,7 +49,7 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 # The BatchNorm implementations a model can be given (resolved; "auto" is a
-# request that `nc_jax.kernels` turns into one of these).
+# request that `nc_jax.implementations` turns into one of these).
 NORM_IMPLS = ("flax", "fused")
 
 
@@ -126,7 +126,7 @@ def batch_norm(train: bool, *, impl: str = "flax", dtype: Dtype = jnp.float32,
     return FlaxBatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                          epsilon=BN_EPSILON, activation=activation,
                          dtype=dtype, param_dtype=jnp.float32, name=name)
-  hint = (" Resolve 'auto' first with nc_jax.kernels.resolve (the builder "
+  hint = (" Resolve 'auto' first with nc_jax.implementations.resolve (the builder "
           "does)." if impl == "auto" else "")
   raise ValueError(f"A model's norm_impl must be one of {NORM_IMPLS}, got "
                    f"{impl!r}.{hint}")

@@ -1,7 +1,7 @@
 """BatchNorm fused with its ReLU (and residual add), with a hand-written VJP.
 
 The CPU implementation of the backbones' BatchNorm (`norm_impl="fused"`,
-which `nc_jax.kernels` picks on CPU; accelerators get `flax.linen.BatchNorm`,
+which `nc_jax.implementations` picks on CPU; accelerators get `flax.linen.BatchNorm`,
 see `nc_jax.models.layers.batch_norm`). `BatchNorm` here is a drop-in for
 `flax.linen.BatchNorm`: same variables (`params/scale`, `params/bias`,
 `batch_stats/mean`, `batch_stats/var`), same running-statistics update (Flax's convention: the

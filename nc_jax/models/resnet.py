@@ -97,7 +97,7 @@ class ResNet(nn.Module):
     planes: planes p per stage; features are `4 * planes[-1]`.
     dtype: compute dtype (parameters stay float32).
     norm_impl: BatchNorm implementation, "flax" or "fused"
-      (`nc_jax.models.layers.batch_norm`; `nc_jax.kernels` chooses).
+      (`nc_jax.models.layers.batch_norm`; `nc_jax.implementations` chooses).
 
   Submodule names follow torchvision (`conv1`, `bn1`, `layer{1..4}_{j}`).
   """

@@ -116,9 +116,9 @@ class ResNetCifar(nn.Module):
     blocks_per_stage: n; depth is 6n + 2 (n = 5 gives ResNet-32).
     dtype: compute dtype (parameters stay float32).
     conv_impl: convolution kernels, "xla" or "onednn" (`nc_jax.models.conv`;
-      `nc_jax.kernels` chooses).
+      `nc_jax.implementations` chooses).
     norm_impl: BatchNorm implementation, "flax" or "fused"
-      (`nc_jax.models.layers.batch_norm`; `nc_jax.kernels` chooses).
+      (`nc_jax.models.layers.batch_norm`; `nc_jax.implementations` chooses).
 
   Submodule names follow the PyTorch reference (`conv1`, `bn1`,
   `layer{1,2,3}_{j}`) so that ported weights map one to one.

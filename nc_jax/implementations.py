@@ -1,5 +1,8 @@
 """Which convolution and BatchNorm implementations a run uses: the one decider.
 
+"Kernels" in nc_jax means one thing: oneDNN's compiled C++ convolution
+primitives (`nc_jax.cpu_kernels`), one of the implementations decided here.
+
 A run asks with two config fields, `conv_impl` ("auto", "xla", "onednn")
 and `norm_impl` ("auto", "flax", "fused"), and this module answers once, at
 start-up, from the config and the backend:
@@ -11,8 +14,8 @@ start-up, from the config and the backend:
                       xla
   GPU / TPU           xla                           flax
 
-The answer, a `Kernels`, is what the builder injects into the model (models
-never decide), what training writes to `config.json` and `results.json`
+The answer, an `Implementations`, is what the builder injects into the
+model (models never decide), what training writes to `config.json` and `results.json`
 (`record()`) and compares on resume, what the benchmark reports, and (from
 the config and a guess of the backend, before jax starts) what
 `experiments.xla_defaults` tunes the process for.
@@ -32,8 +35,8 @@ Functions:
   resolve(...)         `choose` on this process's backend and devices, then
                        loads the oneDNN kernels if they are chosen; "auto"
                        falls back to XLA's convolutions, with the reason in
-                       `Kernels.note`, when they cannot be built here.
-  resolve_kernels(config)  `resolve` with the config's fields.
+                       `Implementations.note`, when they cannot be built here.
+  resolve_implementations(config)  `resolve` with the config's fields.
   likely_backend()     a guess of jax's backend that starts nothing.
 """
 
@@ -52,7 +55,7 @@ NORM_IMPLS = ("auto", "flax", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernels:
+class Implementations:
   """A resolved choice.
 
   Attributes:
@@ -83,7 +86,7 @@ def _is_cpu(backend: str) -> bool:
 
 def choose(*, backbone: str, compute_dtype: str = "float32",
            conv_impl: str = "auto", norm_impl: str = "auto",
-           backend: str, device_count: int = 1) -> Kernels:
+           backend: str, device_count: int = 1) -> Implementations:
   """The implementations that apply, without checking the kernels build.
 
   Args:
@@ -95,7 +98,7 @@ def choose(*, backbone: str, compute_dtype: str = "float32",
     device_count: devices the step runs on (the mesh; all processes').
 
   Returns:
-    `Kernels`; conv "onednn" means oneDNN's apply here (`resolve` then
+    `Implementations`; conv "onednn" means oneDNN's apply here (`resolve` then
     checks that they build).
 
   Raises:
@@ -113,14 +116,14 @@ def choose(*, backbone: str, compute_dtype: str = "float32",
   cpu = _is_cpu(backend)
   norm = norm_impl if norm_impl != "auto" else ("fused" if cpu else "flax")
   if conv_impl == "xla":
-    return Kernels("xla", norm)
+    return Implementations("xla", norm)
   problems = []
   if not models.supports_onednn_convs(backbone):
     if conv_impl == "onednn":
       raise ValueError(
           f"conv_impl='onednn' is implemented for the CIFAR ResNets, not "
           f"{backbone!r}; use conv_impl='auto' or 'xla'.")
-    return Kernels("xla", norm)
+    return Implementations("xla", norm)
   if not cpu:
     problems.append(f"the backend is {backend}, not cpu")
   if device_count != 1:
@@ -128,9 +131,9 @@ def choose(*, backbone: str, compute_dtype: str = "float32",
   if compute_dtype != "float32":
     problems.append(f"the compute dtype is {compute_dtype}, not float32")
   if not problems:
-    return Kernels("onednn", norm)
+    return Implementations("onednn", norm)
   if conv_impl == "auto":
-    return Kernels("xla", norm)
+    return Implementations("xla", norm)
   raise ValueError("conv_impl='onednn' cannot run here: " +
                    "; ".join(problems) + ". Use conv_impl='auto' or 'xla'.")
 
@@ -138,7 +141,7 @@ def choose(*, backbone: str, compute_dtype: str = "float32",
 def resolve(*, backbone: str, compute_dtype: str = "float32",
             conv_impl: str = "auto", norm_impl: str = "auto",
             backend: str | None = None,
-            device_count: int | None = None) -> Kernels:
+            device_count: int | None = None) -> Implementations:
   """`choose` for this process, with the oneDNN kernels loaded if chosen.
 
   Call once at start-up, before any model is traced: this is where the
@@ -167,7 +170,7 @@ def resolve(*, backbone: str, compute_dtype: str = "float32",
     cpu_kernels.load()
   except cpu_kernels.KernelsUnavailable as e:
     if conv_impl == "auto":
-      return Kernels("xla", kernels.norm,
+      return Implementations("xla", kernels.norm,
                      note=f"oneDNN kernels unavailable: {e}")
     raise ValueError(f"conv_impl='onednn' cannot run here: oneDNN kernels "
                      f"unavailable: {e}. Use conv_impl='auto' or 'xla'."
@@ -175,8 +178,8 @@ def resolve(*, backbone: str, compute_dtype: str = "float32",
   return kernels
 
 
-def resolve_kernels(config: Any, *, backend: str | None = None,
-                    device_count: int | None = None) -> Kernels:
+def resolve_implementations(config: Any, *, backend: str | None = None,
+                    device_count: int | None = None) -> Implementations:
   """`resolve` with `config.backbone`, `compute_dtype`, `conv_impl` and
   `norm_impl` (a ConfigDict or any object with those attributes)."""
   return resolve(backbone=config.backbone,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from nc_jax import cpu_kernels
-from nc_jax import kernels as kernels_lib
+from nc_jax import implementations as impl_lib
 
-choose = kernels_lib.choose
+choose = impl_lib.choose
 
 
 def test_cpu_float32_single_device_gets_the_cpu_kernels():
@@ -75,14 +75,14 @@ def _unbuildable(monkeypatch, reason):
 def test_auto_falls_back_with_one_reason(monkeypatch):
   _unbuildable(monkeypatch, "no C++ compiler (g++ not on PATH; install g++ "
                "or set CXX)")
-  k = kernels_lib.resolve(backbone="resnet32", backend="cpu", device_count=1)
+  k = impl_lib.resolve(backbone="resnet32", backend="cpu", device_count=1)
   assert (k.conv, k.norm) == ("xla", "fused")
   assert k.describe() == (
       "xla convolutions (oneDNN kernels unavailable: no C++ compiler (g++ "
       "not on PATH; install g++ or set CXX)), fused BatchNorm")
   assert k.record() == {"conv_impl": "xla", "norm_impl": "fused"}
   with pytest.raises(ValueError) as e:
-    kernels_lib.resolve(backbone="resnet32", conv_impl="onednn",
+    impl_lib.resolve(backbone="resnet32", conv_impl="onednn",
                         backend="cpu", device_count=1)
   assert "\n" not in str(e.value)
   assert "oneDNN kernels unavailable: no C++ compiler" in str(e.value)
@@ -91,7 +91,7 @@ def test_auto_falls_back_with_one_reason(monkeypatch):
 def test_resolve_loads_only_what_it_chooses(monkeypatch):
   _unbuildable(monkeypatch, "must not be asked")
   for backend, backbone in (("gpu", "resnet32"), ("cpu", "resnet50")):
-    k = kernels_lib.resolve(backbone=backbone, backend=backend,
+    k = impl_lib.resolve(backbone=backbone, backend=backend,
                             device_count=1)
     assert k.conv == "xla" and k.note is None
 
@@ -103,19 +103,19 @@ def test_resolve_loads_only_what_it_chooses(monkeypatch):
     ({"JAX_PLATFORMS": "tpu"}, "tpu"),
 ])
 def test_likely_backend_follows_jax_platforms(env, want):
-  assert kernels_lib.likely_backend(env) == want
+  assert impl_lib.likely_backend(env) == want
 
 
 def test_likely_backend_needs_a_plugin_and_a_device(monkeypatch):
-  monkeypatch.setattr(kernels_lib, "_jax_plugins", lambda: ["xla_cuda12"])
-  monkeypatch.setattr(kernels_lib.glob, "glob",
+  monkeypatch.setattr(impl_lib, "_jax_plugins", lambda: ["xla_cuda12"])
+  monkeypatch.setattr(impl_lib.glob, "glob",
                       lambda pattern: ["/dev/nvidia0"]
                       if pattern.startswith("/dev/nvidia") else [])
-  assert kernels_lib.likely_backend({}) == "gpu"
-  monkeypatch.setattr(kernels_lib.glob, "glob", lambda pattern: [])
-  monkeypatch.setattr(kernels_lib.os.path, "exists", lambda path: False)
-  assert kernels_lib.likely_backend({}) == "cpu"  # plugin, but no GPU
-  monkeypatch.setattr(kernels_lib, "_jax_plugins", lambda: [])
-  monkeypatch.setattr(kernels_lib.glob, "glob", lambda pattern: ["/dev/x"])
-  monkeypatch.setattr(kernels_lib, "_has_module", lambda name: False)
-  assert kernels_lib.likely_backend({}) == "cpu"  # device, but no plugin
+  assert impl_lib.likely_backend({}) == "gpu"
+  monkeypatch.setattr(impl_lib.glob, "glob", lambda pattern: [])
+  monkeypatch.setattr(impl_lib.os.path, "exists", lambda path: False)
+  assert impl_lib.likely_backend({}) == "cpu"  # plugin, but no GPU
+  monkeypatch.setattr(impl_lib, "_jax_plugins", lambda: [])
+  monkeypatch.setattr(impl_lib.glob, "glob", lambda pattern: ["/dev/x"])
+  monkeypatch.setattr(impl_lib, "_has_module", lambda name: False)
+  assert impl_lib.likely_backend({}) == "cpu"  # device, but no plugin
