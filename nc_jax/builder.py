@@ -122,7 +122,24 @@ def check_config(config: ConfigDict, *,
                      f"{config.mixup_alpha}.")
   if method.check is not None:
     method.check(config, total_epochs)
+  _check_pretrained(config)
   return method
+
+
+def _check_pretrained(config: ConfigDict) -> None:
+  """The pretrained-weights file, cheaply (it is read at step 0)."""
+  path = config.get("pretrained")
+  if not path:
+    if config.get("pretrained_required"):
+      raise ValueError(
+          "This config fine-tunes ImageNet-pretrained weights "
+          "(pretrained_required): pass --config.pretrained= the path of a "
+          "torchvision ResNet-50 state_dict (.pth) or a timm .safetensors "
+          "file, or --config.pretrained_required=False to train from a "
+          "random initialisation.")
+    return
+  from nc_jax import pretrained  # pylint: disable=g-import-not-at-top
+  pretrained.check_file(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +196,38 @@ class Built(BuiltModel):
   schedule: optax.Schedule | None = None
   train_step: Callable | None = None
   init_state: Callable[[], steps_lib.TrainState] | None = None
+  pretrained: str | None = None
+
+  def with_pretrained(self, state: steps_lib.TrainState
+                      ) -> steps_lib.TrainState:
+    """`state` with the backbone's weights and BatchNorm statistics read
+    from the `pretrained` file (every replica the same; the heads keep
+    their own initialisation). For a fresh state only: the optimiser's
+    state is zeros either way.
+
+    Raises:
+      pretrained.PretrainedError: a file that does not fit the backbone.
+    """
+    from nc_jax import pretrained  # pylint: disable=g-import-not-at-top
+    s = self.num_replicas
+    variables = {"params": state.params, **state.model_state}
+    host = jax.device_get(variables)
+    one = host if s == 1 else jax.tree.map(lambda a: a[0], host)
+    loaded = pretrained.load_backbone_variables(self.pretrained,
+                                                model_variables=one)
+
+    def put(new, old):  # one replica's array, broadcast over the S
+      return jax.device_put(
+          np.broadcast_to(np.asarray(new, old.dtype), old.shape),
+          old.sharding)
+    out = {c: dict(v) for c, v in variables.items()}
+    for collection, tree in loaded.items():
+      if "backbone" in tree:
+        out[collection]["backbone"] = jax.tree.map(
+            put, dict(tree["backbone"]),
+            dict(variables[collection]["backbone"]))
+    params = out.pop("params")
+    return state.replace(params=params, model_state=out)
 
 
 def step_config(config: ConfigDict, method: methods_lib.Method, *,
@@ -379,4 +428,4 @@ def build(config: ConfigDict, *, num_classes: int,
   return Built(**{f.name: getattr(part, f.name)
                   for f in dataclasses.fields(BuiltModel)},
                tx=tx, schedule=schedule, train_step=train_step,
-               init_state=init_state)
+               init_state=init_state, pretrained=config.get("pretrained"))

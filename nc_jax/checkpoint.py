@@ -12,9 +12,10 @@ Rules that protect finished work:
   with another config starts afresh there.
 - `config.json` also records the convolution and BatchNorm implementations
   the run resolved to (`resolved`: `conv_impl`, `norm_impl`;
-  `nc_jax.implementations`). A restart that resolves to others (e.g. on a machine without a C++ compiler) stops, because the
-  numbers would change, unless the config sets `allow_kernel_change=True`;
-  an accepted change is recorded (`resolved_before`).
+  `nc_jax.implementations`). A restart that resolves to others (e.g. on a
+  machine without a C++ compiler) stops, because the numbers would change,
+  unless the config sets `allow_kernel_change=True`; an accepted change is
+  recorded (`resolved_before`).
 - A directory with `results.json` is finished: a rerun reports it and exits
   without touching anything.
 - An unreadable checkpoint stops the run with its path; it is never deleted
@@ -46,10 +47,29 @@ from ml_collections import ConfigDict
 # matters is what they resolve to, which is compared on its own.
 RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir", "conv_impl",
                                "norm_impl", "allow_kernel_change",
-                               "preemption_grace_seconds"})
+                               "preemption_grace_seconds",
+                               # Read at step 0 only; a resume restores the
+                               # weights from the checkpoint.
+                               "pretrained"})
 # Config fields added after runs were written, and what a config.json
 # without them ran with: such a workdir resumes and loads unchanged.
-MISSING_MEANS = {"etf_rotation": "gaussian", "preemption_grace_seconds": 25.0}
+# Flat names ("optim.x" for a nested field).
+MISSING_MEANS = {"etf_rotation": "gaussian", "preemption_grace_seconds": 25.0,
+                 "pretrained": None, "pretrained_required": False,
+                 "crop_min_area": 0.08, "optim.backbone_lr_scale": 1.0}
+
+
+def with_missing_fields(d: dict) -> dict:
+  """`config.json`'s dict with the fields it predates, as they ran
+  (`MISSING_MEANS`), filled in."""
+  out = json.loads(json.dumps(d))  # a deep copy
+  for name, value in MISSING_MEANS.items():
+    *path, last = name.split(".")
+    target = out
+    for p in path:
+      target = target.setdefault(p, {})
+    target.setdefault(last, value)
+  return out
 # Keys of config.json that are records, not config fields.
 RECORD_KEYS = ("resolved", "resolved_before")
 KERNEL_CHANGE_FLAG = "--config.allow_kernel_change=True"

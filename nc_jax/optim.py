@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
@@ -128,6 +129,12 @@ def check_config(config: ConfigDict, *, total_epochs: float | None = None,
   if not config.weight_decay >= 0:
     raise ValueError(f"optim.weight_decay must be >= 0 (2e-4 in the recipe), "
                      f"got {config.weight_decay}.")
+  scale = config.get("backbone_lr_scale", 1.0)
+  if not (isinstance(scale, (int, float)) and math.isfinite(scale)
+          and scale > 0):
+    raise ValueError(
+        f"optim.backbone_lr_scale must be a finite number > 0 (1 = the same "
+        f"rate as the head; 0.1 in the fine-tuning recipes), got {scale}.")
   if config.schedule not in SCHEDULES:
     raise ValueError(f"Unknown optim.schedule {config.schedule!r}; choose one "
                      f"of {SCHEDULES}.")
@@ -192,7 +199,8 @@ def make_optimizer(config: ConfigDict, steps_per_epoch: int,
 
   Args:
     config: the `optim` sub-config (lr, momentum, weight_decay, nesterov,
-      schedule, warmup_epochs, decay_epochs, decay_factor).
+      schedule, warmup_epochs, decay_epochs, decay_factor, and
+      backbone_lr_scale: the backbone's rate relative to the head's).
     steps_per_epoch: steps in one epoch.
     total_steps: steps of the whole run (for the cosine schedule).
 
@@ -200,9 +208,37 @@ def make_optimizer(config: ConfigDict, steps_per_epoch: int,
     (optimizer, schedule).
   """
   schedule = make_schedule(config, steps_per_epoch, total_steps)
-  tx = optax.chain(
+  parts = [
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(schedule, momentum=config.momentum or None,
                 nesterov=bool(config.get("nesterov", False))),
-  )
-  return tx, schedule
+  ]
+  scale = float(config.get("backbone_lr_scale", 1.0))
+  if scale != 1.0:  # (a run without it keeps its optimiser state's layout)
+    parts.append(scale_subtree(BACKBONE, scale))
+  return optax.chain(*parts), schedule
+
+
+BACKBONE = "backbone"  # the model's feature extractor (models.ImageClassifier)
+
+
+def scale_subtree(key: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the parameters under top-level `key`.
+
+  After SGD with momentum and coupled weight decay, this is exactly a
+  PyTorch parameter group whose learning rate is `factor` times the others'
+  (each update is the learning rate times a buffer linear in the
+  gradients), as fine-tuning recipes give the pretrained backbone a smaller
+  rate than the new head. Stateless.
+  """
+  def update(updates, state, params=None):
+    del params
+    if key not in updates:
+      raise ValueError(f"optim.backbone_lr_scale scales the parameters under "
+                       f"{key!r}, which this model does not have (top-level "
+                       f"keys: {sorted(updates)}).")
+    out = dict(updates)
+    out[key] = jax.tree.map(lambda u: u * factor, updates[key])
+    return type(updates)(out) if not isinstance(updates, dict) else out, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)

@@ -39,6 +39,7 @@ Usage:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
@@ -152,6 +153,34 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
         f"Could not read {path} as a safetensors file ({type(e).__name__}: "
         f"{e}). Is it a complete .safetensors file with float16/32/64 "
         "tensors?") from e
+
+
+def check_file(path: str | os.PathLike[str]) -> None:
+  """What can be known of a weights file without reading it: it exists,
+  its suffix is known and the package that reads it is installed.
+
+  Raises:
+    PretrainedError: naming the problem and the fix.
+  """
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise PretrainedError(
+        f"No pretrained-weights file at {path} (nc_jax never downloads "
+        "weights): pass the path of a torchvision ResNet-50 state_dict "
+        "(.pth) or a timm .safetensors file you have.")
+  suffix = path.suffix.lower()
+  if suffix not in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
+    raise PretrainedError(
+        f"{path}: unknown weights format {suffix!r}; nc_jax reads PyTorch "
+        f"state_dict files ({', '.join(TORCH_SUFFIXES)}) and .safetensors "
+        "files.")
+  package = "torch" if suffix in TORCH_SUFFIXES else "safetensors"
+  if importlib.util.find_spec(package) is None:
+    extra = ("pretrained-torch" if package == "torch"
+             else "pretrained-safetensors")
+    raise PretrainedError(
+        f"Reading {path} needs the {package} package: pip install "
+        f"{package}, or pip install 'nc_jax[{extra}]'.")
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -349,7 +378,7 @@ def load_backbone_variables(path: str | os.PathLike[str], *,
 
 
 __all__ = [
-    "PretrainedError", "SAFETENSORS_SUFFIXES", "TORCH_SUFFIXES",
+    "PretrainedError", "SAFETENSORS_SUFFIXES", "TORCH_SUFFIXES", "check_file",
     "backbone_variables_from_state_dict", "load_backbone_variables",
     "read_state_dict",
 ]

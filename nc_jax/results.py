@@ -77,6 +77,9 @@ def _pct(value: float | None) -> str:
 def summary_line(results: Mapping[str, Any], path: str) -> str:
   """The one line a finished run ends with."""
   f, b = results["final"], results["best"]
-  return (f"done: final top1 {_pct(f['top1'])} (head {_pct(f['head'])} / "
-          f"medium {_pct(f['medium'])} / tail {_pct(f['tail'])}), best top1 "
+  groups = ""
+  if any(g in f for g in ("head", "medium", "tail")):
+    groups = (f" (head {_pct(f.get('head'))} / medium {_pct(f.get('medium'))}"
+              f" / tail {_pct(f.get('tail'))})")
+  return (f"done: final top1 {_pct(f['top1'])}{groups}, best top1 "
           f"{_pct(b['top1'])} at epoch {b['epoch']:g}; {path}")

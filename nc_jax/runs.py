@@ -60,7 +60,7 @@ from nc_jax import nc_metrics
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
 from nc_jax import evaluators
-from nc_jax.data import sources
+from nc_jax.data import datasets
 from nc_jax.data.archive import resolve_data_dir
 
 FORMAT = "nc_jax.run"
@@ -133,7 +133,7 @@ def _read_json(path: pathlib.Path) -> Any:
 
 
 def _config_from_dict(d: dict) -> ConfigDict:
-  config = ConfigDict({**ckpt_lib.MISSING_MEANS, **d})
+  config = ConfigDict(ckpt_lib.with_missing_fields(d))
   config.lock()
   return config
 
@@ -641,11 +641,14 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
     resolved = resolve_data_dir(given)
     if resolved is None:
       data_lib.prepare_tfds(config.dataset)
-    source = sources.check_data_dir(config.dataset, resolved)
+    options = data_lib.options_of(config.dataset, config)
+    data_lib.check_data(config.dataset, resolved,
+                        train_splits=options.get("train_splits"))
     eval_input = data_lib.make_eval_input(
         config.dataset, data_dir=resolved,
-        batch_size=int(config.eval_batch_size), mesh=src.mesh)
-    names = list(sources.class_names(source))
+        batch_size=int(config.eval_batch_size), mesh=src.mesh,
+        options=options)
+    names = list(datasets.get(config.dataset).class_names(resolved))
   except (ValueError, FileNotFoundError) as e:
     origin = ("--data_dir" if data_dir is not None
               else f"the run's data_dir {given!r}")

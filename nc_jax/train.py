@@ -319,7 +319,9 @@ class _Loop:
 
   # ------------------------------------------------------------ restore
   def restore(self) -> None:
-    """Continues from the newest checkpoint in the workdir, if any."""
+    """Continues from the newest checkpoint in the workdir, if any; a run
+    that starts afresh takes its backbone from `config.pretrained` when
+    given (`Built.with_pretrained`)."""
     start = self.checkpointer.latest_step()
     if start is not None:
       abstract = jax.tree.map(
@@ -333,6 +335,12 @@ class _Loop:
       say(f"resumed from the checkpoint at step {start} "
           f"(epoch {start / self.spe:.2f}) in {self.checkpointer.directory}")
       self.stop.mark_saved(start)
+    elif self.built.pretrained:
+      try:
+        self.state = self.built.with_pretrained(self.state)
+      except ValueError as e:  # a file that does not fit the backbone
+        raise ConfigError(str(e)) from e
+      say(f"backbone: pretrained weights from {self.built.pretrained}")
     self.start = int(start or 0)
     # The state of the best evaluation (mean test top-1), in workdir/best.
     self.best = ckpt_lib.BestCheckpoint(self.setup.workdir / "best",

@@ -21,7 +21,6 @@ import tensorflow as tf
 from nc_jax import data
 from nc_jax import sharding
 from nc_jax.data import device as device_lib
-from nc_jax.data import sources
 from nc_jax.data import in_memory
 
 MESH = sharding.make_mesh(jax.devices()[:1])

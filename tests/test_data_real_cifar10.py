@@ -83,7 +83,6 @@ def _reference_subset(classes, ratio):
 
 
 def test_cifar10_r001_subset_is_the_references(cifar10_dir):
-  from nc_jax.data import sources
   from nc_jax.data import in_memory
   arrays = in_memory.load_train_lt("cifar10", str(cifar10_dir), 0.01, "exp", 0)
   rec = arrays.subset_record()

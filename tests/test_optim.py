@@ -167,3 +167,35 @@ def test_schedule_errors_name_the_fix():
   c.optim.schedule = "linear"
   with pytest.raises(ValueError, match="Unknown optim.schedule 'linear'"):
     optim.make_optimizer(c.optim, SPE, 200 * SPE)
+
+
+def test_backbone_lr_scale_is_a_pytorch_parameter_group():
+  """SGD (Nesterov momentum, coupled weight decay) with the backbone's
+  updates scaled by 0.1 equals two numpy SGDs, the backbone's at a tenth of
+  the head's rate (PyTorch's param groups, as the CUB recipe uses)."""
+  config = cifar_lt.get_config("cub200_ce").optim
+  lr, mom, wd, scale = 0.01, 0.9, 5e-4, 0.1
+  tx, _ = optim.make_optimizer(config, steps_per_epoch=10, total_steps=100)
+  rng = np.random.default_rng(0)
+  params = {"backbone": {"w": rng.normal(size=(3, 2)).astype(np.float32)},
+            "head": {"w": rng.normal(size=(2,)).astype(np.float32)}}
+  state, p = tx.init(params), jax.tree.map(jnp.asarray, params)
+  ref = {k: dict(v) for k, v in params.items()}
+  buf = jax.tree.map(np.zeros_like, params)
+  for _ in range(4):
+    grads = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(
+        np.float32), params)
+    updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+    for group, rate in (("backbone", lr * scale), ("head", lr)):
+      g = grads[group]["w"] + wd * ref[group]["w"]
+      buf[group]["w"] = mom * buf[group]["w"] + g
+      ref[group]["w"] = ref[group]["w"] - rate * (g + mom * buf[group]["w"])
+  for group in ("backbone", "head"):
+    np.testing.assert_allclose(p[group]["w"], ref[group]["w"], rtol=1e-5,
+                               atol=1e-7)
+  assert (config.nesterov, config.backbone_lr_scale) == (True, scale)
+  bad = cifar_lt.get_config("cub200_ce").optim
+  bad.backbone_lr_scale = 0.0
+  with pytest.raises(ValueError, match="backbone_lr_scale must be"):
+    optim.check_config(bad)

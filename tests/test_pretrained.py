@@ -297,3 +297,34 @@ def test_missing_torch(tmp_path, monkeypatch):
   with pytest.raises(PretrainedError, match=r"needs torch: pip install torch"
                      r".*nc_jax\[pretrained-torch\]"):
     pretrained.read_state_dict(path)
+
+
+@pytest.mark.slow
+def test_every_replica_starts_from_the_file(case):
+  """`Built.with_pretrained` with num_seeds=2: both replicas' backbones and
+  BatchNorm statistics are the file's; their heads keep their own draws."""
+  from experiments.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+  from nc_jax import builder, sharding  # pylint: disable=g-import-not-at-top
+  path = case["tmp"] / "resnet50.safetensors"
+  config = cifar_lt.get_config("cub200_ce,steps=2")
+  config.unlock()
+  config.update(dict(pretrained=str(path), num_seeds=2, batch_size=2))
+  config.optim.decay_epochs = ()
+  config.lock()
+  built = builder.build(config, num_classes=200, image_shape=(64, 64, 3),
+                        mean=(0.5,) * 3, std=(0.25,) * 3,
+                        class_counts=[1] * 200, steps_per_epoch=1,
+                        total_steps=2, mesh=sharding.make_mesh())
+  fresh = built.init_state()
+  state = built.with_pretrained(fresh)
+  want = case["arrays"]["layer2.1.conv2.weight"].transpose(
+      2, 3, 1, 0)
+  got = np.asarray(state.params["backbone"]["layer2_1"]["conv2"]["kernel"])
+  np.testing.assert_array_equal(got, np.stack([want, want]))
+  var = np.asarray(
+      state.model_state["batch_stats"]["backbone"]["bn1"]["var"])
+  np.testing.assert_array_equal(
+      var, np.stack([case["arrays"]["bn1.running_var"]] * 2))
+  head = jax.tree.leaves(state.params["head"])[0]
+  np.testing.assert_array_equal(head, jax.tree.leaves(fresh.params["head"])[0])
+  assert not np.array_equal(head[0], head[1])

@@ -21,7 +21,6 @@ from nc_jax import checkpoint as ckpt_lib
 from nc_jax import etf as etf_lib
 from nc_jax import runs
 from nc_jax import train
-from nc_jax.data import sources
 from nc_jax.data import in_memory
 from tests.test_readme import readme_snippet
 from tests.test_train import tiny_config

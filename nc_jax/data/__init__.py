@@ -50,16 +50,17 @@ def check_data(name: str, data_dir, *, train_splits=None) -> None:
   Raises:
     ValueError, FileNotFoundError: naming the problem and the fix.
   """
-  from nc_jax.data import in_memory, sources  # pylint: disable=g-import-not-at-top
-  source = sources.check_data_dir(name, data_dir)
-  sources.check_source(source, in_memory.splits_key(train_splits))
+  from nc_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  datasets.get(name).check_data(
+      None if data_dir is None else str(data_dir),
+      {"train_splits": train_splits})
 
 
 def check_config(config) -> None:
   """The data part of a run's config, checked before any work: the train
   input's options (`pipeline.check_options`, the dataset's own included),
-  and the data itself (`check_data`: for an image-folder tree or a CIFAR release,
-  its listing and a decoded sample).
+  and the data itself (`check_data`: for an image-folder tree or a CIFAR
+  release, its listing and a decoded sample).
 
   Raises:
     ValueError, FileNotFoundError: naming the problem and the fix.

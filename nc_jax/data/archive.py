@@ -31,17 +31,24 @@ def cache_root() -> pathlib.Path:
   return cache.cache_root()
 
 
+def _is_tree(path: pathlib.Path) -> bool:
+  """An image-folder tree (`train/`) or a list-indexed release whose lists
+  sit at its top (`images.txt`: CUB-200-2011's layout)."""
+  return (path / "train").is_dir() or (path / "images.txt").is_file()
+
+
 def _find_tree(root: pathlib.Path) -> pathlib.Path:
-  """The folder holding `train/` and `test/`, or a CIFAR release: `root`
-  or one level below."""
-  if (root / "train").is_dir() or cifar_release.find(str(root)):
+  """The folder holding `train/` and `test/`, a CIFAR release, or a
+  CUB-200-2011 release: `root` or one level below."""
+  if _is_tree(root) or cifar_release.find(str(root)):
     return root
-  subs = [p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir()]
+  subs = [p for p in root.iterdir() if p.is_dir() and _is_tree(p)]
   if len(subs) == 1:
     return subs[0]
   raise FileNotFoundError(
       f"The archive extracted to {root} holds no train/ and test/ class "
-      "folders (at its top or one level down) and no CIFAR python release.")
+      "folders (at its top or one level down), no CIFAR python release and "
+      "no CUB-200-2011 release.")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:

@@ -22,6 +22,8 @@ import tensorflow as tf
 SIZE, RESIZE = 224, 256
 # The reference's ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4).
 COLOR_JITTER = 0.4
+# RandomResizedCrop's default scale=(0.08, 1).
+MIN_AREA = 0.08
 
 
 def _decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -127,13 +129,16 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor,
 
 
 def train_preprocess(encoded: tf.Tensor, seed: tf.Tensor,
-                     jitter: float = COLOR_JITTER) -> tf.Tensor:
+                     jitter: float = COLOR_JITTER,
+                     min_area: float = MIN_AREA) -> tf.Tensor:
   """Random resized crop, flip and colour jitter of one encoded image.
 
   Args:
     encoded: scalar tf.string (JPEG or PNG).
     seed: `(2,)` int stateless seed.
     jitter: colour-jitter strength (`color_jitter`); 0 for none.
+    min_area: the smallest crop, as a fraction of the image's area
+      (torchvision's RandomResizedCrop `scale=(min_area, 1)`).
 
   Returns:
     `(224, 224, 3)` uint8.
@@ -143,7 +148,7 @@ def train_preprocess(encoded: tf.Tensor, seed: tf.Tensor,
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
       seed=seeds[0], min_object_covered=0.0, aspect_ratio_range=(0.75, 4 / 3),
-      area_range=(0.08, 1.0), max_attempts=10,
+      area_range=(min_area, 1.0), max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   image = tf.slice(image, begin, size)
   image = tf.image.resize(image, (SIZE, SIZE), method="bilinear",

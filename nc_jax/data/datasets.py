@@ -106,6 +106,11 @@ REGISTRY: dict[str, DatasetInfo] = {
         "imagenet_lt", 1000, (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD,
         "imagenet", {}, tfds_name="imagenet2012", test_split="validation",
         module="nc_jax.data.imagenet_lt", streamed=True),
+    # Groups only for the long-tailed variant (imb_factor < 1).
+    "cub200": DatasetInfo(
+        "cub200", 200, (224, 224, 3), IMAGENET_MEAN, IMAGENET_STD,
+        "imagenet", {}, tfds_name="caltech_birds2011",
+        module="nc_jax.data.cub", streamed=True),
 }
 
 
@@ -224,6 +229,26 @@ class Dataset(abc.ABC):
                     options: Mapping[str, Any]) -> None:
     """Raises ValueError for options this dataset cannot honour, naming the
     config field that fixes it (cheap: reads no data)."""
+
+  def check_data(self, data_dir: str | None,
+                 options: Mapping[str, Any]) -> None:
+    """Cheap checks of what `data_dir` holds, before any work (the default:
+    `sources.check_data_dir` and, for an image folder or a CIFAR release,
+    `sources.check_source`'s listing and decoded sample).
+
+    Raises:
+      ValueError, FileNotFoundError: naming the problem and the fix.
+    """
+    from nc_jax.data import in_memory, sources  # pylint: disable=g-import-not-at-top
+    source = sources.check_data_dir(self.info.name, data_dir)
+    sources.check_source(source, in_memory.splits_key(
+        options.get("train_splits")))
+
+  def class_names(self, data_dir: str | None) -> tuple[str, ...]:
+    """The K class names, in label order."""
+    from nc_jax.data import sources  # pylint: disable=g-import-not-at-top
+    return sources.class_names(sources.check_data_dir(self.info.name,
+                                                      data_dir))
 
   @abc.abstractmethod
   def train_input(self, *, data_dir: str | None, imb_factor: float,

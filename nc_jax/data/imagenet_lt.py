@@ -1,8 +1,8 @@
 """ImageNet-LT: the standard train list over ImageNet, streamed from disk.
 
 The dataset module of registry entry "imagenet_lt" (`make(info)` returns
-its `datasets.Dataset`); its own config fields are `imagenet_lt_train_list`
-and `color_jitter`.
+its `datasets.Dataset`); its own config fields are `imagenet_lt_train_list`,
+`color_jitter` and `crop_min_area`.
 
 The subset is given by the standard split file (ImageNet_LT_train.txt,
 115,846 lines "train/n01440764/n01440764_10026.JPEG 0"); the test set is the
@@ -24,25 +24,26 @@ The subset is given by the standard split file (ImageNet_LT_train.txt,
 Augmentation: `augment.py` (the reference's torchvision recipe: random
 resized crop, flip, colour jitter; resize and centre crop for evaluation).
 
-Class groups (`long_tail.class_groupings`): the reference relabels the classes by
-descending train count and reports head / medium / tail accuracy over the
-rank ranges [0, 390) / [390, 835) / [835, 1000) (`config/imagenet/*.yaml`,
-`train.py`); the literature's many / medium / few split is by count (> 100,
-20-100, < 20 images). Both are expressed here as sets of ORIGINAL labels;
-the data is never relabelled. For the metrics this is the same thing: the
-reference's per-class accuracy of rank r is that of the original class
-`order[r]`, and a group's accuracy is the mean over its classes. For training
-the relabelling only decides which column of the fixed ETF each class gets,
-and the ETF is a random rotation of a column-symmetric simplex, so another
-assignment is just another draw of the same random classifier (a learnable
-linear classifier is initialised i.i.d. per class: no effect at all).
+Class groups (`long_tail.class_groupings`): the reference relabels the
+classes by descending train count and reports head / medium / tail accuracy
+over the rank ranges [0, 390) / [390, 835) / [835, 1000)
+(`config/imagenet/*.yaml`, `train.py`); the literature's many / medium / few
+split is by count (> 100, 20-100, < 20 images). Both are expressed here as
+sets of ORIGINAL labels; the data is never relabelled. For the metrics this
+is the same thing: the reference's per-class accuracy of rank r is that of
+the original class `order[r]`, and a group's accuracy is the mean over its
+classes. For training the relabelling only decides which column of the fixed
+ETF each class gets, and the ETF is a random rotation of a column-symmetric
+simplex, so another assignment is just another draw of the same random
+classifier (a learnable linear classifier is initialised i.i.d. per class:
+no effect at all).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping
 
 from absl import logging
 import numpy as np
@@ -50,6 +51,7 @@ import tensorflow as tf
 
 from nc_jax.data import augment
 from nc_jax.data import device as device_lib
+from nc_jax.data import file_stream
 from nc_jax.data import datasets
 from nc_jax.data import long_tail
 from nc_jax.data import sources
@@ -114,7 +116,7 @@ class Stream:
 def _selection(source: sources.Source, train_list: str | None
                ) -> tuple[list[str], np.ndarray]:
   if train_list is None and source.kind == "folder":
-    listed = sources._folder_examples(source, "train")  # pylint: disable=protected-access
+    listed = sources.folder_examples(source, "train")
     if listed is not None:
       logging.info("No ImageNet-LT list: using every image under %s/train.",
                    source.root)
@@ -129,7 +131,8 @@ def make_train_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
                       train_list: str | None, batch_size: int, seed: int,
                       rows: tuple[int, int], block: int = 4096,
                       color_jitter: float = augment.COLOR_JITTER,
-                      sampler: str = "random") -> Stream:
+                      sampler: str = "random",
+                      min_area: float = augment.MIN_AREA) -> Stream:
   """The ImageNet-LT train stream of this process's rows.
 
   Args:
@@ -144,6 +147,7 @@ def make_train_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
       reference's 0.4); 0 turns the jitter off.
     sampler: "random" or "class_balanced" (the shared plan of `device.py`;
       image folders only, since tfds records allow no random access).
+    min_area: the random resized crop's smallest area (`crop_min_area`).
 
   Returns:
     A `Stream`; `iterate_local(start_step)` yields {'image': uint8
@@ -177,7 +181,7 @@ def make_train_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
     # ds: per-example (encoded, label, step, row), in batch order.
     ds = ds.map(lambda img, y, s, r: {
         "image": augment.train_preprocess(img, augment.row_seed(seed, s, r),
-                                          color_jitter),
+                                          color_jitter, min_area),
         "label": tf.cast(y, tf.int32), "step": s},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(r1 - r0, drop_remainder=True).prefetch(2)
@@ -194,23 +198,9 @@ def make_train_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
       yield batch
 
   if source.kind == "folder":
-    paths_t, labels_t = tf.constant(paths), tf.constant(labels)
-    perm_fn = device_lib.host_epoch_order(sampler, seed, labels)
-
-    def epoch_ds(epoch: int, first: int) -> tf.data.Dataset:
-      order = perm_fn(epoch)[:spe * b].reshape(spe, b)[first:, r0:r1]
-      steps = np.arange(epoch * spe + first, (epoch + 1) * spe)
-      j, s, r = (x.reshape(-1) for x in np.broadcast_arrays(
-          order, steps[:, None], np.arange(r0, r1)[None, :]))
-      return tf.data.Dataset.from_tensor_slices((j, s, r)).map(
-          lambda j, s, r: (tf.io.read_file(tf.gather(paths_t, j)),
-                           tf.gather(labels_t, j), s, r))
-
-    def local(start_step: int) -> Iterator[Batch]:
-      epoch, first = divmod(start_step, spe)
-      while True:
-        yield from finish(epoch_ds(epoch, first), epoch * spe + first)
-        epoch, first = epoch + 1, 0
+    local = file_stream.train_batches(
+        paths, labels, read_files=True, batch_size=b, seed=seed, rows=rows,
+        sampler=sampler, color_jitter=color_jitter, min_area=min_area)
     return Stream(info, counts, n, local, groups["by_count"])
 
   names = [os.path.basename(p) for p in paths]
@@ -290,24 +280,7 @@ def make_eval_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
     groups = long_tail.class_groupings(counts)
     info = dataclasses.replace(info, class_groups=groups["by_rank"])
     by_count = groups["by_count"]
-  r0, r1 = rows
-
-  def local() -> Iterator[Batch]:
-    # B - 1 padding rows then drop_remainder: exactly ceil(n / B) batches
-    # without needing n, and the last one padded.
-    pad = tf.data.Dataset.from_tensors(
-        (tf.constant(b""), tf.constant(0, tf.int64), False)).repeat(
-            batch_size - 1)
-    d = ds.map(lambda img, y: (img, y, True)).concatenate(pad)
-    d = d.batch(batch_size, drop_remainder=True).map(
-        lambda img, y, m: (img[r0:r1], y[r0:r1], m[r0:r1])).unbatch()
-    d = d.map(lambda img, y, m: {
-        "image": tf.cond(
-            m, lambda: augment.eval_preprocess(img),
-            lambda: tf.zeros((augment.SIZE, augment.SIZE, 3), tf.uint8)),
-        "label": tf.where(m, tf.cast(y, tf.int32), 0), "mask": m},
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return d.batch(r1 - r0).prefetch(2).as_numpy_iterator()
+  local = file_stream.eval_batches(ds, batch_size=batch_size, rows=rows)
   return Stream(info, counts, n, local, by_count)
 
 
@@ -322,7 +295,7 @@ _GROUPS_NOTE = (
 class ImageNetLT(datasets.Dataset):
   """ImageNet-LT behind `datasets.Dataset`: streamed, its subset a list."""
 
-  options = ("imagenet_lt_train_list", "color_jitter")
+  options = ("imagenet_lt_train_list", "color_jitter", "crop_min_area")
 
   def check_options(self, *, pipeline, imb_factor, options) -> None:
     del imb_factor  # the list is the subset
@@ -335,6 +308,10 @@ class ImageNetLT(datasets.Dataset):
     if jitter is not None and not jitter >= 0:
       raise ValueError(f"color_jitter must be >= 0 (0.4 in the ImageNet-LT "
                        f"recipe; 0 = off), got {jitter}.")
+    area = options.get("crop_min_area")
+    if area is not None and not 0 < area <= 1:
+      raise ValueError(f"crop_min_area must lie in (0, 1] (0.08 in the "
+                       f"ImageNet-LT recipe), got {area}.")
     train_list = options.get("imagenet_lt_train_list")
     if train_list and not os.path.isfile(os.path.expanduser(train_list)):
       raise ValueError(f"imagenet_lt_train_list {train_list} is not a file. "
@@ -350,7 +327,8 @@ class ImageNetLT(datasets.Dataset):
         train_list=options.get("imagenet_lt_train_list"),
         batch_size=batch_size, seed=seed, rows=rows,
         color_jitter=augment.COLOR_JITTER if jitter is None else jitter,
-        sampler=sampler)
+        sampler=sampler,
+        min_area=options.get("crop_min_area") or augment.MIN_AREA)
     by_count = stream.class_groups_by_count
     return datasets.TrainInput(
         stream.info, stream.counts, stream.num_examples, batch_size,

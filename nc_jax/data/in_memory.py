@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import numpy as np

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 PROFILES = ("exp", "step")
+Groups = dict[str, tuple[int, ...]]
 
 
 def check_imb_factor(imb_factor: float) -> float:

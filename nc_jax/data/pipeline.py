@@ -34,7 +34,6 @@ from nc_jax import sharding
 from nc_jax.data import device as device_lib
 from nc_jax.data import long_tail
 from nc_jax.data import datasets
-from nc_jax.data import sources
 
 PIPELINES = ("tfdata", "device")
 SAMPLERS = device_lib.SAMPLERS
@@ -185,7 +184,6 @@ def make_eval_input(name: str, *,
     raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
   rows = local_rows(batch_size, mesh, _process)
   data_dir = os.fspath(data_dir) if data_dir is not None else None
-  sources.check_data_dir(name, data_dir)
   return dataset.eval_input(
       data_dir=data_dir, split=split, batch_size=batch_size, mesh=mesh,
       rows=rows, imb_factor=imb_factor, profile=profile,

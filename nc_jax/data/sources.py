@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Callable, Mapping
+from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -40,7 +40,6 @@ import numpy as np
 from nc_jax.data import cifar_release
 from nc_jax.data import datasets
 from nc_jax.data import folders
-from nc_jax.data import long_tail
 
 # The registry lives in `datasets`; these names stay importable from here.
 CIFAR_MEAN, CIFAR_STD = datasets.CIFAR_MEAN, datasets.CIFAR_STD
@@ -256,7 +255,7 @@ def prepare_tfds(name: str, *,
   return Source("tfds", None, info)
 
 
-def _folder_examples(source: Source, split: str
+def folder_examples(source: Source, split: str
                      ) -> tuple[list[str], np.ndarray]:
   """(absolute paths, labels) of an image-folder split, canonical order."""
   tree = source.tree()
@@ -376,7 +375,7 @@ def encoded_dataset(source: Source, split: str, indices: np.ndarray | None = Non
   tf = _tf()
   split = source.split_name(split)
   if source.kind == "folder":
-    paths, labels = _folder_examples(source, split)
+    paths, labels = folder_examples(source, split)
     if indices is not None:
       idx = np.asarray(indices, np.int64)
       paths, labels = [paths[i] for i in idx], labels[idx]
