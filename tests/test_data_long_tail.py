@@ -109,7 +109,7 @@ def test_groups_by_count_imagenet_rule():
 
 def test_registry():
   assert set(data.REGISTRY) == {"cifar10", "cifar100", "svhn", "stl10",
-                                "imagenet_lt"}
+                                "imagenet_lt", "cub200"}
   c10 = data.dataset_info("cifar10")
   assert c10.num_classes == 10 and c10.image_shape == (32, 32, 3)
   assert c10.mean == (0.4914, 0.4822, 0.4465)

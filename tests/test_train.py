@@ -220,9 +220,14 @@ def test_stop_during_an_evaluation_resumes_with_that_evaluation(
 
 
 def test_finished_run_is_not_overwritten(tiny_image_folder, tmp_path, capsys):
+  """A rerun of a finished run touches nothing; its results.json records
+  the implementations it ran."""
   config = tiny_config(tiny_image_folder, arg="steps=3")
-  train.train_and_evaluate(config, tmp_path)
+  res = train.train_and_evaluate(config, tmp_path)
+  want = impl_lib.resolve_implementations(config).record()
+  assert res["resolved"] == want and "resolved_before" not in res
   before = (tmp_path / "results.json").read_bytes()
+  assert json.loads(before)["resolved"] == want
   again = train.train_and_evaluate(config, tmp_path)
   assert "already holds a finished run" in capsys.readouterr().out
   assert (tmp_path / "results.json").read_bytes() == before
@@ -283,15 +288,6 @@ def test_kernels_are_recorded_and_a_change_on_resume_is_refused(
   for got in (res, json.loads((tmp_path / "results.json").read_text()),
               json.loads((tmp_path / "config.json").read_text())):
     assert {k: got.get(k) for k in record} == record
-
-
-def test_results_record_the_kernels(tiny_image_folder, tmp_path):
-  config = tiny_config(tiny_image_folder, arg="steps=2")
-  res = train.train_and_evaluate(config, tmp_path)
-  want = impl_lib.resolve_implementations(config).record()
-  assert res["resolved"] == want
-  assert "resolved_before" not in res
-  assert json.loads((tmp_path / "results.json").read_text())["resolved"] == want
 
 
 def test_corrupt_checkpoint_stops_and_is_kept(tiny_image_folder, tmp_path,

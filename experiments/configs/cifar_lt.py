@@ -259,61 +259,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seeds_mode = "auto"
 
   # --- variants
-  if "quick" in variants:
-    # About 20 min per run on a 2-core CPU with ResNet-32 on CIFAR-10-LT;
-    # large enough that ETF+DR and CE separate.
-    c.num_epochs = 16.0
-    c.optim.warmup_epochs = 1
-    c.optim.decay_epochs = (12, 14)
-    c.loss.drw_epoch = 12  # DRW starts with the first decay, as at 160/200
-    c.eval_every_epochs = 4.0
-    c.checkpoint_every_epochs = 2.0
-  if "tiny" in variants:  # for tests: seconds, not minutes
-    c.batch_size = 16
-    c.eval_batch_size = 32
-    c.num_epochs = 1.0
-    c.optim.warmup_epochs = 0
-    c.optim.decay_epochs = ()  # a test's few steps end before any decay
-    c.loss.drw_epoch = 0  # one epoch: re-weight from the start
-    c.log_every_steps = 1
-  if "imagenet_lt" in variants or c.dataset == "imagenet_lt":
-    c.dataset = "imagenet_lt"
-    c.backbone = kv.get("backbone", DATASET_BACKBONE["imagenet_lt"])
-    c.pipeline = kv.get("pipeline", "tfdata")
-    c.l2_normalize = False
-    c.batch_size = 1024
-    c.num_epochs = 90.0
-    c.optim.schedule = "cosine"
-    c.optim.warmup_epochs = None
-    c.optim.weight_decay = 5e-4
-    c.mixup_alpha = float(kv.get("mixup", 0.2))
-    c.loss.reg_lam = 0.01
-    c.checkpoint_every_epochs = 1.0
-
-  if "cub200" in variants or c.dataset == "cub200":
-    # fine_grained_presets() gives the recipe and its source.
-    c.dataset = "cub200"
-    c.backbone = kv.get("backbone", DATASET_BACKBONE["cub200"])
-    c.imb_factor = float(kv.get("imb", 1.0))  # < 1: the long-tailed variant
-    c.pipeline = kv.get("pipeline", "tfdata")
-    c.pretrained_required = True
-    c.l2_normalize = False
-    c.loss.reg_lam = 0.01
-    c.batch_size = 48
-    c.eval_batch_size = 96
-    c.num_epochs = 80.0
-    c.optim.lr = 0.01
-    c.optim.nesterov = True
-    c.optim.weight_decay = 5e-4
-    c.optim.warmup_epochs = 0
-    c.optim.decay_epochs = (48,)
-    c.optim.backbone_lr_scale = 0.1
-    c.loss.drw_epoch = 48
-    c.mixup_alpha = float(kv.get("mixup", 0.0))
-    c.color_jitter = 0.0
-    c.crop_min_area = 0.2
-    c.eval_every_epochs = 4.0
-    c.checkpoint_every_epochs = 4.0
+  for name, apply in VARIANT_SETTINGS.items():
+    if name in variants or c.dataset == name:
+      apply(c, kv)
 
   # The training length from the argument wins over the variants' defaults.
   if "epochs" in kv and "steps" in kv:
@@ -326,3 +274,78 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lock()
   return c
 
+
+# --------------------------------------------------------------- variants
+
+
+def _quick(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """About 20 min per run on a 2-core CPU with ResNet-32 on CIFAR-10-LT;
+  large enough that ETF+DR and CE separate."""
+  del kv
+  c.num_epochs = 16.0
+  c.optim.warmup_epochs = 1
+  c.optim.decay_epochs = (12, 14)
+  c.loss.drw_epoch = 12  # DRW starts with the first decay, as at 160/200
+  c.eval_every_epochs = 4.0
+  c.checkpoint_every_epochs = 2.0
+
+
+def _tiny(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """For tests: seconds, not minutes."""
+  del kv
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.num_epochs = 1.0
+  c.optim.warmup_epochs = 0
+  c.optim.decay_epochs = ()  # a test's few steps end before any decay
+  c.loss.drw_epoch = 0  # one epoch: re-weight from the start
+  c.log_every_steps = 1
+
+
+def _imagenet_lt(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """The reference's ImageNet-LT recipe."""
+  c.dataset = "imagenet_lt"
+  c.backbone = kv.get("backbone", DATASET_BACKBONE["imagenet_lt"])
+  c.pipeline = kv.get("pipeline", "tfdata")
+  c.l2_normalize = False
+  c.batch_size = 1024
+  c.num_epochs = 90.0
+  c.optim.schedule = "cosine"
+  c.optim.warmup_epochs = None
+  c.optim.weight_decay = 5e-4
+  c.mixup_alpha = float(kv.get("mixup", 0.2))
+  c.loss.reg_lam = 0.01
+  c.checkpoint_every_epochs = 1.0
+
+
+def _cub200(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """Fine-tuning on CUB-200-2011; `fine_grained_presets` gives the recipe
+  and its source."""
+  c.dataset = "cub200"
+  c.backbone = kv.get("backbone", DATASET_BACKBONE["cub200"])
+  c.imb_factor = float(kv.get("imb", 1.0))  # < 1: the long-tailed variant
+  c.pipeline = kv.get("pipeline", "tfdata")
+  c.pretrained_required = True
+  c.l2_normalize = False
+  c.loss.reg_lam = 0.01
+  c.batch_size = 48
+  c.eval_batch_size = 96
+  c.num_epochs = 80.0
+  c.optim.lr = 0.01
+  c.optim.nesterov = True
+  c.optim.weight_decay = 5e-4
+  c.optim.warmup_epochs = 0
+  c.optim.decay_epochs = (48,)
+  c.optim.backbone_lr_scale = 0.1
+  c.loss.drw_epoch = 48
+  c.mixup_alpha = float(kv.get("mixup", 0.0))
+  c.color_jitter = 0.0
+  c.crop_min_area = 0.2
+  c.eval_every_epochs = 4.0
+  c.checkpoint_every_epochs = 4.0
+
+
+# Applied in this order (a dataset's variant also applies when the dataset
+# is named with dataset=).
+VARIANT_SETTINGS = {"quick": _quick, "tiny": _tiny,
+                    "imagenet_lt": _imagenet_lt, "cub200": _cub200}

@@ -199,7 +199,12 @@ class CUB(datasets.Dataset):
     return read_tfds(found, split)
 
   def class_names(self, data_dir) -> tuple[str, ...]:
-    return self._split(data_dir, "test")[1]
+    kind, found, names = self._source(data_dir)
+    if kind == "release":
+      return names
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tuple(str(n) for n in tfds.builder(
+        "caltech_birds2011", data_dir=found).info.features["label"].names)
 
   def _train_subset(self, data_dir, imb_factor, profile, selection_seed):
     """(the training Split, names, requested counts or None)."""
