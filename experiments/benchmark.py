@@ -82,7 +82,6 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
 
   from nc_jax import builder
   from nc_jax import data as data_lib
-  from nc_jax import implementations as impl_lib
   from nc_jax import sharding
   from nc_jax import steps as steps_lib
   from experiments.configs import cifar_lt
@@ -96,8 +95,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
                      conv_impl=conv_impl, norm_impl=norm_impl,
                      mixup_alpha=float(mixup_alpha)))
   config.lock()
-  impls = impl_lib.resolve_implementations(config,
-                                           device_count=mesh.devices.size)
+  impls = builder.resolve_implementations(config,
+                                          device_count=mesh.devices.size)
   # A CIFAR-10-LT-like profile (r = 0.01) over K classes, at least 1 each.
   counts = [max(1, c) for c in data_lib.long_tail_counts(
       max(50000 // num_classes, 1), 0.01, num_classes=num_classes)]

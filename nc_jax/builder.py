@@ -327,7 +327,8 @@ def build_model(config: ConfigDict, *, num_classes: int,
                 class_counts: Sequence[int] | None, mesh: Mesh,
                 impls: impl_lib.Implementations | None = None,
                 steps_per_epoch: int | None = None,
-                with_features: bool | None = None) -> BuiltModel:
+                with_features: bool | None = None,
+                for_loading: bool = False) -> BuiltModel:
   """The model, its fixed ETF and its compiled eval step; no optimiser.
 
   What a trained run needs to be evaluated or used (`nc_jax.runs`), and the
@@ -346,6 +347,8 @@ def build_model(config: ConfigDict, *, num_classes: int,
     steps_per_epoch: for `build`'s train step; None here.
     with_features: the eval step also returns the features; None follows
       `config.nc_metrics`.
+    for_loading: a trained model (`resolve_implementations`'s): an
+      implementation that cannot run here falls back to one that can.
 
   Raises:
     ValueError: for a config that cannot work (the message names the fix).
@@ -353,7 +356,8 @@ def build_model(config: ConfigDict, *, num_classes: int,
   method = methods_lib.get_method(config.method)
   s = int(config.num_seeds)
   if impls is None:
-    impls = resolve_implementations(config, device_count=mesh.devices.size)
+    impls = resolve_implementations(config, device_count=mesh.devices.size,
+                                    for_loading=for_loading)
   model = create_model(config, method, num_classes=num_classes,
                        impls=impls)
   etf = None

@@ -236,7 +236,7 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> Source:
     built = builder_lib.build_model(
         config, num_classes=info.num_classes, mean=info.mean, std=info.std,
         class_counts=counts, mesh=mesh, with_features=False,
-        impls=builder_lib.resolve_implementations(config, for_loading=True))
+        for_loading=True)
   except ValueError as e:
     raise RunError(f"{wd}: {e}") from None
   weights, record = _restore_weights(
@@ -283,7 +283,7 @@ def _open_file(path: pathlib.Path) -> Source:
         one, num_classes=info.num_classes, mean=info.mean, std=info.std,
         class_counts=meta.get("class_counts"), mesh=mesh,
         with_features=False,
-        impls=builder_lib.resolve_implementations(one, for_loading=True))
+        for_loading=True)
   except ValueError as e:
     raise RunError(f"{path}: {e}") from None
   rep = sharding.replicated_sharding(mesh)

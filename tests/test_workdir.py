@@ -134,11 +134,18 @@ def test_config_json_from_before_etf_rotation_resumes(tmp_path):
   config = tiny_config(str(tmp_path / "data"))
   old = ckpt_lib.config_to_dict(config)
   del old["etf_rotation"]
+  # Fields added later still (fine-tuning): their absence means their
+  # defaults, nested ones included.
+  for name in ("pretrained", "pretrained_required", "crop_min_area"):
+    del old[name]
+  del old["optim"]["backbone_lr_scale"]
   (tmp_path / "checkpoints" / "10").mkdir(parents=True)
   (tmp_path / "config.json").write_text(json.dumps(old))
   ckpt_lib.check_config(tmp_path, config)
   config.etf_rotation = "uniform01"
   with pytest.raises(ValueError, match="etf_rotation: 'gaussian' in the wo"):
     ckpt_lib.check_config(tmp_path, config)
-  from nc_jax import runs
-  assert runs._config_from_dict(old).etf_rotation == "gaussian"  # pylint: disable=protected-access
+  from nc_jax import run_sources
+  loaded = run_sources._config_from_dict(old)  # pylint: disable=protected-access
+  assert loaded.etf_rotation == "gaussian" and loaded.pretrained is None
+  assert loaded.optim.backbone_lr_scale == 1.0
