@@ -95,3 +95,19 @@ def write_image_folder(root: pathlib.Path, *, num_classes: int = 10,
 def tiny_image_folder(tmp_path_factory) -> pathlib.Path:
   """A 10-class image-folder tree: 40 train and 6 test images per class."""
   return write_image_folder(tmp_path_factory.mktemp("tiny_folder"))
+
+
+# The modules that take longest, longest first: with the two xdist workers
+# (setup.cfg), starting them first keeps one worker from finishing alone
+# with a long module at the end. Others keep their order.
+_LONGEST_FIRST = ("test_distributed", "test_train", "test_methods",
+                  "test_cli", "test_xla_defaults", "test_data_cub",
+                  "test_runs", "test_steps")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST
+            else len(_LONGEST_FIRST))
+  items.sort(key=rank)  # stable: the order within a module is kept

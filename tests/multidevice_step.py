@@ -2,8 +2,9 @@
 
 Trains a few steps of the real compiled train step on a mesh of 8 devices
 and on a mesh of 1 device from the same initial state and batches, and
-prints the largest parameter difference as JSON. Also checks that a batch
-that does not divide over the devices is refused.
+prints the largest parameter difference as JSON, one line per method named
+on the command line (one process for all: one start-up). Also checks that
+a batch that does not divide over the devices is refused.
 """
 
 import json
@@ -17,9 +18,8 @@ from nc_jax import sharding
 from tests.tiny_step import tiny_build
 
 
-def main():
+def main(method: str):
   assert jax.device_count() == 8, jax.devices()
-  method = sys.argv[1] if len(sys.argv) > 1 else "etf_dr"
   rng = np.random.default_rng(0)
   batches = [{"image": rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
               "label": rng.integers(0, 10, 16).astype(np.int32)}
@@ -49,9 +49,10 @@ def main():
     refused = None
   except ValueError as err:
     refused = str(err)
-  print(json.dumps({"max_param_diff": diff, "losses_8": l8, "losses_1": l1,
-                    "refused": refused}))
+  print(json.dumps({"method": method, "max_param_diff": diff,
+                    "losses_8": l8, "losses_1": l1, "refused": refused}))
 
 
 if __name__ == "__main__":
-  main()
+  for name in sys.argv[1:] or ["etf_dr"]:
+    main(name)
