@@ -103,10 +103,7 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise PretrainedError(
-        f"Reading the PyTorch file {path} needs torch: pip install torch "
-        "(the CPU build is enough), or pip install 'nc_jax[pretrained-torch]'"
-        "; or give the weights as a .safetensors file.") from e
+    raise _missing_package(path, "torch") from e
   try:
     # weights_only: a state_dict is tensors in dicts; never run a pickle's
     # code from a downloaded file.
@@ -142,10 +139,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise PretrainedError(
-        f"Reading the safetensors file {path} needs the safetensors package:"
-        " pip install safetensors, or pip install "
-        "'nc_jax[pretrained-safetensors]'.") from e
+    raise _missing_package(path, "safetensors") from e
   try:
     return dict(load_file(str(path)))
   except Exception as e:  # safetensors' own error type, or numpy's.
@@ -155,9 +149,32 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
         "tensors?") from e
 
 
-def check_file(path: str | os.PathLike[str]) -> None:
+def _missing_package(path: pathlib.Path, package: str) -> PretrainedError:
+  if package == "torch":
+    return PretrainedError(
+        f"Reading the PyTorch file {path} needs torch: pip install torch "
+        "(the CPU build is enough), or pip install "
+        "'nc_jax[pretrained-torch]'; or give the weights as a .safetensors "
+        "file.")
+  return PretrainedError(
+      f"Reading the safetensors file {path} needs the safetensors package:"
+      " pip install safetensors, or pip install "
+      "'nc_jax[pretrained-safetensors]'.")
+
+
+def _installed(package: str) -> bool:
+  try:
+    return importlib.util.find_spec(package) is not None
+  except (ImportError, ValueError):  # e.g. sys.modules[package] is None
+    return False
+
+
+def check_file(path: str | os.PathLike[str]) -> pathlib.Path:
   """What can be known of a weights file without reading it: it exists,
   its suffix is known and the package that reads it is installed.
+
+  Returns:
+    The path.
 
   Raises:
     PretrainedError: naming the problem and the fix.
@@ -171,16 +188,14 @@ def check_file(path: str | os.PathLike[str]) -> None:
   suffix = path.suffix.lower()
   if suffix not in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
     raise PretrainedError(
-        f"{path}: unknown weights format {suffix!r}; nc_jax reads PyTorch "
-        f"state_dict files ({', '.join(TORCH_SUFFIXES)}) and .safetensors "
-        "files.")
+        f"Unknown pretrained-weights file type {suffix or '(no suffix)'!r} "
+        f"for {path}: expected a PyTorch state_dict "
+        f"({', '.join(TORCH_SUFFIXES)}) or a safetensors file "
+        "(.safetensors). Rename the file if it is one of these.")
   package = "torch" if suffix in TORCH_SUFFIXES else "safetensors"
-  if importlib.util.find_spec(package) is None:
-    extra = ("pretrained-torch" if package == "torch"
-             else "pretrained-safetensors")
-    raise PretrainedError(
-        f"Reading {path} needs the {package} package: pip install "
-        f"{package}, or pip install 'nc_jax[{extra}]'.")
+  if not _installed(package):
+    raise _missing_package(path, package)
+  return path
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -198,21 +213,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     PretrainedError: no such file, an unknown suffix, the reading package
       is not installed, or the file cannot be read as a state_dict.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise PretrainedError(
-        f"No pretrained-weights file at {path} (nc_jax never downloads "
-        "weights). Download the file first and give its path.")
-  suffix = path.suffix.lower()
-  if suffix in TORCH_SUFFIXES:
+  path = check_file(path)
+  if path.suffix.lower() in TORCH_SUFFIXES:
     return _read_torch(path)
-  if suffix in SAFETENSORS_SUFFIXES:
-    return _read_safetensors(path)
-  raise PretrainedError(
-      f"Unknown pretrained-weights file type {suffix or '(no suffix)'!r} for"
-      f" {path}: expected a PyTorch state_dict "
-      f"({', '.join(TORCH_SUFFIXES)}) or a safetensors file (.safetensors). "
-      "Rename the file if it is one of these.")
+  return _read_safetensors(path)
 
 
 def _backbone_scope(model_variables: Mapping[str, Any]) -> tuple[str, ...]:
