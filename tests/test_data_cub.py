@@ -238,19 +238,19 @@ def test_preset_needs_the_weights_and_names_them():
 
 @pytest.mark.slow
 def test_fine_tuning_from_a_converted_file_end_to_end(tmp_path):
-  """The cub200 preset for 3 steps from a random torchvision-layout
+  """The cub200 preset for 2 steps from a random torchvision-layout
   ResNet-50 file: the backbone starts from the file (not from the seed),
   the head and BatchNorm train, results.json has top-1/top-5/per-class."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from experiments.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
   from nc_jax import runs, train  # pylint: disable=g-import-not-at-top
   from tests.test_pretrained import _torchvision_state_dict  # pylint: disable=g-import-not-at-top
-  top = write_release(tmp_path / "data", train_per_class=(1,), test_images=8)
+  top = write_release(tmp_path / "data", train_per_class=(1,), test_images=2)
   weights = {k: v.numpy() for k, v in _torchvision_state_dict(1).items()}
   safetensors.numpy.save_file(weights, str(tmp_path / "resnet50.safetensors"))
-  c = cfg_lib.get_config("cub200_etf_dr,steps=3")
+  c = cfg_lib.get_config("cub200_etf_dr,steps=2")
   c.unlock()
-  c.update(dict(data_dir=str(top), batch_size=4, eval_batch_size=8,
+  c.update(dict(data_dir=str(top), batch_size=2, eval_batch_size=2,
                 pretrained=str(tmp_path / "resnet50.safetensors"),
                 log_every_steps=1, eval_every_epochs=None,
                 checkpoint_every_epochs=None))
@@ -260,7 +260,7 @@ def test_fine_tuning_from_a_converted_file_end_to_end(tmp_path):
   c.optim.backbone_lr_scale = 1e-9
   c.lock()
   res = train.train_and_evaluate(c, tmp_path / "wd")
-  assert res["final"]["num_examples"] == 8
+  assert res["final"]["num_examples"] == 2
   assert {"top1", "top5", "per_class"} <= set(res["final"])
   assert len(res["final"]["per_class"]) == K and res["train_counts"] == [1] * K
   conf = json.loads((tmp_path / "wd" / "config.json").read_text())

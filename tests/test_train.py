@@ -178,19 +178,34 @@ def test_kill_and_resume_equals_uninterrupted(tiny_image_folder, tmp_path,
   assert best[0] == best[1]
 
 
-def test_kill_and_resume_with_several_seeds(tiny_image_folder, tmp_path,
-                                            monkeypatch):
+def test_replicas_are_independent_and_resume_exactly(tiny_image_folder,
+                                                     tmp_path, monkeypatch):
+  """S replicas in one program: replica 0 reproduces the single-seed run,
+  each replica has its own draws, the aggregates are their mean and std;
+  and a run of S replicas killed after a checkpoint resumes to the same
+  numbers."""
   kw = dict(checkpoint_every_steps=3, checkpoint_every_epochs=None,
-            eval_every_steps=4, eval_every_epochs=None, num_seeds=2)
-  config = tiny_config(tiny_image_folder, arg="steps=8", **kw)
-  full = train.train_and_evaluate(config, tmp_path / "full")
+            eval_every_steps=4, eval_every_epochs=None)
+  single = train.train_and_evaluate(
+      tiny_config(tiny_image_folder, arg="steps=8", **kw), tmp_path / "one")
+  config = tiny_config(tiny_image_folder, arg="steps=8", num_seeds=3, **kw)
+  multi = train.train_and_evaluate(config, tmp_path / "three")
+  assert multi["num_seeds"] == 3 and len(multi["per_seed"]) == 3
+  r0 = multi["per_seed"][0]["final"]
+  np.testing.assert_allclose(r0["loss"], single["final"]["loss"], rtol=1e-3)
+  losses = [p["final"]["loss"] for p in multi["per_seed"]]
+  assert len(set(np.round(losses, 6))) == 3  # own init, ETF and mixup draws
+  np.testing.assert_allclose(multi["final"]["loss"], np.mean(losses), rtol=1e-6)
+  np.testing.assert_allclose(multi["final_std"]["loss"], np.std(losses),
+                             rtol=1e-6)
+  assert len(multi["final"]["per_class"]) == 10
   with monkeypatch.context() as m:
     _crash_after(m, 5)  # checkpoint 3 exists, 6 does not
     with pytest.raises(_Crash):
       train.train_and_evaluate(config, tmp_path / "resumed")
   resumed = train.train_and_evaluate(config, tmp_path / "resumed")
   for block in ("final", "best", "final_std", "per_seed", "history"):
-    assert resumed[block] == full[block], block
+    assert resumed[block] == multi[block], block
 
 
 def test_stop_during_an_evaluation_resumes_with_that_evaluation(
@@ -423,21 +438,3 @@ def test_presets_are_the_reference_configs():
   c = cfg_lib.get_config("imagenet_lt_etf_dr")
   assert (c.batch_size, c.optim.schedule, c.loss.reg_lam) == (1024, "cosine", 0.01)
   assert not c.l2_normalize
-
-
-def test_num_seeds_trains_independent_replicas(tiny_image_folder, tmp_path):
-  """S replicas in one program: replica 0 reproduces the single-seed run."""
-  single = train.train_and_evaluate(
-      tiny_config(tiny_image_folder, arg="steps=4"), tmp_path / "one")
-  multi = train.train_and_evaluate(
-      tiny_config(tiny_image_folder, arg="steps=4", num_seeds=3),
-      tmp_path / "three")
-  assert multi["num_seeds"] == 3 and len(multi["per_seed"]) == 3
-  r0 = multi["per_seed"][0]["final"]
-  np.testing.assert_allclose(r0["loss"], single["final"]["loss"], rtol=1e-3)
-  losses = [p["final"]["loss"] for p in multi["per_seed"]]
-  assert len(set(np.round(losses, 6))) == 3  # own init, ETF and mixup draws
-  np.testing.assert_allclose(multi["final"]["loss"], np.mean(losses), rtol=1e-6)
-  np.testing.assert_allclose(multi["final_std"]["loss"], np.std(losses),
-                             rtol=1e-6)
-  assert len(multi["final"]["per_class"]) == 10
