@@ -122,12 +122,18 @@ def check_config(config: ConfigDict, *,
                      f"{config.mixup_alpha}.")
   if method.check is not None:
     method.check(config, total_epochs)
-  _check_pretrained(config)
   return method
 
 
-def _check_pretrained(config: ConfigDict) -> None:
-  """The pretrained-weights file, cheaply (it is read at step 0)."""
+def check_pretrained(config: ConfigDict) -> None:
+  """The pretrained-weights file, cheaply. For a run that starts afresh
+  only: it is read at step 0, and a resume restores its checkpoint instead
+  (so a resume on a machine without the file works).
+
+  Raises:
+    ValueError: no file where the config requires one, or a file that
+      does not exist, has an unknown suffix or needs a missing package.
+  """
   path = config.get("pretrained")
   if not path:
     if config.get("pretrained_required"):
@@ -211,15 +217,18 @@ class Built(BuiltModel):
     from nc_jax import pretrained  # pylint: disable=g-import-not-at-top
     s = self.num_replicas
     variables = {"params": state.params, **state.model_state}
-    host = jax.device_get(variables)
+    # Replicated arrays: every process reads its own copy and builds the
+    # same new ones (also where an array spans processes).
+    host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                        variables)
     one = host if s == 1 else jax.tree.map(lambda a: a[0], host)
     loaded = pretrained.load_backbone_variables(self.pretrained,
                                                 model_variables=one)
 
     def put(new, old):  # one replica's array, broadcast over the S
-      return jax.device_put(
-          np.broadcast_to(np.asarray(new, old.dtype), old.shape),
-          old.sharding)
+      full = np.broadcast_to(np.asarray(new, old.dtype), old.shape)
+      return jax.make_array_from_callback(old.shape, old.sharding,
+                                          lambda index: full[index])
     out = {c: dict(v) for c, v in variables.items()}
     for collection, tree in loaded.items():
       if "backbone" in tree:

@@ -50,7 +50,7 @@ RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir", "conv_impl",
                                "preemption_grace_seconds",
                                # Read at step 0 only; a resume restores the
                                # weights from the checkpoint.
-                               "pretrained"})
+                               "pretrained", "pretrained_required"})
 # Config fields added after runs were written, and what a config.json
 # without them ran with: such a workdir resumes and loads unchanged.
 # Flat names ("optim.x" for a nested field).

@@ -141,6 +141,9 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
     if "://" not in str(workdir):
       workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
                            "use the workdir")
+    # A resume restores its checkpoint: only a fresh run needs the file.
+    if not ckpt_lib.has_checkpoint(workdir):
+      builder_lib.check_pretrained(config)
   except (ValueError, workdir_lib.WorkdirLocked) as e:
     raise ConfigError(str(e)) from e
   mesh = sharding.make_mesh()

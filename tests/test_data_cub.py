@@ -31,8 +31,9 @@ def write_release(root: pathlib.Path, *, train_per_class=(2,),
                   test_images: int = 200, seed: int = 0) -> pathlib.Path:
   """A CUB_200_2011/ folder in the official layout with small JPEGs of
   varied sizes: `train_per_class` images of class c (cycled), and
-  `test_images` test images over the classes in turn. Ids are assigned
-  in path order, as the release's; the split interleaves."""
+  `test_images` test images over the classes in turn. As in the real
+  release, ids are not in path order (they are shuffled here); the split
+  interleaves."""
   rng = np.random.default_rng(seed)
   top = root / cub.FOLDER
   rows = []  # (relative path, class 1..K, is_train)
@@ -45,6 +46,7 @@ def write_release(root: pathlib.Path, *, train_per_class=(2,),
       rows.append((f"{folder}/Bird_{c + 1:03d}_{i:04d}.jpg", c + 1,
                    int(i < n_train)))
   rows.sort()
+  rows = [rows[j] for j in rng.permutation(len(rows))]  # ids != path order
   for rel, c, _ in rows:
     path = top / "images" / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,9 +71,13 @@ def take(it, n):
   return [jax.tree.map(np.asarray, b) for b in itertools.islice(it, n)]
 
 
-def test_read_release_in_the_official_order(release):
+def test_read_release_in_path_order(release):
+  """The canonical order is the path under images/, not images.txt's ids
+  (which the fixture shuffles, as the real release's are not in path
+  order): the order tfds's file names give too."""
   splits, names = cub.read_release(str(release))
   train, test = splits["train"], splits["test"]
+  assert list(train.ids) == sorted(train.ids)
   assert train.labels.size == 2 * K and test.labels.size == K
   assert np.bincount(train.labels, minlength=K).tolist() == [2] * K
   assert train.read_files and train.ids[:2] == (
@@ -182,6 +188,8 @@ def test_tfds_route_orders_by_file_name_and_streams_from_memory():
   rng = np.random.default_rng(1)
   names = [f"{c + 1:03d}.Bird_{c + 1:03d}/Bird_{c + 1:03d}_{i:04d}.jpg"
            for c in range(K) for i in range(2)]
+  # tfds stores the archive's path of each image.
+  stored = [f"CUB_200_2011/images/{n}" for n in names]
   labels = np.repeat(np.arange(K), 2)
   jpegs = [tf.io.encode_jpeg(rng.integers(0, 256, (20, 24, 3), np.uint8)
                              ).numpy() for _ in names]
@@ -191,7 +199,7 @@ def test_tfds_route_orders_by_file_name_and_streams_from_memory():
     del self, split, decoders, read_config, kwargs
     return tf.data.Dataset.from_tensor_slices({
         "image": [jpegs[j] for j in order],
-        "image/filename": [names[j] for j in order],
+        "image/filename": [stored[j] for j in order],
         "label": labels[order]})
 
   with tfds.testing.mock_data(as_dataset_fn=as_dataset):
@@ -199,6 +207,7 @@ def test_tfds_route_orders_by_file_name_and_streams_from_memory():
     ti = data.make_train_input("cub200", data_dir=None, imb_factor=1.0,
                                batch_size=8, seed=0, mesh=MESH)
     batches = take(ti.iterate(0), 2)
+  # The release's ids (the path under images/), in the release's order.
   assert list(split.ids) == names and not split.read_files
   assert split.items == tuple(jpegs) and len(class_names) == K
   assert ti.counts == [2] * K and batches[0]["image"].shape == (8, 224, 224,
@@ -226,12 +235,13 @@ def test_preset_needs_the_weights_and_names_them():
   assert (config.backbone, config.batch_size, config.optim.lr,
           config.optim.backbone_lr_scale, config.optim.nesterov) == (
               "resnet50_standard", 48, 0.01, 0.1, True)
+  builder.check_config(config)  # the numbers; the file is checked apart
   with pytest.raises(ValueError, match=r"--config.pretrained="):
-    builder.check_config(config)
+    builder.check_pretrained(config)
   config.unlock()
   config.pretrained = "/nonexistent/resnet50.pth"
   with pytest.raises(ValueError, match="No pretrained-weights file"):
-    builder.check_config(config)
+    builder.check_pretrained(config)
   assert "cub200_etf_dr" not in cfg_lib.presets()
   assert set(cfg_lib.fine_grained_presets()) == {"cub200_ce", "cub200_etf_dr"}
 

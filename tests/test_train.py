@@ -438,3 +438,24 @@ def test_presets_are_the_reference_configs():
   c = cfg_lib.get_config("imagenet_lt_etf_dr")
   assert (c.batch_size, c.optim.schedule, c.loss.reg_lam) == (1024, "cosine", 0.01)
   assert not c.l2_normalize
+
+
+def test_a_resume_needs_no_pretrained_file(tiny_image_folder, tmp_path,
+                                           monkeypatch):
+  """The pretrained file is read at step 0 only: a fresh run without it is
+  refused before any work, a resume where it is gone goes on."""
+  kw = dict(checkpoint_every_steps=2, checkpoint_every_epochs=None)
+  with pytest.raises(train.ConfigError, match=r"--config.pretrained="):
+    train.train_and_evaluate(tiny_config(
+        tiny_image_folder, arg="steps=4", pretrained_required=True, **kw),
+        tmp_path)
+  assert not (tmp_path / "config.json").exists()
+  config = tiny_config(tiny_image_folder, arg="steps=4", **kw)
+  with monkeypatch.context() as m:
+    _crash_after(m, 3)  # the checkpoint at step 2 exists
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, tmp_path)
+  gone = tiny_config(tiny_image_folder, arg="steps=4", **kw,
+                     pretrained="/gone/resnet50.pth", pretrained_required=True)
+  res = train.train_and_evaluate(gone, tmp_path)
+  assert res["provenance"]["resumes"] == 1 and res["final"]["top1"] >= 0

@@ -9,12 +9,16 @@ The dataset module of registry entry "cub200" (`make(info)` returns its
   ("<id> <class 1..200>"), `train_test_split.txt` ("<id> <1 train, 0
   test>") and `classes.txt` ("<class> <name>"). `data_dir` may name the
   `CUB_200_2011/` folder, its parent, or the archive. Images are read from
-  disk batch by batch; the canonical order is `images.txt`'s (image id).
+  disk batch by batch.
 - tfds `caltech_birds2011` (a tfds data directory holding it, or unset:
   tfds's default one, downloaded there). tfrecords allow no random access,
   so each split's encoded images are read into host memory once (the train
-  split is about 5,994 JPEGs, a few hundred MB); the canonical order is by
-  the `image/filename` feature, which is `images.txt`'s order.
+  split is about 5,994 JPEGs, a few hundred MB).
+
+Both sources give the images in one canonical order, by their path under
+`images/` (class folder, then file name; tfds's `image/filename` is read as
+that path), so the long-tailed subset and every batch are the same whichever
+source a run reads, and a run may resume from the other one.
 
 Images vary in size, so they stream as ImageNet-LT's do (`file_stream.py`):
 random resized crop (`crop_min_area`) and flip for training, resize to 256
@@ -113,7 +117,9 @@ def read_release(root: str, *, check_files: bool = True
       raise ValueError(
           f"{os.path.join(root, name)} does not cover the ids of images.txt "
           f"(e.g. missing {missing}): a damaged release; extract it again.")
-  ids = sorted(images)
+  # Path order (class folder, then file name): the order both sources share
+  # (tfds keeps no image id).
+  ids = sorted(images, key=lambda i: images[i])
   y = np.asarray([int(labels[i]) - 1 for i in ids], np.int64)
   if y.min() < 0 or y.max() >= 200:
     raise ValueError(f"{os.path.join(root, 'image_class_labels.txt')} has "
@@ -136,13 +142,18 @@ def read_release(root: str, *, check_files: bool = True
   return out, names
 
 
+def _relative(name: str) -> str:
+  """A tfds file name as the path under `images/` (the release's ids)."""
+  return name.split("images/", 1)[-1] if "images/" in name else name
+
+
 def read_tfds(data_dir: str | None, split: str) -> tuple[Split, tuple]:
   """A split of tfds `caltech_birds2011` in memory, ordered by file name."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder("caltech_birds2011", data_dir=data_dir)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  rows = sorted((ex["image/filename"].decode(), ex["image"],
+  rows = sorted((_relative(ex["image/filename"].decode()), ex["image"],
                  int(ex["label"])) for ex in tfds.as_numpy(ds))
   names = tuple(str(n) for n in builder.info.features["label"].names)
   return Split(tuple(r[1] for r in rows),
@@ -188,6 +199,14 @@ class CUB(datasets.Dataset):
       splits, names = read_release(release, check_files=check_files)
       return "release", splits, names
     if os.path.isdir(os.path.join(root, "caltech_birds2011")):
+      if check_files:
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        if not tfds.builder("caltech_birds2011", data_dir=root).is_prepared():
+          raise ValueError(
+              f"{root}/caltech_birds2011/ holds no prepared copy of the "
+              "version this tfds reads. Prepare it there (tfds build "
+              f"caltech_birds2011 --data_dir={root}), or pass the release. "
+              + _FORMS)
       return "tfds", root, None
     raise ValueError(f"data_dir {root} holds neither the CUB-200-2011 "
                      f"release nor tfds's caltech_birds2011. {_FORMS}")
