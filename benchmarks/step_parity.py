@@ -117,7 +117,8 @@ def jax_variables(state) -> dict:
       {"params": state.params, **state.model_state}))
 
 
-def to_torch_layout(name: str, value: np.ndarray) -> np.ndarray:
+def to_torch_layout(value: np.ndarray) -> np.ndarray:
+  """nc_jax's layout of a weight -> PyTorch's (a view)."""
   if value.ndim == 4:  # HWIO -> OIHW
     return value.transpose(3, 2, 0, 1)
   if value.ndim == 2:  # (d, K) -> Linear's (K, d)
@@ -133,12 +134,12 @@ def load_into_torch(torch, modules: dict, variables: dict) -> None:
         continue
       full = f"{prefix}{key}"
       coll, path, leaf = torch_names(full)
-      value = to_torch_layout(full, _leaf(variables[coll], path, leaf))
+      value = to_torch_layout(_leaf(variables[coll], path, leaf))
       if tuple(value.shape) != tuple(tensor.shape):
         raise SystemExit(f"shape mismatch at {full}: nc_jax "
                          f"{value.shape}, torch {tuple(tensor.shape)}")
       with torch.no_grad():
-        tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        tensor.copy_(torch.from_numpy(np.array(value)))  # a writable copy
 
 
 def load_momentum(torch, optimizer, torch_modules: dict, state) -> None:
@@ -152,9 +153,9 @@ def load_momentum(torch, optimizer, torch_modules: dict, state) -> None:
       if not p.requires_grad:
         continue
       _, path, leaf = torch_names(f"{prefix}{key}")
-      value = to_torch_layout(key, _leaf(trace, path, leaf))
+      value = to_torch_layout(_leaf(trace, path, leaf))
       optimizer.state[p]["momentum_buffer"] = torch.from_numpy(
-          np.ascontiguousarray(value)).clone()
+          np.array(value))
 
 
 def compare(torch_modules: dict, variables: dict) -> dict:
@@ -176,7 +177,7 @@ def compare(torch_modules: dict, variables: dict) -> dict:
         kind = "weights"
       else:
         continue
-      ours = to_torch_layout(full, _leaf(variables[coll], path, leaf))
+      ours = to_torch_layout(_leaf(variables[coll], path, leaf))
       theirs = tensor.detach().numpy().astype(np.float64)
       num[kind] += float(np.sum((ours - theirs) ** 2))
       den[kind] += float(np.sum(theirs ** 2))
