@@ -100,6 +100,23 @@ def import_reference(path: pathlib.Path):
   return ref_train, resnet_cifar, config
 
 
+def pad4(images: np.ndarray) -> np.ndarray:
+  """[N, 32, 32, C] -> [N, 40, 40, C], zero padding of 4 (their recipe)."""
+  return np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+
+
+def crop_flip(padded: np.ndarray, idx: np.ndarray, dy: np.ndarray,
+              dx: np.ndarray, flip: np.ndarray) -> np.ndarray:
+  """32x32 crops of `padded[idx]` at offsets (dy, dx), mirrored where `flip`.
+
+  `idx`, `dy`, `dx` and `flip` are aligned, [B] each; returns [B, 32, 32, C].
+  The draws are the caller's, so each script keeps its own random order.
+  """
+  crops = np.stack([padded[j, y:y + 32, x:x + 32]
+                    for j, y, x in zip(idx, dy, dx)])
+  return np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
+
+
 class EpochLoader:
   """One epoch of augmented batches, fixed by (seed, epoch).
 
@@ -124,12 +141,10 @@ class EpochLoader:
     dy = self._rng.randint(0, 9, n)
     dx = self._rng.randint(0, 9, n)
     flip = self._rng.rand(n) < 0.5
-    padded = np.pad(self._images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    padded = pad4(self._images)
     for i in range(0, n, b):
       idx = order[i:i + b]
-      crops = np.stack([padded[j, dy[j]:dy[j] + 32, dx[j]:dx[j] + 32]
-                        for j in idx])
-      crops = np.where(flip[idx, None, None, None], crops[:, :, ::-1], crops)
+      crops = crop_flip(padded, idx, dy[idx], dx[idx], flip[idx])
       yield (to_tensor(self._torch, crops),
              self._torch.as_tensor(self._labels[idx].astype(np.int64)))
 

@@ -230,12 +230,9 @@ def make_batches(images, labels, steps: int, seed: int):
     raise SystemExit(f"--steps {steps} needs {n} images; the subset has "
                      f"{len(labels)}.")
   idx = rng.permutation(len(labels))[:n]
-  padded = np.pad(images[idx], ((0, 0), (4, 4), (4, 4), (0, 0)))
   dy, dx = rng.randint(0, 9, n), rng.randint(0, 9, n)
   flip = rng.rand(n) < 0.5
-  crops = np.stack([padded[i, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
-                    for i in range(n)])
-  crops = np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
+  crops = rr.crop_flip(rr.pad4(images), idx, dy, dx, flip)
   return [(crops[s * BATCH:(s + 1) * BATCH],
            labels[idx][s * BATCH:(s + 1) * BATCH].astype(np.int32))
           for s in range(steps)]

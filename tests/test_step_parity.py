@@ -100,3 +100,17 @@ def test_torch_names_map_their_keys():
   assert step_parity.torch_names("BN_H.weight") == (
       "params", ("head", "bn"), "scale")
   assert step_parity.torch_names("fc.bias") == ("frozen", ("head",), "bias")
+
+
+def test_crop_flip_is_a_pad4_window_mirrored_on_width():
+  rr = step_parity.rr
+  images = np.random.default_rng(0).integers(
+      1, 256, (3, 32, 32, 3)).astype(np.uint8)
+  padded = rr.pad4(images)
+  crops = rr.crop_flip(padded, np.array([2, 0, 1]), np.array([4, 0, 8]),
+                       np.array([4, 0, 3]), np.array([False, False, True]))
+  np.testing.assert_array_equal(crops[0], images[2])
+  assert not crops[1, :4].any() and not crops[1, :, :4].any()
+  np.testing.assert_array_equal(crops[1, 4:, 4:], images[0, :28, :28])
+  np.testing.assert_array_equal(crops[2, :28, ::-1][:, 1:30],
+                                images[1, 4:, :29])
