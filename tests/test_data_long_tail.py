@@ -143,7 +143,7 @@ def test_unknown_dataset_lists_valid_names():
 
 
 def test_check_data_dir_messages(tmp_path):
-  # Unset: tfds's default data directory (prepared by sources.prepare_tfds).
+  # Unset: tfds's default data directory (prepared by tfds_prepare.prepare_tfds).
   assert sources.check_data_dir("cifar10", None) == sources.Source(
       "tfds", None, sources.REGISTRY["cifar10"])
   with pytest.raises(FileNotFoundError, match="does not exist.*cifar-10-batches-py"):

@@ -21,6 +21,7 @@ from nc_jax import sharding
 from nc_jax.data import device as device_lib
 from nc_jax.data import long_tail
 from nc_jax.data import sources
+from nc_jax.data import tfds_prepare
 from nc_jax.data import in_memory
 
 MESH = sharding.make_mesh(jax.devices()[:1])
@@ -114,7 +115,7 @@ def test_unset_data_dir_trains_through_tfds(tmp_path, monkeypatch):
   from nc_jax import train  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
   # A machine that can reach the dataset's host (no network probe).
-  monkeypatch.setattr(sources, "_unreachable", lambda builder: None)
+  monkeypatch.setattr(tfds_prepare, "unreachable", lambda builder: None)
   asked = []
   with tfds.testing.mock_data(num_examples=200):
     mocked = tfds.core.DatasetBuilder.download_and_prepare

@@ -77,10 +77,11 @@ def check_config(config) -> None:
 
 def prepare_tfds(name: str, **kwargs) -> None:
   """For an unset data_dir: makes sure tfds has `name` prepared in its
-  default data directory, downloading it if needed (`sources.prepare_tfds`).
+  default data directory, downloading it if needed
+  (`tfds_prepare.prepare_tfds`).
   """
-  from nc_jax.data import sources  # pylint: disable=g-import-not-at-top
-  sources.prepare_tfds(name, **kwargs)
+  from nc_jax.data import tfds_prepare  # pylint: disable=g-import-not-at-top
+  tfds_prepare.prepare_tfds(name, **kwargs)
 
 
 __all__ = [

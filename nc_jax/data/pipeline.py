@@ -118,7 +118,7 @@ def make_train_input(name: str, *,
   Args:
     name: a registry key (`datasets.REGISTRY`).
     data_dir: image-folder tree, tfds data directory, or None for tfds's
-      default one (see `sources`; `sources.prepare_tfds` downloads there).
+      default one (see `sources`; `tfds_prepare.prepare_tfds` downloads there).
     imb_factor: r in (0, 1] (ignored where the dataset's own list is the
       subset: ImageNet-LT).
     profile: "exp" or "step".

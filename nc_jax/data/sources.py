@@ -14,7 +14,8 @@ train augmentation, head/medium/tail groups). `data_dir` is one of
   read with `tfds.builder(tfds_name, data_dir=data_dir)`, or
 - None (unset): the dataset through tfds in its default data directory
   (`~/tensorflow_datasets`, or `$TFDS_DATA_DIR`), downloaded and prepared
-  there by `prepare_tfds` when the machine can reach the dataset's host.
+  there by `tfds_prepare.prepare_tfds` when the machine can reach the
+  dataset's host.
 
 Small datasets are decoded once into uint8 numpy arrays (`load_train_lt`,
 `load_split`): CIFAR-10-LT is 12,406 images, 38 MB. Labels are read first
@@ -32,7 +33,6 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -116,7 +116,7 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
     name: registry key.
     data_dir: an image-folder tree with train/ and test/ class folders, a
       tfds data directory containing `<tfds_name>/`, or None for tfds's
-      default data directory (see `prepare_tfds`; not checked here).
+      default data directory (see `tfds_prepare`; not checked here).
 
   Returns:
     The `Source`.
@@ -183,76 +183,6 @@ def check_source(source: Source, train_splits: tuple[str, ...] | None = None
     sample = [paths[i] for c in range(source.info.num_classes)
               for i in np.flatnonzero(index.labels == c)[:SAMPLE_PER_CLASS]]
     folders.check_decodes(sample, source.info.image_shape)
-
-
-def _unreachable(builder) -> str | None:
-  """Why the dataset's download URL cannot be reached from here, or None.
-
-  One HEAD request with a short timeout: tfds's own downloader retries for
-  minutes before it gives up on a machine without internet.
-  """
-  try:
-    urls = sorted(builder.url_infos or {})
-  except Exception:  # pylint: disable=broad-except
-    return None  # no registered URLs (e.g. manual downloads): let tfds say
-  if not urls:
-    return None
-  import requests  # pylint: disable=g-import-not-at-top
-  try:
-    requests.head(urls[0], timeout=15, allow_redirects=True)
-  except requests.RequestException as e:
-    return f"{urls[0]} cannot be reached ({type(e).__name__})"
-  return None
-
-
-def prepare_tfds(name: str, *,
-                 notify: Callable[[str], None] = logging.warning) -> Source:
-  """The source for an unset `data_dir`: `name` through tfds.
-
-  Downloads and prepares the dataset in tfds's default data directory
-  (`$TFDS_DATA_DIR`, default `~/tensorflow_datasets`) unless it is there
-  already.
-
-  Args:
-    name: registry key.
-    notify: told (one line) before a download starts.
-
-  Returns:
-    `Source("tfds", None, info)`.
-
-  Raises:
-    ValueError: tfds cannot provide the dataset here (no internet, a manual
-      download needed), saying why and naming `--config.data_dir`.
-  """
-  info = dataset_info(name)
-  where = "its default data directory"
-
-  def refuse(why: str) -> ValueError:
-    return ValueError(
-        f"data_dir is not set, so {name!r} was to come from tfds "
-        f"({info.tfds_name} in {where}), but tfds cannot provide it here: "
-        f"{why}. " + accepted_forms(info, unset=False))
-
-  try:
-    tfds = _tfds()
-    builder = tfds.builder(info.tfds_name)
-    where = str(builder.data_dir).split(f"/{info.tfds_name}/")[0]
-    if builder.is_prepared():
-      return Source("tfds", None, info)
-  except Exception as e:  # pylint: disable=broad-except
-    raise refuse(f"{type(e).__name__}: {str(e)[:300]}") from e
-  why = _unreachable(builder)
-  if why:
-    raise refuse(f"it is not prepared in {where} and {why} (no internet?)")
-  notify(f"data: {info.tfds_name} is not in {where}; tfds downloads and "
-         "prepares it there (once)")
-  try:
-    builder.download_and_prepare()
-  except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    raise refuse(f"download_and_prepare failed ({type(e).__name__}: "
-                 f"{first})") from e
-  return Source("tfds", None, info)
 
 
 def folder_examples(source: Source, split: str
