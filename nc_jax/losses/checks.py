@@ -27,7 +27,7 @@ def check_int(name: str, x: jax.Array) -> None:
 
 
 def check_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
-  """ValueError unless `x` has `rank` axes; `layout` names them, e.g. "(B, d)"."""
+  """ValueError unless `x` has `rank` axes, laid out as `layout` ("(B, d)")."""
   if jnp.ndim(x) != rank:
     raise ValueError(
         f"{name} must have shape {layout}, got shape {jnp.shape(x)}.")

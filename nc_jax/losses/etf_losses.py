@@ -14,10 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nc_jax.losses.checks import check_float, check_int, check_labels, check_rank
+from nc_jax.losses.checks import check_float
+from nc_jax.losses.checks import check_int
+from nc_jax.losses.checks import check_labels
+from nc_jax.losses.checks import check_rank
 
 # The reference clamps ||h|| from below by this before dividing by it.
 NORM_EPS = 1e-8
+
 
 def dot_regression_loss(features: jax.Array,
                         targets: jax.Array,

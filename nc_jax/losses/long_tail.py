@@ -20,6 +20,7 @@ from nc_jax.losses.checks import (check_float, check_labels,
                                   check_logits_labels, check_rank, check_tau,
                                   class_counts_array, is_concrete, log_prior)
 
+
 def logit_adjusted_cross_entropy(logits: jax.Array,
                                  labels: jax.Array,
                                  *,
