@@ -6,17 +6,11 @@ keyword-only. Mismatched shapes raise `ValueError` and non-float features or
 non-integer labels raise `TypeError`, at trace time, so mistakes surface
 before any compilation.
 
-References:
-  Yang, Chen, Li, Xie, Lin, Tao. Inducing Neural Collapse in Imbalanced
-  Learning: Do We Really Need a Learnable Classifier at the End of Deep Neural
-  Network? NeurIPS 2022. arXiv:2203.09081. (Eq. 6: the dot-regression loss.)
-  Zhang, Cisse, Dauphin, Lopez-Paz. mixup: Beyond Empirical Risk
-  Minimization. ICLR 2018.
-  Long-tail baselines (docs/method.md, Long-tail baselines): Menon et al.,
-  Long-tail learning via logit adjustment, ICLR 2021; Ren et al., Balanced
-  Meta-Softmax, NeurIPS 2020; Cao et al., Learning Imbalanced Datasets with
-  Label-Distribution-Aware Margin Loss (LDAM, DRW), NeurIPS 2019; Cui et al.,
-  Class-Balanced Loss Based on Effective Number of Samples, CVPR 2019.
+References (in full in each module):
+  Yang et al., NeurIPS 2022 (the DR loss, Eq. 6); Zhang et al., ICLR 2018
+  (mixup).
+  Long-tail baselines: Menon et al., ICLR 2021; Ren et al., NeurIPS 2020;
+  Cao et al., NeurIPS 2019; Cui et al., CVPR 2019 (docs/method.md).
 
 Modules: `etf_losses` (the DR loss, its targets, CE, mixup), `long_tail`
 (the baselines' losses and DRW weighting), `checks` (shared argument

@@ -33,6 +33,18 @@ def check_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
         f"{name} must have shape {layout}, got shape {jnp.shape(x)}.")
 
 
+def check_features_targets(features: jax.Array, targets: jax.Array) -> None:
+  """Float `(B, d)` features and float targets of the same shape."""
+  check_float("features", features)
+  check_float("targets", targets)
+  check_rank("features", features, 2, "(B, d)")
+  if jnp.shape(targets) != jnp.shape(features):
+    raise ValueError(
+        f"targets must have the shape of features {jnp.shape(features)}, got "
+        f"{jnp.shape(targets)}. Gather one target vector per example, e.g. "
+        "etf_targets(etf, labels).")
+
+
 def check_labels(labels: jax.Array, batch: int, name: str = "labels") -> None:
   """`labels` must be integer `(batch,)`."""
   check_int(name, labels)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nc_jax.losses.checks import check_features_targets
 from nc_jax.losses.checks import check_float
 from nc_jax.losses.checks import check_int
 from nc_jax.losses.checks import check_labels
@@ -70,14 +71,7 @@ def dot_regression_loss(features: jax.Array,
   References:
     Yang et al. 2022, Eq. (6) and the authors' `DRLoss`.
   """
-  check_float("features", features)
-  check_float("targets", targets)
-  check_rank("features", features, 2, "(B, d)")
-  if jnp.shape(targets) != jnp.shape(features):
-    raise ValueError(
-        f"targets must have the shape of features {jnp.shape(features)}, got "
-        f"{jnp.shape(targets)}. Gather one target vector per example, e.g. "
-        "etf_targets(etf, labels).")
+  check_features_targets(features, targets)
   if (e_w is None) != (e_h is None):
     raise ValueError(
         "Give both e_w and e_h (the paper's form) or neither (the reference "
@@ -217,11 +211,5 @@ def dot_loss(features: jax.Array, targets: jax.Array) -> jax.Array:
     ValueError: for shapes other than two equal `(B, d)`.
     TypeError: for non-float inputs.
   """
-  check_float("features", features)
-  check_float("targets", targets)
-  check_rank("features", features, 2, "(B, d)")
-  if jnp.shape(targets) != jnp.shape(features):
-    raise ValueError(
-        f"targets must have the shape of features {jnp.shape(features)}, got "
-        f"{jnp.shape(targets)}.")
+  check_features_targets(features, targets)
   return -jnp.sum(features * targets, axis=-1)
