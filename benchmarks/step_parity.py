@@ -232,7 +232,7 @@ def make_batches(images, labels, steps: int, seed: int):
   idx = rng.permutation(len(labels))[:n]
   dy, dx = rng.randint(0, 9, n), rng.randint(0, 9, n)
   flip = rng.rand(n) < 0.5
-  crops = rr.crop_flip(rr.pad4(images), idx, dy, dx, flip)
+  crops = rr.crop_flip(rr.pad4(images[idx]), np.arange(n), dy, dx, flip)
   return [(crops[s * BATCH:(s + 1) * BATCH],
            labels[idx][s * BATCH:(s + 1) * BATCH].astype(np.int32))
           for s in range(steps)]
