@@ -179,17 +179,28 @@ def evaluate(torch, model, classifier, etf, images, labels, groups, k):
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--reference", required=True, type=pathlib.Path)
-  p.add_argument("--data_dir", required=True)
-  p.add_argument("--workdir", required=True, type=pathlib.Path)
-  p.add_argument("--method", default="etf_dr", choices=("etf_dr", "ce"))
+  p.add_argument("--reference", required=True, type=pathlib.Path,
+                 help="a checkout of NeuralCollapseApplications/"
+                 "ImbalancedLearning (imported, never modified)")
+  p.add_argument("--data_dir", required=True,
+                 help="the data, in any form nc_jax's --config.data_dir "
+                 "takes (e.g. cifar-10-python.tar.gz)")
+  p.add_argument("--workdir", required=True, type=pathlib.Path,
+                 help="where the checkpoint and results go; rerunning the "
+                 "same command resumes from it")
+  p.add_argument("--method", default="etf_dr", choices=("etf_dr", "ce"),
+                 help="their ETF + DR yaml, or their CE yaml (whose "
+                 "classifier is frozen: compare with nc_jax's ce_frozen)")
   p.add_argument("--dataset", default="cifar10",
                  choices=("cifar10", "cifar100"))
-  p.add_argument("--imb", default="0.01", choices=("0.005", "0.01", "0.02"))
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--imb", default="0.01", choices=("0.005", "0.01", "0.02"),
+                 help="imbalance ratio: picks their yaml for the cell")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seeds numpy and torch before the model is built")
   p.add_argument("--epochs", type=int, default=None,
                  help="override their num_epochs (a short check)")
-  p.add_argument("--threads", type=int, default=None)
+  p.add_argument("--threads", type=int, default=None,
+                 help="torch CPU threads (default: torch's choice)")
   args = p.parse_args(argv)
 
   ref_train, resnet_cifar, config = import_reference(args.reference)
@@ -222,6 +233,9 @@ def main(argv=None) -> None:
   logger = logging.getLogger("reference")
   logger.setLevel(logging.INFO)
   logger.propagate = False  # their progress lines go to train.log only
+  for h in list(logger.handlers):  # an earlier main() in this process
+    logger.removeHandler(h)
+    h.close()
   logger.addHandler(logging.FileHandler(wd / "train.log"))
   last = {}
   logger.addHandler(type("Last", (logging.Handler,), {
@@ -244,11 +258,16 @@ def main(argv=None) -> None:
             "tail": tuple(config.tail_class_idx)}
 
   ckpt = wd / "checkpoint.pt"
+  run = {"method": args.method, "dataset": args.dataset, "imb": args.imb,
+         "seed": args.seed}
   history, start, wall, resumes = [], 0, 0.0, 0
   if ckpt.is_file():
     # weights_only=False: the checkpoint holds numpy RNG state; it is this
     # script's own file.
     c = torch.load(ckpt, weights_only=False)
+    if c.get("run", run) != run:  # checkpoints before 2026-11-30 lack it
+      fail(f"{wd} holds a run of {c['run']}, not {run}: pass another "
+           "--workdir, or that run's options to resume it.")
     model.load_state_dict(c["model"])
     classifier.load_state_dict(c["classifier"])
     if etf:
@@ -260,7 +279,14 @@ def main(argv=None) -> None:
     resumes = c["resumes"] + 1
     print(f"resumed after epoch {start} from {ckpt}", flush=True)
 
-  mlog = open(wd / "metrics.jsonl", "a")  # pylint: disable=consider-using-with
+  mpath = wd / "metrics.jsonl"
+  if mpath.is_file():
+    # A stop between an epoch's records and its checkpoint leaves records
+    # of an epoch that is trained again: keep each epoch once.
+    keep = [l for l in mpath.read_text().splitlines()
+            if l.strip() and json.loads(l)["epoch"] <= start]
+    mpath.write_text("".join(l + "\n" for l in keep))
+  mlog = open(mpath, "a")  # pylint: disable=consider-using-with
   steps_per_epoch = len(EpochLoader(train.images, train.labels, 128, 0, 0))
   for epoch in range(start, int(config.num_epochs)):
     t0 = time.time()
@@ -290,7 +316,7 @@ def main(argv=None) -> None:
           f"(head {ev['head']:.2f} / medium {ev['medium']:.2f} / tail "
           f"{ev['tail']:.2f}) train {t1 - t0:.0f}s eval {t2 - t1:.1f}s",
           flush=True)
-    state = {"epoch": epoch + 1, "model": model.state_dict(),
+    state = {"run": run, "epoch": epoch + 1, "model": model.state_dict(),
              "classifier": classifier.state_dict(),
              "ori_M": classifier.ori_M if etf else None,
              "optimizer": optimizer.state_dict(),
@@ -300,6 +326,7 @@ def main(argv=None) -> None:
     torch.save(state, wd / "checkpoint.pt.tmp")
     os.replace(wd / "checkpoint.pt.tmp", ckpt)
 
+  mlog.close()
   best = max(history, key=lambda h: h["top1"])
   results = {
       "program": "the authors' code (benchmarks/reference_run.py)",
