@@ -44,6 +44,21 @@ def check_dims(num_classes: int, feature_dim: int) -> None:
 ROTATIONS = ("gaussian", "uniform01")
 
 
+def check_fits(num_classes: int, feature_dim: int, rotation: str) -> None:
+  """Raises ValueError unless `simplex_etf` can draw a K-class ETF in d
+  dimensions with `rotation` (d >= K - 1; d >= K for "uniform01")."""
+  check_dims(num_classes, feature_dim)
+  if rotation not in ROTATIONS:
+    raise ValueError(f"Unknown ETF rotation {rotation!r}; valid values are "
+                     f"{list(ROTATIONS)}.")
+  if rotation == "uniform01" and feature_dim < num_classes:
+    raise ValueError(
+        f"etf_rotation='uniform01' (the reference's QR of a d x K matrix) "
+        f"needs feature_dim >= num_classes, got d={feature_dim} < "
+        f"K={num_classes}. Use etf_rotation='gaussian', which also builds "
+        "the frame for d = K - 1.")
+
+
 def simplex_etf(num_classes: int,
                 feature_dim: int,
                 *,
@@ -69,8 +84,9 @@ def simplex_etf(num_classes: int,
   - "uniform01": the reference code's draw, numpy's QR factor of a d x K
     matrix of uniform [0, 1) entries, as numpy returns it. Its first column
     is minus the normalised first column of that matrix, so one class
-    vector of `M` lies close to the all-ones direction (cosine about -0.8
-    with it). It needs d >= K, as the reference does; d = K - 1 raises.
+    vector of `M` points nearly opposite the all-ones direction (cosine
+    -0.81 on average for K = 10, d = 64; -0.86 for K = 100, d = 128). It
+    needs d >= K, as the reference does; d = K - 1 raises.
 
   The random matrix is drawn with numpy from `seed`, in float64, so the
   matrix is the same on every host for a given seed: a multi-host job or a
@@ -93,19 +109,10 @@ def simplex_etf(num_classes: int,
   References:
     Yang et al. 2022, Eq. (1) and Sec. 3.
   """
-  check_dims(num_classes, feature_dim)
-  if rotation not in ROTATIONS:
-    raise ValueError(f"Unknown ETF rotation {rotation!r}; valid values are "
-                     f"{list(ROTATIONS)}.")
+  check_fits(num_classes, feature_dim, rotation)
   k, d = int(num_classes), int(feature_dim)
   centre = np.eye(k) - np.full((k, k), 1.0 / k)
   if rotation == "uniform01":
-    if d < k:
-      raise ValueError(
-          f"etf_rotation='uniform01' (the reference's QR of a d x K matrix) "
-          f"needs feature_dim >= num_classes, got d={d} < K={k}. Use "
-          "etf_rotation='gaussian', which also builds the frame for "
-          "d = K - 1.")
     u, _ = np.linalg.qr(np.random.default_rng(seed).random((d, k)))
     m = u @ centre
   elif d >= k:

@@ -88,5 +88,10 @@ def _validate(config: ConfigDict) -> None:
   # Raises here, before any work, for an unknown backbone, a bad conv_impl
   # or norm_impl, or oneDNN convolutions asked for where they cannot run
   # (this is also where they are built, once, if they are chosen).
-  builder_lib.resolve_implementations(config)
+  impls = builder_lib.resolve_implementations(config)
+  # The model for the dataset's K, before the data is read (a backbone too
+  # narrow for the fixed ETF would otherwise stop only after loading it).
+  builder_lib.check_model(
+      config, num_classes=data_lib.dataset_info(config.dataset).num_classes,
+      impls=impls)
   data_lib.check_config(config)

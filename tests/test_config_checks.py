@@ -63,9 +63,14 @@ def _config(arg="", **overrides):
      ["preemption_grace_seconds must be > 0"]),
     ({"num_epochs": -1.0}, ["num_epochs must be > 0, got -1"]),
     # Checked by the dataset that reads it (ImageNet-LT's recipe).
-    ({"dataset": "imagenet_lt", "pipeline": "tfdata", "color_jitter": -1.0},
+    ({"dataset": "imagenet_lt", "backbone": "resnet50", "pipeline": "tfdata",
+      "color_jitter": -1.0},
      ["color_jitter must be >= 0"]),
     ({"eval_every_epochs": math.nan}, ["eval_every_epochs=nan is not a finite"]),
+    # The fixed ETF must fit the backbone's features: refused before the
+    # data is read (data_dir is /nonexistent here).
+    ({"dataset": "cifar100", "backbone": "resnet32"},
+     ["num_classes=100 needs feature_dim >= 99", "got feature_dim=64"]),
 ])
 def test_impossible_numbers_are_refused(overrides, fragments):
   with pytest.raises(train.ConfigError) as e:

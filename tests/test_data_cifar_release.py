@@ -253,3 +253,103 @@ def test_damaged_release_on_the_command_line(release_parent, tmp_path):
   _assert_clean_error(out, "data_batch_5", "is not the released file")
   assert not (tmp_path / "w").exists()
   shutil.rmtree(tmp_path / "data")
+
+
+# ----------------------------------------------------- archives and forms
+
+
+def _tar(folder: pathlib.Path, out: pathlib.Path, *, skip=()) -> pathlib.Path:
+  with tarfile.open(out, "w:gz") as tar:
+    for f in sorted(folder.iterdir()):
+      if f.name not in skip:
+        tar.add(f, arcname=f"{folder.name}/{f.name}")
+  return out
+
+
+def _cache_entries(cache: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
+
+
+def test_a_damaged_release_archive_is_not_cached(tmp_path, monkeypatch):
+  """The extraction is checked before it enters the cache: the error names
+  the archive and the file inside it, nothing is kept, and the good copy
+  put in its place (same size and time) is then extracted and used."""
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("NC_JAX_CACHE", str(cache))
+  folder, _ = _write_cifar100(tmp_path / "src")
+  _register_md5s(monkeypatch, "cifar100", folder)
+  good = _tar(folder, tmp_path / "good.tar.gz")
+  data = bytearray((folder / "train").read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  (folder / "train").write_bytes(bytes(data))
+  given = tmp_path / "cifar-100-python.tar.gz"
+  _tar(folder, given)
+  with pytest.raises(ValueError) as e:
+    archive.resolve_data_dir(str(given))
+  msg = str(e.value)
+  assert str(given) in msg and "cifar-100-python/train is not the released" \
+      in msg and "Copy or download the archive again" in msg
+  assert _cache_entries(cache) == []
+  # A partial archive (a member missing): named the same way.
+  partial = _tar(folder, tmp_path / "partial.tar.gz", skip=("test",))
+  with pytest.raises(ValueError, match="cifar-100-python/test is missing"):
+    archive.resolve_data_dir(str(partial))
+  assert _cache_entries(cache) == []
+  # The good bytes copied over with the damaged copy's size and times.
+  st = given.stat()
+  shutil.copyfile(good, given)
+  os.utime(given, ns=(st.st_atime_ns, st.st_mtime_ns))
+  root = archive.resolve_data_dir(str(given))
+  assert sources.check_data_dir("cifar100", root).kind == "release"
+
+
+def test_a_new_copy_of_an_archive_replaces_its_extraction(tmp_path,
+                                                         monkeypatch):
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("NC_JAX_CACHE", str(cache))
+  folder, _ = _write_cifar100(tmp_path / "src")
+  _register_md5s(monkeypatch, "cifar100", folder)
+  given = _tar(folder, tmp_path / "cifar-100-python.tar.gz")
+  first = archive.resolve_data_dir(str(given))
+  assert archive.resolve_data_dir(str(given)) == first  # from the cache
+  # A kill mid-extraction leaves a temporary folder; a dead process's is
+  # removed by the next extraction, a live one's (pid 1) is not.
+  host = archive.socket.gethostname()
+  dead = cache / f".extract-{host}-999999999-x"
+  live = cache / f".extract-{host}-1-x"
+  dead.mkdir()
+  live.mkdir()
+  os.utime(given, ns=(given.stat().st_atime_ns,
+                      given.stat().st_mtime_ns + 10**9))
+  second = archive.resolve_data_dir(str(given))
+  assert second == first
+  entries = _cache_entries(cache)
+  assert live.name in entries and dead.name not in entries
+  assert len([e for e in entries if not e.startswith(".extract-")]) == 1
+
+
+def test_a_folder_holding_both_releases_serves_each(release_parent, tmp_path,
+                                                    monkeypatch):
+  """torchvision's usual root holds cifar-10-batches-py/ and
+  cifar-100-python/ side by side."""
+  root = tmp_path / "data"
+  _linked_copy(release_parent / "cifar-10-batches-py",
+               root / "cifar-10-batches-py")
+  folder, _ = _write_cifar100(root)
+  _register_md5s(monkeypatch, "cifar100", folder)
+  for name, sub in (("cifar10", "cifar-10-batches-py"),
+                    ("cifar100", "cifar-100-python")):
+    src = sources.check_data_dir(name, str(root))
+    assert (src.kind, src.root) == ("release", str(root / sub))
+
+
+def test_a_renamed_release_missing_its_meta_file_names_it(release_parent,
+                                                          tmp_path):
+  folder = _linked_copy(release_parent / "cifar-10-batches-py",
+                        tmp_path / "c10")
+  (folder / "batches.meta").unlink()
+  src = sources.check_data_dir("cifar10", str(folder))
+  assert src.kind == "release"
+  with pytest.raises(ValueError, match="batches.meta is missing") as e:
+    sources.check_source(src)
+  assert str(folder / "batches.meta") in str(e.value)

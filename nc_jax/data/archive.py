@@ -3,16 +3,26 @@ trees, or a CIFAR python release (`cifar-10-python.tar.gz`).
 
 `data_dir` may name such an archive instead of a directory: it is extracted
 once into nc_jax's cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`;
-see `nc_jax.cache`) and the tree inside is used. Extraction goes to a temporary folder renamed into place,
-so concurrent processes on one host and a kill mid-extraction are both safe.
+see `nc_jax.cache`), one folder per archive path, and the tree inside is
+used. The folder records the archive's size and modification time; when
+they change (a new copy), it is extracted again in place of the old one.
+
+Extraction goes to a temporary folder renamed into place, so concurrent
+processes on one host never see a partial tree; one left by a killed
+process is removed by the next extraction. A CIFAR release is checked
+file by file (md5) before it is put in the cache: a damaged or incomplete
+archive stops with an error naming the archive and the files, and leaves
+nothing behind, so the corrected copy is extracted afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
+import socket
 import tarfile
 import tempfile
 import zipfile
@@ -37,18 +47,78 @@ def _is_tree(path: pathlib.Path) -> bool:
   return (path / "train").is_dir() or (path / "images.txt").is_file()
 
 
-def _find_tree(root: pathlib.Path) -> pathlib.Path:
+def _find_tree(root: pathlib.Path, archive: pathlib.Path) -> pathlib.Path:
   """The folder holding `train/` and `test/`, a CIFAR release, or a
-  CUB-200-2011 release: `root` or one level below."""
+  CUB-200-2011 release: `root` (where `archive` was extracted) or one level
+  below."""
   if _is_tree(root) or cifar_release.find(str(root)):
     return root
   subs = [p for p in root.iterdir() if p.is_dir() and _is_tree(p)]
   if len(subs) == 1:
     return subs[0]
   raise FileNotFoundError(
-      f"The archive extracted to {root} holds no train/ and test/ class "
-      "folders (at its top or one level down), no CIFAR python release and "
-      "no CUB-200-2011 release.")
+      f"data_dir {archive} holds no train/ and test/ class folders (at its "
+      "top or one level down), no CIFAR python release and no "
+      "CUB-200-2011 release. Pass an archive of one of those, or a folder.")
+
+
+# Written inside each extracted folder: the archive it came from.
+STAMP = ".nc_jax_source.json"
+
+
+def _stamp(archive: pathlib.Path) -> dict:
+  st = archive.stat()
+  return {"archive": str(archive), "size": st.st_size,
+          "mtime_ns": st.st_mtime_ns}
+
+
+def _read_stamp(folder: pathlib.Path) -> dict | None:
+  try:
+    return json.loads((folder / STAMP).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _release_problems(tree: pathlib.Path) -> list[str]:
+  """The damaged or missing files of a CIFAR release in `tree` (none when
+  `tree` holds no release)."""
+  found = cifar_release.find(str(tree))
+  return cifar_release.problems(*found) if found else []
+
+
+def _tmp_prefix() -> str:
+  return f".extract-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_abandoned(parent: pathlib.Path) -> None:
+  """Deletes this host's temporary extractions whose process has died (a
+  kill mid-extraction); those of live processes and other hosts stay."""
+  host = f".extract-{socket.gethostname()}-"
+  for path in parent.glob(f"{host}*"):
+    pid = path.name[len(host):].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(path, ignore_errors=True)
+    except OSError:  # alive, another user's
+      pass
+
+
+def _extract(archive: pathlib.Path, into: pathlib.Path) -> None:
+  try:
+    if archive.suffix == ".zip":
+      with zipfile.ZipFile(archive) as z:
+        z.extractall(into)
+    else:
+      with tarfile.open(archive) as t:
+        t.extractall(into, filter="data")
+  except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    raise ValueError(
+        f"data_dir {archive} cannot be extracted ({type(e).__name__}: "
+        f"{' '.join(str(e).split())[:200]}): a damaged or incomplete "
+        "archive? Copy it again, or pass an extracted folder.") from e
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
@@ -62,7 +132,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
 
   Raises:
     FileNotFoundError: when the archive does not exist or holds no tree.
-    ValueError: when it cannot be extracted.
+    ValueError: when it cannot be extracted, or holds a damaged or
+      incomplete CIFAR release (naming the files).
   """
   if not is_archive(data_dir):
     return None if data_dir is None else str(data_dir)
@@ -72,33 +143,43 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
         f"data_dir {archive} looks like an archive but does not exist. Pass "
         "the path of an existing .tar.gz/.zip of train/ and test/ class "
         "folders or of a CIFAR python release, or an extracted directory.")
-  st = archive.stat()
-  key = hashlib.sha1(
-      f"{archive}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+  stamp = _stamp(archive)
+  key = hashlib.sha1(str(archive).encode()).hexdigest()[:12]
   target = cache_root() / f"{archive.name.split('.')[0]}-{key}"
-  if target.is_dir():
-    return str(_find_tree(target))
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
-  try:
+  if _read_stamp(target) == stamp:
     try:
-      if archive.suffix == ".zip":
-        with zipfile.ZipFile(archive) as z:
-          z.extractall(tmp)
-      else:
-        with tarfile.open(archive) as t:
-          t.extractall(tmp, filter="data")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as e:
+      tree = _find_tree(target, archive)
+      if not _release_problems(tree):
+        return str(tree)
+    except FileNotFoundError:
+      pass
+    # Changed since it was checked: the archive is the truth, extract again.
+  target.parent.mkdir(parents=True, exist_ok=True)
+  _remove_abandoned(target.parent)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=target.parent))
+  old = None
+  try:
+    _extract(archive, tmp)
+    bad = _release_problems(_find_tree(tmp, archive))
+    if bad:
       raise ValueError(
-          f"data_dir {archive} cannot be extracted ({type(e).__name__}: "
-          f"{' '.join(str(e).split())[:200]}): a damaged or incomplete "
-          "archive? Copy it again, or pass an extracted folder.") from e
+          f"data_dir {archive} holds a damaged or incomplete CIFAR release: "
+          f"{'; '.join(bad)}. Copy or download the archive again (nothing "
+          "from it was kept).")
+    (tmp / STAMP).write_text(json.dumps(stamp))
+    if _read_stamp(target) == stamp:  # another process got there first
+      return str(_find_tree(target, archive))
+    if target.exists():  # an older copy of the archive: replace it
+      old = pathlib.Path(tempfile.mkdtemp(prefix=_tmp_prefix(),
+                                          dir=target.parent))
+      os.rename(target, old / "stale")
     try:
       os.rename(tmp, target)
     except OSError:
-      if not target.is_dir():  # lost a race only if the winner finished
-        raise
+      if _read_stamp(target) != stamp:  # lost a race only if the winner
+        raise                          # finished
   finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
-  return str(_find_tree(target))
+    for path in (tmp, old):
+      if path is not None and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+  return str(_find_tree(target, archive))

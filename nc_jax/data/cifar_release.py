@@ -87,22 +87,29 @@ def _is_release_folder(path: str, release: Release) -> bool:
     return False
   if os.path.basename(os.path.normpath(path)) == release.folder:
     return True
-  # A renamed copy: recognised by its meta file beside a data file.
-  return (os.path.isfile(os.path.join(path, release.meta))
-          and any(os.path.isfile(os.path.join(path, f))
-                  for f in sum(release.splits.values(), ())))
+  # A renamed copy: recognised by any of its files (so that one missing
+  # file is reported by name rather than the folder going unrecognised).
+  return any(os.path.isfile(os.path.join(path, f)) for f in release.files)
 
 
-def find(root: str) -> tuple[Release, str] | None:
+def find(root: str, dataset: str | None = None
+         ) -> tuple[Release, str] | None:
   """The release held by `root` (the folder itself or its parent), or None.
+
+  Args:
+    root: a folder.
+    dataset: the release looked for first (a parent folder may hold both
+      CIFAR releases, as torchvision's `root` often does); others are
+      still found, so that a mismatch can be reported.
 
   Returns:
     `(release, folder)`: which release, and the folder holding its files.
   """
-  for release in RELEASES.values():
-    for path in (os.path.join(root, release.folder), root):
-      if _is_release_folder(path, release):
-        return release, os.path.abspath(path)
+  order = sorted(RELEASES.values(), key=lambda r: r.dataset != dataset)
+  for path_of in (lambda r: os.path.join(root, r.folder), lambda r: root):
+    for release in order:
+      if _is_release_folder(path_of(release), release):
+        return release, os.path.abspath(path_of(release))
   return None
 
 
@@ -122,6 +129,33 @@ def _md5(path: str, size: int, mtime_ns: int) -> str:
   return h.hexdigest()
 
 
+def _problem(release: Release, folder: str, name: str, shown: str
+             ) -> str | None:
+  """What is wrong with one release file (missing, or not the released
+  bytes by md5), as a phrase starting with `shown`; None when it is fine."""
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    return f"{shown} is missing"
+  want = release.md5.get(name)
+  if want is None:
+    return None
+  st = os.stat(path)
+  got = _md5(path, st.st_size, st.st_mtime_ns)
+  if got != want:
+    return (f"{shown} is not the released file (md5 {got}, the release's is "
+            f"{want}; {st.st_size} bytes)")
+  return None
+
+
+def problems(release: Release, folder: str) -> list[str]:
+  """Every missing or altered file of the release in `folder` (by md5, no
+  unpickling), each a phrase naming the file by its path inside the
+  release; empty when the folder holds the release intact."""
+  found = (_problem(release, folder, f, f"{release.folder}/{f}")
+           for f in release.files)
+  return [p for p in found if p]
+
+
 def _unpickle(release: Release, folder: str, name: str) -> dict:
   """The checked, unpickled contents of one release file.
 
@@ -130,20 +164,15 @@ def _unpickle(release: Release, folder: str, name: str) -> dict:
       or does not unpickle; the message names the file.
   """
   path = os.path.join(folder, name)
-  if not os.path.isfile(path):
+  problem = _problem(release, folder, name, path)
+  if problem and not os.path.isfile(path):
     raise ValueError(
-        f"{path} is missing: the {release.folder}/ release holds "
+        f"{problem}: the {release.folder}/ release holds "
         f"{', '.join(release.files)}. Extract the whole release again (or "
         "pass the complete archive).")
-  st = os.stat(path)
-  want = release.md5.get(name)
-  if want is not None:
-    got = _md5(path, st.st_size, st.st_mtime_ns)
-    if got != want:
-      raise ValueError(
-          f"{path} is not the released file (md5 {got}, the release's is "
-          f"{want}; {st.st_size} bytes): a damaged, truncated or modified "
-          "copy. Copy or extract the release again.")
+  if problem:
+    raise ValueError(f"{problem}: a damaged, truncated or modified copy. "
+                     "Copy or extract the release again.")
   try:
     with open(path, "rb") as f:
       obj = pickle.load(f, encoding="latin1")

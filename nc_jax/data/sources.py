@@ -135,7 +135,7 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
   if not os.path.isdir(root):
     raise FileNotFoundError(f"data_dir {root} does not exist. "
                             + _expected(info))
-  found = cifar_release.find(root)
+  found = cifar_release.find(root, name)
   if found is not None:
     release, folder = found
     if release.dataset != name:
