@@ -145,6 +145,10 @@ def _pm(mean: float | None, std: float | None) -> str:
   return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
+def _epoch(value: float | str) -> str:
+  return value if isinstance(value, str) else f"{value:g}"
+
+
 def summarize(root: pathlib.Path, cells: list[str]) -> dict[str, Any]:
   """Reads the cells' results.json into the table's rows."""
   rows = []
@@ -165,7 +169,10 @@ def summarize(root: pathlib.Path, cells: list[str]) -> dict[str, Any]:
         status="done", paper_epochs=PAPER_EPOCHS.get(cfg["dataset"], 200.0), seeds=res.get("num_seeds", 1), epochs=epochs,
         final_top1=fin["top1"], final_top1_std=fstd.get("top1"),
         best_top1=best["top1"], best_top1_std=bstd.get("top1"),
-        best_epoch=best["epoch"],
+        # Several seeds: each seed's best epoch (results before
+        # 2026-11-30 hold their mean in "epoch").
+        best_epoch=(best["epoch"] if best.get("epoch") is not None
+                    else "/".join(f"{e:g}" for e in best["epochs"])),
         head=fin["head"], medium=fin["medium"], tail=fin["tail"],
         wall_s=res.get("provenance", {}).get("wall_s"))
     if row["paper_top1"] is not None:
@@ -200,7 +207,7 @@ def markdown(table: dict[str, Any]) -> str:
     lines.append(
         f"| {r['cell']} | {r['seeds']} | {r['epochs']:g} | "
         f"{_pm(r['final_top1'], r['final_top1_std'])} | "
-        f"{_pm(r['best_top1'], r['best_top1_std'])} ({r['best_epoch']:g}) | "
+        f"{_pm(r['best_top1'], r['best_top1_std'])} ({_epoch(r['best_epoch'])}) | "
         f"{r['head']:.2f} | {r['medium']:.2f} | {r['tail']:.2f} | {paper} | "
         f"{diff('final_minus_paper')} | {diff('best_minus_paper')} |")
   return "\n".join(lines) + "\n"

@@ -31,14 +31,23 @@ class EvalInterrupted(Exception):
   """An evaluation stopped between batches on request (`should_stop`)."""
 
 
+# Where a record was taken, not a metric: never averaged.
+POSITION_KEYS = ("epoch", "step")
+
+
 def aggregate(per_seed: Sequence[dict]) -> tuple[dict, dict]:
   """Mean and std over seeds of each metric (per-class lists elementwise,
   nested dicts such as the "nc" block recursively, other values: seed 0's).
+  A position (`POSITION_KEYS`) is kept when every seed has the same one and
+  is None otherwise (the seeds' best epochs differ: their mean is no
+  epoch).
   """
   mean, std = {}, {}
   for key in per_seed[0]:
     vals = [m[key] for m in per_seed]
-    if key == "per_class":
+    if key in POSITION_KEYS:
+      mean[key] = vals[0] if all(v == vals[0] for v in vals) else None
+    elif key == "per_class":
       arr = np.array([[np.nan if v is None else v for v in row]
                       for row in vals])
       mean[key] = [None if np.isnan(v) else float(v) for v in arr.mean(0)]

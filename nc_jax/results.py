@@ -46,6 +46,8 @@ def assemble(config: ConfigDict, train_input, history: Sequence[dict],
                      "best": dict(best, epoch=best_epoch)})
   final, final_std = evaluators.aggregate([p["final"] for p in per_seed])
   best, best_std = evaluators.aggregate([p["best"] for p in per_seed])
+  if num_replicas > 1:  # `best` is the mean of each seed's own best
+    best["epochs"] = [p["best"]["epoch"] for p in per_seed]
   groups = {**train_input.info.class_groups, **train_input.extra_groups}
   out = {
       "config": ckpt_lib.config_to_dict(config),
@@ -81,5 +83,10 @@ def summary_line(results: Mapping[str, Any], path: str) -> str:
   if any(g in f for g in ("head", "medium", "tail")):
     groups = (f" (head {_pct(f.get('head'))} / medium {_pct(f.get('medium'))}"
               f" / tail {_pct(f.get('tail'))})")
+  if b.get("epoch") is not None:
+    at = f"at epoch {b['epoch']:g}"
+  else:
+    at = ("(the seeds' mean, at epochs "
+          f"{', '.join(f'{e:g}' for e in b['epochs'])})")
   return (f"done: final top1 {_pct(f['top1'])}{groups}, best top1 "
-          f"{_pct(b['top1'])} at epoch {b['epoch']:g}; {path}")
+          f"{_pct(b['top1'])} {at}; {path}")

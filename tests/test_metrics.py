@@ -74,3 +74,17 @@ def test_no_examples_raises():
   totals = {k: np.zeros(3) for k in ("count", "correct1", "correct5")}
   with pytest.raises(ValueError, match="No evaluation examples"):
     metrics.summarize(totals)
+
+
+def test_seeds_aggregate_metrics_but_not_positions():
+  """The mean over seeds of each seed's best: top-1 and per-class are
+  averaged, the epoch is kept only when the seeds agree (a mean of 16 and
+  12 is no epoch the run evaluated)."""
+  from nc_jax import evaluators
+  best = [{"top1": 27.0, "per_class": [10.0, None], "epoch": 16.0},
+          {"top1": 29.0, "per_class": [20.0, None], "epoch": 12.0}]
+  mean, std = evaluators.aggregate(best)
+  assert mean == {"top1": 28.0, "per_class": [15.0, None], "epoch": None}
+  assert std["top1"] == 1.0 and "epoch" not in std
+  final = [dict(b, epoch=20.0) for b in best]
+  assert evaluators.aggregate(final)[0]["epoch"] == 20.0

@@ -199,6 +199,8 @@ def test_replicas_are_independent_and_resume_exactly(tiny_image_folder,
   np.testing.assert_allclose(multi["final_std"]["loss"], np.std(losses),
                              rtol=1e-6)
   assert len(multi["final"]["per_class"]) == 10
+  assert multi["best"]["epochs"] == [p["best"]["epoch"]
+                                     for p in multi["per_seed"]]
   with monkeypatch.context() as m:
     _crash_after(m, 5)  # checkpoint 3 exists, 6 does not
     with pytest.raises(_Crash):
