@@ -177,6 +177,15 @@ def evaluate(torch, model, classifier, etf, images, labels, groups, k):
   return out
 
 
+def _epoch_of(line: str) -> int | None:
+  """The epoch of a metrics.jsonl record; None for a partial line (a stop
+  mid-write)."""
+  try:
+    return int(json.loads(line)["epoch"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--reference", required=True, type=pathlib.Path,
@@ -284,7 +293,7 @@ def main(argv=None) -> None:
     # A stop between an epoch's records and its checkpoint leaves records
     # of an epoch that is trained again: keep each epoch once.
     keep = [l for l in mpath.read_text().splitlines()
-            if l.strip() and json.loads(l)["epoch"] <= start]
+            if _epoch_of(l) is not None and _epoch_of(l) <= start]
     mpath.write_text("".join(l + "\n" for l in keep))
   mlog = open(mpath, "a")  # pylint: disable=consider-using-with
   steps_per_epoch = len(EpochLoader(train.images, train.labels, 128, 0, 0))

@@ -346,8 +346,9 @@ def check_model(config: ConfigDict, *, num_classes: int,
       etf_lib.check_fits(num_classes, width(config.backbone),
                          config.etf_rotation)
     except ValueError as e:
-      wide = [n for n in sorted(models.BACKBONES) if width(n) >= num_classes]
-      raise ValueError(f"{e} Backbones with d >= {num_classes}: "
+      need = num_classes - (config.etf_rotation == "gaussian")
+      wide = [n for n in sorted(models.BACKBONES) if width(n) >= need]
+      raise ValueError(f"{e} Backbones with d >= {need}: "
                        f"{', '.join(wide)} (--config.backbone=NAME).") from None
   create_model(config, method, num_classes=num_classes, impls=impls)
 

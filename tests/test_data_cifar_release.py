@@ -303,8 +303,8 @@ def test_a_damaged_release_archive_is_not_cached(tmp_path, monkeypatch):
   assert sources.check_data_dir("cifar100", root).kind == "release"
 
 
-def test_a_new_copy_of_an_archive_replaces_its_extraction(tmp_path,
-                                                         monkeypatch):
+def test_extractions_are_per_copy_and_abandoned_ones_are_removed(
+    tmp_path, monkeypatch):
   cache = tmp_path / "cache"
   monkeypatch.setenv("NC_JAX_CACHE", str(cache))
   folder, _ = _write_cifar100(tmp_path / "src")
@@ -312,20 +312,33 @@ def test_a_new_copy_of_an_archive_replaces_its_extraction(tmp_path,
   given = _tar(folder, tmp_path / "cifar-100-python.tar.gz")
   first = archive.resolve_data_dir(str(given))
   assert archive.resolve_data_dir(str(given)) == first  # from the cache
-  # A kill mid-extraction leaves a temporary folder; a dead process's is
-  # removed by the next extraction, a live one's (pid 1) is not.
+  # A kill mid-extraction leaves a temporary folder: this host's, of a dead
+  # process and untouched for 10 minutes, is removed by the next
+  # extraction; a live process's (pid 1), a fresh one and another host's
+  # (whose name extends this one's) stay.
   host = archive.socket.gethostname()
-  dead = cache / f".extract-{host}-999999999-x"
-  live = cache / f".extract-{host}-1-x"
-  dead.mkdir()
-  live.mkdir()
-  os.utime(given, ns=(given.stat().st_atime_ns,
-                      given.stat().st_mtime_ns + 10**9))
+  names = {"dead": f".extract-999999999@{host}@x",
+           "live": f".extract-1@{host}@x",
+           "fresh": f".extract-999999998@{host}@x",
+           "other_host": f".extract-999999999@{host}-2@x"}
+  for name in names.values():
+    (cache / name).mkdir()
+  for key in ("dead", "live", "other_host"):
+    os.utime(cache / names[key], (1e9, 1e9))
+  # A new copy (another modification time): its own extraction; the old
+  # one, which a running job may be reading, is left as it is.
+  st = given.stat()
+  os.utime(given, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
   second = archive.resolve_data_dir(str(given))
-  assert second == first
+  assert second != first and pathlib.Path(first).is_dir()
   entries = _cache_entries(cache)
-  assert live.name in entries and dead.name not in entries
-  assert len([e for e in entries if not e.startswith(".extract-")]) == 1
+  assert names["dead"] not in entries
+  assert {names[k] for k in ("live", "fresh", "other_host")} <= set(entries)
+  # An extraction altered afterwards is refused, naming the folder to delete.
+  (pathlib.Path(second) / "cifar-100-python" / "meta").unlink()
+  with pytest.raises(ValueError, match="Delete that folder") as e:
+    archive.resolve_data_dir(str(given))
+  assert "cifar-100-python/meta is missing" in str(e.value)
 
 
 def test_a_folder_holding_both_releases_serves_each(release_parent, tmp_path,
@@ -341,6 +354,15 @@ def test_a_folder_holding_both_releases_serves_each(release_parent, tmp_path,
                     ("cifar100", "cifar-100-python")):
     src = sources.check_data_dir(name, str(root))
     assert (src.kind, src.root) == ("release", str(root / sub))
+
+
+def test_an_image_tree_with_a_stray_meta_file_is_no_release(
+    tiny_image_folder, tmp_path):
+  tree = tmp_path / "tree"
+  shutil.copytree(tiny_image_folder, tree)
+  (tree / "batches.meta").write_bytes(b"class names, kept by a converter")
+  (tree / "meta").write_bytes(b"")
+  assert sources.check_data_dir("cifar10", str(tree)).kind == "folder"
 
 
 def test_a_renamed_release_missing_its_meta_file_names_it(release_parent,

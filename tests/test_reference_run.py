@@ -168,6 +168,7 @@ def test_resume_equals_uninterrupted_and_records_each_epoch_once(run,
   assert code == 0, err
   with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": 0, "kind": "train", "epoch": 2}) + "\n")
+    f.write('{"step": 0, "kind": "ev')  # and a line cut short
   code, out, err = run(tmp_path / "part", etf_draw=1)
   assert code == 0, err
   assert "resumed after epoch 1" in out

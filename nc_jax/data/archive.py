@@ -3,13 +3,13 @@ trees, or a CIFAR python release (`cifar-10-python.tar.gz`).
 
 `data_dir` may name such an archive instead of a directory: it is extracted
 once into nc_jax's cache folder (`$NC_JAX_CACHE`, default `~/.cache/nc_jax`;
-see `nc_jax.cache`), one folder per archive path, and the tree inside is
-used. The folder records the archive's size and modification time; when
-they change (a new copy), it is extracted again in place of the old one.
+see `nc_jax.cache`) and the tree inside is used. The cache folder is named
+by the archive's path, size and modification time, so a new copy gets its
+own extraction and one in use is never changed under a running job.
 
 Extraction goes to a temporary folder renamed into place, so concurrent
-processes on one host never see a partial tree; one left by a killed
-process is removed by the next extraction. A CIFAR release is checked
+processes never see a partial tree; one left by a killed process is
+removed by a later extraction on the same host. A CIFAR release is checked
 file by file (md5) before it is put in the cache: a damaged or incomplete
 archive stops with an error naming the archive and the files, and leaves
 nothing behind, so the corrected copy is extracted afresh.
@@ -18,13 +18,13 @@ nothing behind, so the corrected copy is extracted afresh.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pathlib
 import shutil
 import socket
 import tarfile
 import tempfile
+import time
 import zipfile
 
 from nc_jax import cache
@@ -62,47 +62,43 @@ def _find_tree(root: pathlib.Path, archive: pathlib.Path) -> pathlib.Path:
       "CUB-200-2011 release. Pass an archive of one of those, or a folder.")
 
 
-# Written inside each extracted folder: the archive it came from.
-STAMP = ".nc_jax_source.json"
-
-
-def _stamp(archive: pathlib.Path) -> dict:
-  st = archive.stat()
-  return {"archive": str(archive), "size": st.st_size,
-          "mtime_ns": st.st_mtime_ns}
-
-
-def _read_stamp(folder: pathlib.Path) -> dict | None:
-  try:
-    return json.loads((folder / STAMP).read_text())
-  except (OSError, ValueError):
-    return None
-
-
 def _release_problems(tree: pathlib.Path) -> list[str]:
-  """The damaged or missing files of a CIFAR release in `tree` (none when
-  `tree` holds no release)."""
-  found = cifar_release.find(str(tree))
-  return cifar_release.problems(*found) if found else []
+  """The damaged or missing files of every CIFAR release in `tree` (none
+  when it holds no release)."""
+  out = []
+  for name in cifar_release.RELEASES:
+    found = cifar_release.find(str(tree), name)
+    if found and found[0].dataset == name:
+      out += cifar_release.problems(*found)
+  return out
+
+
+# Temporary extraction folders: `.extract-<pid>@<host>@<random>` ("@" is in
+# no host name, so the owner is parsed exactly).
+_TMP = ".extract-"
 
 
 def _tmp_prefix() -> str:
-  return f".extract-{socket.gethostname()}-{os.getpid()}-"
+  return f"{_TMP}{os.getpid()}@{socket.gethostname()}@"
 
 
-def _remove_abandoned(parent: pathlib.Path) -> None:
+def _remove_abandoned(parent: pathlib.Path, min_age_s: float = 600.0) -> None:
   """Deletes this host's temporary extractions whose process has died (a
-  kill mid-extraction); those of live processes and other hosts stay."""
-  host = f".extract-{socket.gethostname()}-"
-  for path in parent.glob(f"{host}*"):
-    pid = path.name[len(host):].split("-", 1)[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
+  kill mid-extraction) and which have not changed for `min_age_s`; those of
+  live processes and of other hosts stay."""
+  host = socket.gethostname()
+  for path in parent.glob(f"{_TMP}*"):
+    pid, _, rest = path.name[len(_TMP):].partition("@")
+    owner, sep, _ = rest.partition("@")
+    if not (sep and owner == host and pid.isdigit()):
       continue
     try:
+      if time.time() - path.stat().st_mtime < min_age_s:
+        continue
       os.kill(int(pid), 0)
     except ProcessLookupError:
       shutil.rmtree(path, ignore_errors=True)
-    except OSError:  # alive, another user's
+    except OSError:  # alive (another user's), or already gone
       pass
 
 
@@ -143,21 +139,24 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
         f"data_dir {archive} looks like an archive but does not exist. Pass "
         "the path of an existing .tar.gz/.zip of train/ and test/ class "
         "folders or of a CIFAR python release, or an extracted directory.")
-  stamp = _stamp(archive)
-  key = hashlib.sha1(str(archive).encode()).hexdigest()[:12]
+  st = archive.stat()
+  key = hashlib.sha1(f"{archive}:{st.st_size}:{st.st_mtime_ns}".encode()
+                     ).hexdigest()[:12]
   target = cache_root() / f"{archive.name.split('.')[0]}-{key}"
-  if _read_stamp(target) == stamp:
-    try:
-      tree = _find_tree(target, archive)
-      if not _release_problems(tree):
-        return str(tree)
-    except FileNotFoundError:
-      pass
-    # Changed since it was checked: the archive is the truth, extract again.
+  if target.is_dir():
+    tree = _find_tree(target, archive)
+    bad = _release_problems(tree)
+    if not bad:
+      return str(tree)
+    # Checked when it was extracted, so altered since: it is no copy of the
+    # archive any more.
+    raise ValueError(
+        f"{target}, nc_jax's extraction of {archive}, has been altered "
+        f"since: {'; '.join(bad)}. Delete that folder; the next run "
+        "extracts the archive again.")
   target.parent.mkdir(parents=True, exist_ok=True)
   _remove_abandoned(target.parent)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=_tmp_prefix(), dir=target.parent))
-  old = None
   try:
     _extract(archive, tmp)
     bad = _release_problems(_find_tree(tmp, archive))
@@ -166,20 +165,12 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
           f"data_dir {archive} holds a damaged or incomplete CIFAR release: "
           f"{'; '.join(bad)}. Copy or download the archive again (nothing "
           "from it was kept).")
-    (tmp / STAMP).write_text(json.dumps(stamp))
-    if _read_stamp(target) == stamp:  # another process got there first
-      return str(_find_tree(target, archive))
-    if target.exists():  # an older copy of the archive: replace it
-      old = pathlib.Path(tempfile.mkdtemp(prefix=_tmp_prefix(),
-                                          dir=target.parent))
-      os.rename(target, old / "stale")
     try:
       os.rename(tmp, target)
     except OSError:
-      if _read_stamp(target) != stamp:  # lost a race only if the winner
-        raise                          # finished
+      if not target.is_dir():  # lost a race only if the winner finished
+        raise
   finally:
-    for path in (tmp, old):
-      if path is not None and path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
   return str(_find_tree(target, archive))

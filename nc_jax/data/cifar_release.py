@@ -87,9 +87,13 @@ def _is_release_folder(path: str, release: Release) -> bool:
     return False
   if os.path.basename(os.path.normpath(path)) == release.folder:
     return True
-  # A renamed copy: recognised by any of its files (so that one missing
-  # file is reported by name rather than the folder going unrecognised).
-  return any(os.path.isfile(os.path.join(path, f)) for f in release.files)
+  # A renamed copy: recognised by two or more of its files, so that one
+  # missing file (the meta file included) is reported by name. Not an
+  # image-folder tree that keeps a stray meta file beside its train/ (and
+  # CIFAR-100's names are generic: one file alone proves nothing).
+  if os.path.isdir(os.path.join(path, "train")):
+    return False
+  return sum(os.path.isfile(os.path.join(path, f)) for f in release.files) >= 2
 
 
 def find(root: str, dataset: str | None = None
