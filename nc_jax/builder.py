@@ -331,28 +331,6 @@ def create_model(config: ConfigDict, method: methods_lib.Method, *,
                              head=method.head, **opts)
 
 
-def check_model(config: ConfigDict, *, num_classes: int,
-                impls: impl_lib.Implementations) -> None:
-  """The model can be made for K classes: its backbone and head options,
-  and a fixed ETF that fits its features (before any data is read).
-
-  Raises:
-    ValueError: naming the fix (e.g. a backbone too narrow for K).
-  """
-  method = methods_lib.get_method(config.method)
-  if method.fixed_classifier:
-    width = lambda name: models.BACKBONES[name]().feature_dim  # no params
-    try:
-      etf_lib.check_fits(num_classes, width(config.backbone),
-                         config.etf_rotation)
-    except ValueError as e:
-      need = num_classes - (config.etf_rotation == "gaussian")
-      wide = [n for n in sorted(models.BACKBONES) if width(n) >= need]
-      raise ValueError(f"{e} Backbones with d >= {need}: "
-                       f"{', '.join(wide)} (--config.backbone=NAME).") from None
-  create_model(config, method, num_classes=num_classes, impls=impls)
-
-
 def build_model(config: ConfigDict, *, num_classes: int,
                 mean: Sequence[float], std: Sequence[float],
                 class_counts: Sequence[int] | None, mesh: Mesh,

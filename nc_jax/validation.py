@@ -15,6 +15,10 @@ from ml_collections import ConfigDict
 
 from nc_jax import builder as builder_lib
 from nc_jax import data as data_lib
+from nc_jax import etf as etf_lib
+from nc_jax import implementations as impl_lib
+from nc_jax import methods as methods_lib
+from nc_jax import models
 from nc_jax import optim
 from nc_jax import steps as steps_lib
 
@@ -42,6 +46,29 @@ def validate_config(config: ConfigDict) -> None:
     raise
   except (ValueError, FileNotFoundError, TypeError) as e:
     raise ConfigError(str(e)) from e
+
+
+def check_model(config: ConfigDict, *, num_classes: int,
+                impls: impl_lib.Implementations) -> None:
+  """The model can be made for K classes: its backbone and head options,
+  and a fixed ETF that fits its features (before any data is read).
+
+  Raises:
+    ValueError: naming the fix (e.g. a backbone too narrow for K).
+  """
+  method = methods_lib.get_method(config.method)
+  if method.fixed_classifier:
+    width = lambda name: models.BACKBONES[name]().feature_dim  # no params
+    try:
+      etf_lib.check_fits(num_classes, width(config.backbone),
+                         config.etf_rotation)
+    except ValueError as e:
+      need = num_classes - (config.etf_rotation == "gaussian")
+      wide = [n for n in sorted(models.BACKBONES) if width(n) >= need]
+      raise ValueError(f"{e} Backbones with d >= {need}: "
+                       f"{', '.join(wide)} (--config.backbone=NAME).") from None
+  builder_lib.create_model(config, method, num_classes=num_classes,
+                           impls=impls)
 
 
 def _positive_int(config: ConfigDict, name: str, what: str) -> None:
@@ -91,7 +118,7 @@ def _validate(config: ConfigDict) -> None:
   impls = builder_lib.resolve_implementations(config)
   # The model for the dataset's K, before the data is read (a backbone too
   # narrow for the fixed ETF would otherwise stop only after loading it).
-  builder_lib.check_model(
-      config, num_classes=data_lib.dataset_info(config.dataset).num_classes,
-      impls=impls)
+  check_model(config,
+              num_classes=data_lib.dataset_info(config.dataset).num_classes,
+              impls=impls)
   data_lib.check_config(config)
