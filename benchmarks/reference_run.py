@@ -34,10 +34,10 @@ What this script supplies instead of their `main_worker`:
   argument unchanged (their code calls it unconditionally).
 
 Writes `DIR/results.json` (nc_jax's layout: config, train counts, class
-groups, final, best, history, provenance), `DIR/metrics.jsonl` (one train
-and one eval record per epoch; the train `loss` is their running mean at
-their last progress line of the epoch) and `DIR/train.log` (their progress
-lines).
+groups, final, best, history, provenance: command, commits, versions),
+`DIR/metrics.jsonl` (one train and one eval record per epoch; the train
+`loss` is their running mean at their last progress line of the epoch) and
+`DIR/train.log` (their progress lines).
 Needs torch and yacs (their config loader); not torchvision.
 """
 
@@ -51,6 +51,7 @@ import os
 import pathlib
 import platform
 import re
+import subprocess
 import sys
 import time
 import types
@@ -177,6 +178,16 @@ def evaluate(torch, model, classifier, etf, images, labels, groups, k):
   return out
 
 
+def _checkout_commit(path: pathlib.Path) -> str | None:
+  """The commit of the authors' checkout, or None when it is no git clone."""
+  try:
+    out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"],
+                         capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() if out.returncode == 0 else None
+
+
 def _epoch_of(line: str) -> int | None:
   """The epoch of a metrics.jsonl record; None for a partial line (a stop
   mid-write)."""
@@ -214,6 +225,7 @@ def main(argv=None) -> None:
 
   ref_train, resnet_cifar, config = import_reference(args.reference)
   import torch  # pylint: disable=g-import-not-at-top
+  from nc_jax import provenance  # pylint: disable=g-import-not-at-top
   from nc_jax.data import archive, in_memory, sources  # pylint: disable=g-import-not-at-top
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -352,6 +364,9 @@ def main(argv=None) -> None:
       "provenance": {
           "versions": {"torch": torch.__version__,
                        "numpy": np.__version__},
+          "command": provenance.command(),
+          "commit": provenance.git_commit(),
+          "reference_commit": _checkout_commit(args.reference),
           "python": platform.python_version(), "host": platform.node(),
           "machine": platform.machine(),
           "device": ("cuda" if torch.cuda.is_available() else "cpu"),

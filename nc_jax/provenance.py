@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from typing import Any
 
 PACKAGES = ("nc_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
@@ -44,6 +46,20 @@ def git_commit() -> str | None:
   return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def command() -> str | None:
+  """This process's command line, as it would be typed: `python -m
+  experiments.cifar_lt ...` or `nc-jax-train ...` (for a library call, the
+  calling script's). Recorded by the process that finishes a run; a resume
+  repeats the first command."""
+  orig = list(getattr(sys, "orig_argv", []))
+  if "-m" in orig[1:3]:
+    i = orig.index("-m")
+    return shlex.join(["python", *orig[i:]])
+  if not sys.argv or not sys.argv[0]:
+    return None
+  return shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+
+
 def describe(devices: Any = None) -> dict[str, Any]:
   """Versions, commit and machine, as plain JSON data."""
   info: dict[str, Any] = {
@@ -52,6 +68,7 @@ def describe(devices: Any = None) -> dict[str, Any]:
       "python": platform.python_version(),
       "host": platform.node(),
       "machine": platform.machine(),
+      "command": command(),
   }
   if devices is not None:
     kinds = sorted({getattr(d, "device_kind", str(d)) for d in devices})

@@ -133,6 +133,8 @@ def test_two_processes_match_one(two_process_run, baseline):
   two, logs = two_process_run
   assert "2 device(s) over 2 process(es)" in logs[0]
   one = baseline
+  assert one["provenance"]["command"].startswith(
+      "python -m experiments.train --config ")
   assert two["train_counts"] == one["train_counts"]
   assert two["final"]["num_examples"] == one["final"]["num_examples"] == 60
   # Same data and steps; only the order of the cross-device sums differs,

@@ -179,6 +179,7 @@ def test_resume_equals_uninterrupted_and_records_each_epoch_once(run,
   assert b["history"] == a["history"]
   assert b["final"] == a["final"] and b["best"] == a["best"]
   assert b["provenance"]["resumes"] == 1 and a["provenance"]["resumes"] == 0
+  assert a["provenance"]["reference_commit"] is None  # not a git clone
   assert a["train_counts"] == [int(40 * 0.1**(c / 9)) for c in range(10)]
   assert set(a["final"]) >= {"top1", "top5", "per_class", "head", "tail"}
   recs = _records(tmp_path / "part")
