@@ -33,7 +33,9 @@ What this script supplies instead of their `main_worker`:
 - On a machine without CUDA, `.cuda()` on tensors and modules returns its
   argument unchanged (their code calls it unconditionally).
 
-Writes `DIR/results.json` (nc_jax's layout: config, train counts, class
+Writes `DIR/config.json` (nc_jax's names for the dataset, ratio, method,
+backbone, batch and epochs, so that `nc-jax-report` takes DIR beside
+nc_jax's workdirs), `DIR/results.json` (nc_jax's layout: config, train counts, class
 groups, final, best, history, provenance: command, commits, versions),
 `DIR/metrics.jsonl` (one train and one eval record per epoch; the train
 `loss` is their running mean at their last progress line of the epoch) and
@@ -251,6 +253,18 @@ def main(argv=None) -> None:
     fail(str(e))
   wd = args.workdir
   wd.mkdir(parents=True, exist_ok=True)
+  if not (wd / "config.json").is_file():
+    # nc_jax's names for what the reports read (nc-jax-report takes this
+    # workdir beside nc_jax's own).
+    (wd / "config.json").write_text(json.dumps({
+        "program": "the authors' code (benchmarks/reference_run.py)",
+        "dataset": args.dataset, "imb_factor": float(config.imb_factor),
+        "method": f"{args.method} (authors' code)",
+        "backbone": str(config.backbone), "num_seeds": 1,
+        "batch_size": int(config.batch_size),
+        "num_epochs": float(config.num_epochs), "seed": args.seed,
+        "data_dir": args.data_dir,
+        "reference_yaml": str(yaml.relative_to(args.reference))}, indent=2))
   logger = logging.getLogger("reference")
   logger.setLevel(logging.INFO)
   logger.propagate = False  # their progress lines go to train.log only

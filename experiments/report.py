@@ -11,7 +11,8 @@ r"""Figures and a comparison table for finished (or running) training runs.
   nc_metrics.png          neural-collapse statistics over training (when the
                           runs logged them, config.nc_metrics=True)
   report.md               a markdown table comparing the runs
-A figure with nothing to show is not written. A workdir that does not exist,
+A workdir of `benchmarks/reference_run.py` (the authors' code) is read the
+same way. A figure with nothing to show is not written. A workdir that does not exist,
 is no run directory, or has not logged anything yet stops the report with
 one `error:` line (exit status 2).
 """
@@ -104,7 +105,7 @@ def table(runs: list[dict]) -> str:
     status = "" if res else " (unfinished)"
     rows.append(
         f"| {run['name']}{status} | {c['dataset']} | {c['imb_factor']} | "
-        f"{c['method']} | {c['backbone']} | {c.get('num_seeds', 1)} | "
+        f"{c.get('method')} | {c.get('backbone')} | {c.get('num_seeds', 1)} | "
         f"{_fmt(fin, fstd, 'top1')} | {_fmt(fin, fstd, 'head')} | "
         f"{_fmt(fin, fstd, 'medium')} | {_fmt(fin, fstd, 'tail')} | "
         f"{_fmt(fin, fstd, 'ece')} | {_fmt(best, bstd, 'top1')} |")
@@ -140,15 +141,14 @@ def plot_curves(runs: list[dict], path: pathlib.Path) -> bool:
   logged any."""
   if not any(run["eval"] or run["train"] for run in runs):
     return False
-  by_epoch = all(_steps_per_epoch(run) for run in runs if run["eval"])
+  by_epoch = all(_epochs(run) is not None for run in runs if run["eval"])
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
   for run in runs:
     ev = [r for r in run["eval"] if "top1" in r]
     if ev:
-      spe = _steps_per_epoch(run) if by_epoch else 1
-      a1.plot([r["step"] / spe for r in ev], [r["top1"] for r in ev], "o-",
-              label=run["name"])
-    tr = run["train"]
+      x = _epochs(run) if by_epoch else [r["step"] for r in ev]
+      a1.plot(x, [r["top1"] for r in ev], "o-", label=run["name"])
+    tr = [r for r in run["train"] if r.get("loss") is not None]
     if tr:
       a2.plot([r["step"] for r in tr], [r["loss"] for r in tr],
               label=run["name"], alpha=0.8)
@@ -179,6 +179,17 @@ def _steps_per_epoch(run: dict) -> float | None:
   if n and c.get("batch_size"):
     return max(n // c["batch_size"], 1)
   return None
+
+
+def _epochs(run: dict) -> list[float] | None:
+  """The epoch of each test evaluation: as recorded (the authors'-code
+  script records it), else from the step; None when the run does not
+  tell."""
+  ev = [r for r in run["eval"] if "top1" in r]
+  if ev and all("epoch" in r for r in ev):
+    return [float(r["epoch"]) for r in ev]
+  spe = _steps_per_epoch(run)
+  return [r["step"] / spe for r in ev] if spe else None
 
 
 def plot_nc(runs: list[dict], path: pathlib.Path) -> bool:

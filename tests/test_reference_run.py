@@ -188,6 +188,13 @@ def test_resume_equals_uninterrupted_and_records_each_epoch_once(run,
   full_evals = [r for r in _records(tmp_path / "full") if r["kind"] == "eval"]
   assert ([r["per_class"] for r in recs if r["kind"] == "eval"]
           == [r["per_class"] for r in full_evals])
+  # nc-jax-report takes the workdir beside nc_jax's own.
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  written = {p.name for p in report.write_report(
+      [tmp_path / "full", tmp_path / "part"], tmp_path / "report")}
+  assert {"learning_curves.png", "per_class_accuracy.png"} <= written
+  assert "| full | cifar10 | 0.1 | etf_dr (authors' code) | resnet32_fe |" in (
+      tmp_path / "report" / "report.md").read_text()
   # Their progress lines go to each run's own log, and only there.
   logs = [(tmp_path / d / "train.log").read_text() for d in ("full", "part")]
   assert logs[0].count("Epoch: [0]") == logs[1].count("Epoch: [0]") == 5
