@@ -12,9 +12,9 @@ r"""Figures and a comparison table for finished (or running) training runs.
                           runs logged them, config.nc_metrics=True)
   report.md               a markdown table comparing the runs
 A workdir of `benchmarks/reference_run.py` (the authors' code) is read the
-same way. A figure with nothing to show is not written. A workdir that does not exist,
-is no run directory, or has not logged anything yet stops the report with
-one `error:` line (exit status 2).
+same way. A figure with nothing to show is not written. A workdir that
+does not exist, is no run directory, or has not logged anything yet stops
+the report with one `error:` line (exit status 2).
 """
 
 from __future__ import annotations
