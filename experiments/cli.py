@@ -87,10 +87,26 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       fail(f"bad --config: {_one_line(e)}")
     # A --config.FIELD override that the locked config refuses (misspelt
     # field, wrong type).
-    msg = " ".join(re.sub(r"\\n|[\\'\"]", " ", _one_line(e)).split())
-    fail(f"bad --config override: {msg}. Fields are listed in "
-         f"{DEFAULT_CONFIG.relative_to(INSTALL_ROOT)}.")
+    fail(_override_error(_one_line(e), argv))
   return []  # not reached
+
+
+def _override_error(msg: str, argv: Sequence[str]) -> str:
+  """One line for an override the locked config refuses, naming the whole
+  `--config.a.b` path and ml_collections' suggestion, if it has one."""
+  msg = " ".join(re.sub(r"\\n|[\\'\"]", " ", msg).split())
+  m = re.search(r"Did you mean (\w+) instead of (\w+)", msg)
+  if not (m or re.fullmatch(r"\w+", msg)):  # not an unknown field
+    return (f"bad --config override: {msg}. The fields and their "
+            f"defaults: {DEFAULT_CONFIG}.")
+  bad = m.group(2) if m else msg
+  given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+  path = next((a for a in given if a.split(".")[-1] == bad),
+              f"--config.{bad}")
+  hint = (f" Did you mean {path.rsplit('.', 1)[0]}.{m.group(1)}?" if m
+          else "")
+  return (f"bad --config override: {path} is no field of the config.{hint} "
+          f"The fields and their defaults: {DEFAULT_CONFIG}.")
 
 
 def _adopt_help(module_name: str, program: str) -> None:

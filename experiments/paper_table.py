@@ -44,8 +44,10 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per cell (num_seeds).")
 _EPOCHS = flags.DEFINE_float("epochs", None, "Training length in epochs "
                              "(default: the preset's, 200 / 90).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training length in steps.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "data_dir for every cell "
-                                "(image folder, archive or tfds data_dir).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "data_dir for every cell (the CIFAR python release "
+    "folder or archive, an image folder or its archive, or a tfds "
+    "data_dir).")
 flags.mark_flags_as_required(["root", "cells"])
 
 # Top-1 (%) published for these cells (docs/method.md, Published numbers;

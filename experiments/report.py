@@ -82,6 +82,16 @@ def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
   }
 
 
+def _distinct_names(runs: list[dict], workdirs: list[str]) -> None:
+  """Runs whose folders share a name are labelled with their parent folder
+  too (`jpeg/etf_dr`, `original/etf_dr`), in tables and legends."""
+  names = [run["name"] for run in runs]
+  for run, wd in zip(runs, workdirs):
+    if names.count(run["name"]) > 1:
+      path = pathlib.Path(wd).expanduser().resolve()
+      run["name"] = f"{path.parent.name}/{path.name}"
+
+
 def _fmt(block: dict | None, std: dict | None, key: str) -> str:
   if not block or block.get(key) is None:
     return "-"
@@ -238,6 +248,7 @@ def write_report(workdirs: list[str], out: str | pathlib.Path) -> list[pathlib.P
       (nothing to report; nothing is written).
   """
   runs = [load_run(w) for w in workdirs]
+  _distinct_names(runs, workdirs)
   if not any(run["results"] or run["train"] or run["eval"] for run in runs):
     raise ReportError(
         f"nothing to report yet: {', '.join(map(str, workdirs))} "

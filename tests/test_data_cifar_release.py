@@ -375,3 +375,23 @@ def test_a_renamed_release_missing_its_meta_file_names_it(release_parent,
   with pytest.raises(ValueError, match="batches.meta is missing") as e:
     sources.check_source(src)
   assert str(folder / "batches.meta") in str(e.value)
+
+
+def test_the_other_datasets_release_names_the_archive_given(
+    release_archive, tmp_path, monkeypatch):
+  """A CIFAR-100 preset given the CIFAR-10 archive: the error names the
+  archive as passed (not nc_jax's extraction of it) and both fixes."""
+  from experiments.configs import cifar_lt
+  from nc_jax import train
+  monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
+  config = cifar_lt.get_config("cifar100_r0.01_etf_dr")
+  config.unlock()
+  config.data_dir = str(release_archive)
+  config.lock()
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(config)
+  msg = str(e.value)
+  assert msg.startswith(f"data_dir {release_archive} holds the "
+                        "cifar-10-batches-py/ release"), msg
+  assert str(tmp_path / "cache") not in msg
+  assert "cifar-100-python.tar.gz" in msg and "cifar10_r0.01_etf_dr" in msg

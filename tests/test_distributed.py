@@ -153,7 +153,7 @@ def test_cli_stops_on_bad_overrides_with_one_message(tmp_path):
   typo = subprocess.run(base + ["--config.num_epoch=3"], env=_env(), cwd=REPO,
                         capture_output=True, text=True, timeout=300)
   assert typo.returncode == 2
-  assert "Did you mean num_epochs" in typo.stderr
+  assert "Did you mean --config.num_epochs?" in typo.stderr
   assert "Traceback" not in typo.stderr
   ratio = subprocess.run(
       base + ["--config.imb_factor=1.5", f"--config.data_dir={tmp_path}"],

@@ -79,6 +79,15 @@ def test_report_on_an_unfinished_run(tmp_path):
   assert "half: unfinished (step 15 of 40)" in md  # 100 images / batch 10
 
 
+def test_runs_with_the_same_folder_name_are_told_apart(tmp_path):
+  runs = [_unfinished_run(tmp_path / parent / "etf_dr")
+          for parent in ("jpeg", "original")]
+  report.write_report(runs, tmp_path / "out")
+  md = (tmp_path / "out" / "report.md").read_text()
+  assert "| jpeg/etf_dr (unfinished) |" in md
+  assert "| original/etf_dr (unfinished) |" in md
+
+
 def test_report_with_nothing_to_show_writes_nothing(tmp_path):
   wd = _unfinished_run(tmp_path / "fresh", logged=False)
   with pytest.raises(report.ReportError, match="nothing to report yet"):

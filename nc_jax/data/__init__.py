@@ -71,8 +71,16 @@ def check_config(config) -> None:
                          sampler=config.sampler,
                          imb_factor=config.imb_factor,
                          profile=config.imb_profile, options=options)
-  check_data(config.dataset, archive.resolve_data_dir(config.data_dir),
-             train_splits=options.get("train_splits") or None)
+  root = archive.resolve_data_dir(config.data_dir)
+  try:
+    check_data(config.dataset, root,
+               train_splits=options.get("train_splits") or None)
+  except (ValueError, FileNotFoundError) as e:
+    if root is None or root == config.data_dir or root not in str(e):
+      raise
+    # Name what the user passed: the archive, not nc_jax's extraction of it.
+    raise type(e)(str(e).replace(
+        f"data_dir {root}", f"data_dir {config.data_dir}", 1)) from None
 
 
 def prepare_tfds(name: str, **kwargs) -> None:

@@ -139,11 +139,15 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
   if found is not None:
     release, folder = found
     if release.dataset != name:
+      want = cifar_release.RELEASES.get(name)
+      data = (f"the {want.archive} release (or its {want.folder}/ folder)"
+              if want else f"data of {name!r}")
       raise ValueError(
           f"data_dir {root} holds the {release.folder}/ release, which is "
-          f"{release.dataset!r}, not {name!r}. Pass "
-          f"--config.dataset={release.dataset}, or the data of {name!r}. "
-          + _expected(info))
+          f"{release.dataset!r}, not {name!r}: pass {data}, or train a "
+          f"{release.dataset} config on it (a preset such as "
+          f"{release.dataset}_r0.01_etf_dr, or --config.dataset="
+          f"{release.dataset}).")
     return Source("release", folder, info)
   if all(folders.has_class_folders(os.path.join(root, s))
          for s in ("train", "test")):
