@@ -79,7 +79,8 @@ def check_config(config) -> None:
     if root is None or root == config.data_dir or root not in str(e):
       raise
     # Name what the user passed: the archive, not nc_jax's extraction of it.
-    raise type(e)(str(e).replace(
+    kind = type(e) if type(e) in (ValueError, FileNotFoundError) else ValueError
+    raise kind(str(e).replace(
         f"data_dir {root}", f"data_dir {config.data_dir}", 1)) from None
 
 
