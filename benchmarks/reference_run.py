@@ -35,8 +35,9 @@ What this script supplies instead of their `main_worker`:
 
 Writes `DIR/config.json` (nc_jax's names for the dataset, ratio, method,
 backbone, batch and epochs, so that `nc-jax-report` takes DIR beside
-nc_jax's workdirs), `DIR/results.json` (nc_jax's layout: config, train counts, class
-groups, final, best, history, provenance: command, commits, versions),
+nc_jax's workdirs), `DIR/results.json` (nc_jax's layout: config, train
+counts, class groups, final, best, history, provenance: command, commits,
+versions),
 `DIR/metrics.jsonl` (one train and one eval record per epoch; the train
 `loss` is their running mean at their last progress line of the epoch) and
 `DIR/train.log` (their progress lines).
