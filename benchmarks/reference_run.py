@@ -31,7 +31,9 @@ What this script supplies instead of their `main_worker`:
   or the optimizer; this one does, so a resumed run continues the same
   run.
 - On a machine without CUDA, `.cuda()` on tensors and modules returns its
-  argument unchanged (their code calls it unconditionally).
+  argument unchanged (their code calls it unconditionally). With CUDA,
+  model, classifier and evaluation run on the GPU, as in their `main`,
+  and a checkpoint from either resumes on the other.
 
 Writes `DIR/config.json` (nc_jax's names for the dataset, ratio, method,
 backbone, batch and epochs, so that `nc-jax-report` takes DIR beside
@@ -159,17 +161,19 @@ def to_tensor(torch, images):
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def evaluate(torch, model, classifier, etf, images, labels, groups, k):
+def evaluate(torch, model, classifier, etf, images, labels, groups, k,
+             device="cpu"):
   """Top-1/5, per-class and group accuracy (%) on a whole split."""
   model.eval()
   classifier.eval()
   preds, top5 = [], []
   with torch.no_grad():
     for i in range(0, len(labels), 500):
-      feat = classifier(model(to_tensor(torch, images[i:i + 500])))
+      x = to_tensor(torch, images[i:i + 500]).to(device)
+      feat = classifier(model(x))
       out = feat @ classifier.ori_M if etf else feat
-      preds.append(out.argmax(1).numpy())
-      top5.append(out.topk(5, 1).indices.numpy())
+      preds.append(out.argmax(1).cpu().numpy())
+      top5.append(out.topk(5, 1).indices.cpu().numpy())
   pred = np.concatenate(preds)
   hit5 = (np.concatenate(top5) == labels[:, None]).any(1)
   per_class = [100.0 * float(np.mean(pred[labels == c] == c))
@@ -284,6 +288,11 @@ def main(argv=None) -> None:
   etf = bool(config.ETF_classifier)
   classifier = (resnet_cifar.ETF_Classifier if etf else
                 resnet_cifar.Classifier)(feat_in=feat, num_classes=k)
+  # Where CUDA is present their train() moves each batch to the GPU, so the
+  # model goes there too, as their main() does.
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  model.to(device)
+  classifier.to(device)
   criterion = (config.criterion if config.reg_dot_loss
                else torch.nn.CrossEntropyLoss())
   optimizer = torch.optim.SGD(
@@ -300,7 +309,7 @@ def main(argv=None) -> None:
   if ckpt.is_file():
     # weights_only=False: the checkpoint holds numpy RNG state; it is this
     # script's own file.
-    c = torch.load(ckpt, weights_only=False)
+    c = torch.load(ckpt, weights_only=False, map_location=device)
     if c.get("run", run) != run:  # checkpoints before 2026-11-30 lack it
       fail(f"{wd} holds a run of {c['run']}, not {run}: pass another "
            "--workdir, or that run's options to resume it.")
@@ -310,7 +319,9 @@ def main(argv=None) -> None:
       classifier.ori_M = c["ori_M"]
     optimizer.load_state_dict(c["optimizer"])
     np.random.set_state(c["np_rng"])
-    torch.set_rng_state(c["torch_rng"])
+    torch.set_rng_state(c["torch_rng"].cpu())
+    if c.get("cuda_rng") is not None and torch.cuda.is_available():
+      torch.cuda.set_rng_state_all([t.cpu() for t in c["cuda_rng"]])
     history, start, wall = c["history"], c["epoch"], c["wall_s"]
     resumes = c["resumes"] + 1
     print(f"resumed after epoch {start} from {ckpt}", flush=True)
@@ -333,7 +344,7 @@ def main(argv=None) -> None:
                     config, logger, None)
     t1 = time.time()
     ev = evaluate(torch, model, classifier, etf, test.images,
-                  np.asarray(test.labels), groups, k)
+                  np.asarray(test.labels), groups, k, device)
     t2 = time.time()
     wall += t2 - t0
     m = re.search(r"Loss\s+\S+\s+\(\s*([-\d.e]+)\)", last.get("line", ""))
@@ -357,7 +368,10 @@ def main(argv=None) -> None:
              "ori_M": classifier.ori_M if etf else None,
              "optimizer": optimizer.state_dict(),
              "np_rng": np.random.get_state(),
-             "torch_rng": torch.get_rng_state(), "history": history,
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": (torch.cuda.get_rng_state_all()
+                          if torch.cuda.is_available() else None),
+             "history": history,
              "wall_s": wall, "resumes": resumes}
     torch.save(state, wd / "checkpoint.pt.tmp")
     os.replace(wd / "checkpoint.pt.tmp", ckpt)
