@@ -202,6 +202,22 @@ def check_or_write_config(workdir: pathlib.Path, config: ConfigDict,
   return kept
 
 
+# Defaults that changed: field -> (the old default, the date it changed).
+# A workdir that ran with the old one is told the override that resumes it.
+CHANGED_DEFAULTS = {"etf_rotation": ("gaussian", "2026-11-29")}
+
+
+def _override(name: str, value: Any) -> str | None:
+  """The `--config.` flag that sets `name` to `value`; None where a flag
+  cannot (a missing field)."""
+  if value is None or isinstance(value, dict):
+    return None
+  if isinstance(value, (list, tuple)):
+    text = "(" + ", ".join(map(repr, value)) + ("," if len(value) == 1 else "")
+    return f"'--config.{name}={text})'"
+  return f"--config.{name}={value}"
+
+
 def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:
   a, b = {**MISSING_MEANS, **_flatten(old)}, _flatten(new)
   diff = sorted(k for k in set(a) | set(b)
@@ -209,10 +225,18 @@ def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:
   if diff:
     lines = [f"  {k}: {a.get(k)!r} in the workdir, {b.get(k)!r} now"
              for k in diff]
+    for k in diff:
+      if k in CHANGED_DEFAULTS and a.get(k) == CHANGED_DEFAULTS[k][0]:
+        lines.append(f"  ({k}'s default was {a.get(k)!r} until "
+                     f"{CHANGED_DEFAULTS[k][1]}: this run was trained with "
+                     "it)")
+    flags = [_override(k, a.get(k)) for k in diff if k in b]
+    fix = ("Resume it with the same config"
+           + (f" ({' '.join(flags)})" if flags and None not in flags else "")
+           + ", or start the new run in another --workdir.")
     raise ValueError(
         f"{workdir} holds a run with a different config:\n" + "\n".join(lines)
-        + "\nResume it with the same config, or start the new run in another "
-        "--workdir.")
+        + "\n" + fix)
 
 
 class Checkpointer:

@@ -130,8 +130,11 @@ def test_workdir_in_use_stops_before_any_work(tiny_image_folder, tmp_path):
 
 def test_config_json_from_before_etf_rotation_resumes(tmp_path):
   """A workdir written before `etf_rotation` existed ran the Gaussian ETF:
-  it resumes under the default and refuses the reference's draw."""
+  it resumes as `gaussian`, and the presets' newer default (the reference's
+  draw) is refused with the flag that resumes it."""
   config = tiny_config(str(tmp_path / "data"))
+  assert config.etf_rotation == "uniform01"  # the presets' default
+  config.etf_rotation = "gaussian"
   old = ckpt_lib.config_to_dict(config)
   del old["etf_rotation"]
   # Fields added later still (fine-tuning): their absence means their
@@ -143,9 +146,28 @@ def test_config_json_from_before_etf_rotation_resumes(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(old))
   ckpt_lib.check_config(tmp_path, config)
   config.etf_rotation = "uniform01"
-  with pytest.raises(ValueError, match="etf_rotation: 'gaussian' in the wo"):
+  with pytest.raises(ValueError, match="etf_rotation: 'gaussian' in the wo"
+                     "(.|\n)*default was 'gaussian' until(.|\n)*"
+                     "same config [(]--config.etf_rotation=gaussian[)]"):
     ckpt_lib.check_config(tmp_path, config)
   from nc_jax import run_sources
   loaded = run_sources._config_from_dict(old)  # pylint: disable=protected-access
   assert loaded.etf_rotation == "gaussian" and loaded.pretrained is None
   assert loaded.optim.backbone_lr_scale == 1.0
+
+
+def test_config_mismatch_names_the_flags_that_resume(tmp_path):
+  """The refusal quotes each differing field's recorded value as the
+  override that resumes the run, shell-quoted where it is a tuple."""
+  config = tiny_config(str(tmp_path / "data"))
+  old = ckpt_lib.config_to_dict(config)
+  old["optim"]["decay_epochs"] = [160, 180]
+  old["mixup_alpha"] = 0.0
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with pytest.raises(ValueError) as e:
+    ckpt_lib.check_config(tmp_path, config)
+  msg = str(e.value)
+  assert "--config.mixup_alpha=0.0" in msg
+  assert "'--config.optim.decay_epochs=(160, 180)'" in msg
+  assert "default was" not in msg

@@ -169,10 +169,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.backbone = backbone
   c.etf_seed = 0  # seed of the fixed classifier; replica r uses etf_seed + r
   # How the fixed ETF's random rotation is drawn (nc_jax.etf.simplex_etf):
-  # "gaussian" (a uniformly random frame) or "uniform01" (the reference's
-  # QR of a uniform [0, 1) matrix: one class vector near the all-ones
-  # direction; needs feature_dim >= num_classes).
-  c.etf_rotation = "gaussian"
+  # "uniform01" (the reference's QR of a uniform [0, 1) matrix: one class
+  # vector near the all-ones direction; needs feature_dim >= num_classes),
+  # the reference's, so the presets reproduce its runs; or "gaussian" (a
+  # uniformly random frame; feature_dim >= num_classes - 1), the default
+  # until 2026-11-29 and what a config.json without this field means.
+  c.etf_rotation = "uniform01"
   c.l2_normalize = True  # the ETF head's feature normalisation
   # ImageNet-pretrained backbone weights to start from (nc_jax.pretrained):
   # a torchvision ResNet-50 state_dict (.pth) or a timm .safetensors file,
