@@ -257,7 +257,9 @@ def test_etf_has_one_owner():
   s = 2
   built = tiny_step.tiny_build("etf_dr", num_seeds=s, etf_seed=5,
                                nc_metrics=True)
-  want = np.stack([np.asarray(etf_lib.simplex_etf(10, 64, seed=5 + r))
+  assert tiny_step.tiny_config("etf_dr").etf_rotation == "uniform01"
+  want = np.stack([np.asarray(etf_lib.simplex_etf(10, 64, seed=5 + r,
+                                                  rotation="uniform01"))
                    for r in range(s)])
   np.testing.assert_array_equal(np.asarray(built.etf), want)
   state = built.init_state()

@@ -62,8 +62,9 @@ def test_load_final_predicts_what_the_eval_counted(trained, test_split):
   # the builder draws from etf_seed.
   np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
   np.testing.assert_array_equal(
-      run.etf, etf_lib.replica_etfs(10, run.feature_dim, seed=0,
-                                    num_replicas=1).astype(np.float32))
+      run.etf, etf_lib.replica_etfs(
+          10, run.feature_dim, seed=0, num_replicas=1,
+          rotation=run.config.etf_rotation).astype(np.float32))
   np.testing.assert_allclose(logits, feats @ run.etf, atol=1e-5)
   hit = logits.argmax(1) == test_split.labels
   assert 100 * hit.mean() == pytest.approx(res["final"]["top1"])
