@@ -214,7 +214,10 @@ def _override(name: str, value: Any) -> str | None:
     return None
   if isinstance(value, (list, tuple)):
     text = "(" + ", ".join(map(repr, value)) + ("," if len(value) == 1 else "")
-    return f"'--config.{name}={text})'"
+    quote = '"' if "'" in text else "'"  # repr quotes strings with '
+    return f"{quote}--config.{name}={text}){quote}"
+  if isinstance(value, str) and (not value or any(c in value for c in " '\"$")):
+    return f"'--config.{name}={value}'" if "'" not in value else None
   return f"--config.{name}={value}"
 
 
