@@ -37,9 +37,16 @@ def _share_compilations() -> None:
     path = tempfile.mkdtemp(prefix="nc_jax_tests_jax_cache_")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  # JAX caches only compilations over 1 s by default; most of the suite's
+  # programs are tiny ones compiled again by many tests, so cache them all
+  # (the subprocesses read the same variable).
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_compilation_cache_dir",
                     os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update(
+      "jax_persistent_cache_min_compile_time_secs",
+      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 _share_compilations()
