@@ -103,10 +103,34 @@ def _override_error(msg: str, argv: Sequence[str]) -> str:
   given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
   path = next((a for a in given if a.split(".")[-1] == bad),
               f"--config.{bad}")
-  hint = (f" Did you mean {path.rsplit('.', 1)[0]}.{m.group(1)}?" if m
-          else "")
+  if m:
+    hint = f" Did you mean {path.rsplit('.', 1)[0]}.{m.group(1)}?"
+  else:  # a field given at the wrong level, e.g. lr for optim.lr
+    nested = _fields_named(path.rsplit(".", 1)[-1])
+    hint = (f" Did you mean {' or '.join('--config.' + n for n in nested)}?"
+            if nested else "")
   return (f"bad --config override: {path} is no field of the config.{hint} "
           f"The fields and their defaults: {DEFAULT_CONFIG}.")
+
+
+def _fields_named(leaf: str) -> list[str]:
+  """Dotted paths of the default config's fields whose last name is `leaf`
+  (at most three; none if the config cannot be built)."""
+  try:
+    from experiments.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+    config = cifar_lt.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return []  # only a hint: the error line stands without it
+  found, stack = [], [("", config)]
+  while stack:
+    prefix, node = stack.pop()
+    for key in sorted(node.keys()):
+      value = node[key]
+      if hasattr(value, "keys"):
+        stack.append((f"{prefix}{key}.", value))
+      elif key == leaf and prefix:
+        found.append(prefix + key)
+  return sorted(found)[:3]
 
 
 def _adopt_help(module_name: str, program: str) -> None:

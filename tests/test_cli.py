@@ -80,6 +80,8 @@ def test_config_argument_mistakes(tmp_path, config, fragments):
     (["--config", "quick", "--workdir", "w", "--config.optim.lrr=0.05"],
      ["--config.optim.lrr is no field", "Did you mean --config.optim.lr?",
       "experiments/configs/cifar_lt.py"]),
+    (["--config", "quick", "--workdir", "w", "--config.lr=0.05"],
+     ["--config.lr is no field", "Did you mean --config.optim.lr?"]),
     (["--config", "quick", "--workdir", "w", "--config.batch_size=abc"],
      ["--config.batch_size=abc"]),
     (["--config", "quick", "--workdir", "w", "extra"],
