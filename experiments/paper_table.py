@@ -101,24 +101,6 @@ def parse_cells(text: str) -> list[str]:
   return out
 
 
-def _fit_schedule(config, epochs: float | None, steps: int | None) -> None:
-  """A short budget keeps the recipe's shape: the step schedule's warm-up
-  and decay epochs scaled to the budget (dropped where they would not fit;
-  with --steps, whose epoch count waits for the data, dropped)."""
-  o = config.optim
-  if o.schedule != "step" or (epochs is None and steps is None):
-    return
-  full = float(cfg_lib.get_config(f"dataset={config.dataset}").num_epochs)
-  if steps is not None or epochs >= full:
-    if steps is not None:
-      o.warmup_epochs, o.decay_epochs = 0, ()
-    return
-  f = epochs / full
-  o.warmup_epochs = int((o.warmup_epochs or 0) * f)
-  decay = sorted({int(e * f) for e in o.decay_epochs})
-  o.decay_epochs = tuple(e for e in decay if 1 <= e < epochs)
-
-
 def cell_config(cell: str, *, seeds: int, epochs: float | None,
                 steps: int | None, data_dir: str | None):
   """The locked config of one cell."""
@@ -131,9 +113,10 @@ def cell_config(cell: str, *, seeds: int, epochs: float | None,
     arg += f",epochs={epochs:g}"
   if steps is not None:
     arg += f",steps={steps}"
+  # epochs=/steps= in the argument scale the recipe's warm-up and decays to
+  # the budget when the run starts (nc_jax.optim.fit_schedule).
   config = cfg_lib.get_config(arg)
   config.unlock()
-  _fit_schedule(config, epochs, steps)
   config.num_seeds = int(seeds)
   if data_dir:
     config.data_dir = data_dir

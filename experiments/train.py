@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
         "--name=value.")
   # Import after flag parsing: the XLA defaults must be in the environment
   # before jax initialises its backends.
-  config = _CONFIG.value
+  config = _keep_explicit_schedule(_CONFIG.value)
   xla_defaults.apply(
       backbone=config.backbone, compute_dtype=config.compute_dtype,
       conv_impl=config.conv_impl,
@@ -66,6 +66,18 @@ def main(argv: list[str]) -> None:
   # checkpoint.CheckpointError) end as one `error:` line with exit status 2
   # (cli.run_app); anything else is a bug and keeps its traceback.
   train.train_and_evaluate(config, _WORKDIR.value)
+
+
+def _keep_explicit_schedule(config):
+  """`config` without the schedule fields given by --config.FIELD in
+  `optim.fit_to_run`: a run shorter than the recipe scales the recipe's
+  warm-up and decays, never a value the user typed."""
+  given = config_flags.get_override_values(flags.FLAGS["config"])
+  fit = tuple(config.optim.fit_to_run)
+  keep = tuple(n for n in fit if n not in given)
+  if keep != fit:
+    config.optim.fit_to_run = keep
+  return config
 
 
 def run(argv: list[str] | None = None) -> None:

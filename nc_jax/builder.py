@@ -107,8 +107,12 @@ def check_config(config: ConfigDict, *,
                      "or steps=N in the config argument).")
   if config.get("num_steps") is not None and config.num_steps < 0:
     raise ValueError(f"num_steps must be > 0, got {config.num_steps}.")
+  note = None
+  if total_epochs is not None:  # the schedule as this run will use it
+    config, note = optim.fit_schedule(config, total_epochs,
+                                      epoch_options=method.epoch_options)
   optim.check_config(config.optim, total_epochs=total_epochs,
-                     steps_per_epoch=steps_per_epoch)
+                     steps_per_epoch=steps_per_epoch, scaled=note is not None)
   if config.etf_rotation not in etf_lib.ROTATIONS:
     raise ValueError(f"etf_rotation must be one of {list(etf_lib.ROTATIONS)} "
                      f"(how the fixed ETF's rotation is drawn), got "
@@ -415,8 +419,13 @@ def build(config: ConfigDict, *, num_classes: int,
   Raises:
     ValueError: for a config that cannot work (the message names the fix).
   """
-  check_config(config, total_epochs=total_steps / max(steps_per_epoch, 1),
-               steps_per_epoch=steps_per_epoch)
+  total_epochs = total_steps / max(steps_per_epoch, 1)
+  method = check_config(config, total_epochs=total_epochs,
+                        steps_per_epoch=steps_per_epoch)
+  # A run shorter than its recipe trains the scaled schedule (a no-op for
+  # a config that is already fitted, or not asking for it).
+  config, _ = optim.fit_schedule(config, total_epochs,
+                                 epoch_options=method.epoch_options)
   part = build_model(config, num_classes=num_classes, mean=mean, std=std,
                      class_counts=class_counts, mesh=mesh, impls=impls,
                      steps_per_epoch=steps_per_epoch)

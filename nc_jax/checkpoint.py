@@ -56,7 +56,8 @@ RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir", "conv_impl",
 # Flat names ("optim.x" for a nested field).
 MISSING_MEANS = {"etf_rotation": "gaussian", "preemption_grace_seconds": 25.0,
                  "pretrained": None, "pretrained_required": False,
-                 "crop_min_area": 0.08, "optim.backbone_lr_scale": 1.0}
+                 "crop_min_area": 0.08, "optim.backbone_lr_scale": 1.0,
+                 "optim.fit_to_run": [], "optim.fit_from_epochs": None}
 
 
 def with_missing_fields(d: dict) -> dict:

@@ -158,6 +158,9 @@ class Method:
     eval_loss: optional per-example loss reported at evaluation,
       `eval_loss(ctx) -> (B,)` with the test labels, no mixup and unit
       class lengths; None for the cross entropy of the eval logits.
+    epoch_options: loss options that are epochs of the schedule (LDAM-DRW's
+      `drw_epoch`): a run shorter than its recipe scales them with the
+      learning-rate schedule (`nc_jax.optim.fit_schedule`).
   """
   head: str
   loss: LossFn
@@ -168,6 +171,7 @@ class Method:
   summary: str = ""
   calibrated: bool = True
   eval_loss: Callable[[LossContext], jax.Array] | None = None
+  epoch_options: tuple[str, ...] = ()
 
   @property
   def fixed_classifier(self) -> bool:
@@ -356,6 +360,7 @@ METHODS: dict[str, Method] = {
                  summary="learnable linear + balanced softmax"),
     "ldam_drw": Method(head="cosine", loss=ldam_drw, check=_check_ldam_drw,
                        eval_logit_scale="ldam_scale",
+                       epoch_options=("drw_epoch",),
                        summary="cosine classifier + LDAM with deferred "
                                "re-weighting"),
 }

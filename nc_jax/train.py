@@ -156,10 +156,18 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
   spe = train_input.steps_per_epoch
   total = optim.duration_steps(config, "num", spe)
   try:  # what needs the real length (the schedule, a DRW epoch)
-    builder_lib.check_config(config, total_epochs=total / spe,
-                             steps_per_epoch=spe)
+    method = builder_lib.check_config(config, total_epochs=total / spe,
+                                      steps_per_epoch=spe)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  # `request` is what config.json records and a resume compares; `config`
+  # the schedule this run trains (scaled to a run shorter than its recipe),
+  # what results.json records.
+  request = config
+  config, note = optim.fit_schedule(request, total / spe,
+                                    epoch_options=method.epoch_options)
+  if note:
+    say(note)
 
   # Building the model and its ETF can still refuse the config (an ETF that
   # does not fit the feature dimension); it writes nothing.
@@ -182,7 +190,7 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
           "take the workdir's lock")
     fresh = not ckpt_lib.has_checkpoint(workdir)
     kernel_record = ckpt_lib.check_or_write_config(
-        workdir, config, impls.record(), why=impls.note)
+        workdir, request, impls.record(), why=impls.note)
   except (ValueError, OSError, workdir_lib.WorkdirLocked) as e:
     raise ConfigError(str(e)) from e
   if fresh and reporting.is_chief():

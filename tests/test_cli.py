@@ -290,3 +290,44 @@ def test_second_run_on_a_live_workdir_stops_at_once(tiny_image_folder,
   third = _run(args, cwd=tmp_path)
   assert third.returncode == 0, third.stderr[-3000:]
   assert (wd / "results.json").exists() and not (wd / ".lock").exists()
+
+
+# -------------------------------------------------------------- short runs
+SHORT = ["--config.backbone=resnet8", "--config.batch_size=16",
+         "--config.eval_batch_size=32"]
+
+
+def test_a_short_run_of_a_preset_scales_its_schedule(tiny_image_folder,
+                                                     tmp_path):
+  """steps=N on a 200-epoch recipe trains, saying once how the warm-up and
+  the decays were scaled; results.json records the schedule that ran."""
+  out = _run(["--config", "cifar10_r0.01_etf_dr,imb=0.1,steps=3", *SHORT,
+              f"--config.data_dir={tiny_image_folder}", "--workdir", "w"],
+             cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = [l for l in (out.stdout + out.stderr).splitlines()
+           if "schedule scaled" in l]
+  assert lines == [
+      "schedule scaled to 3 steps (0.333 epochs), 0.00167 of the recipe's "
+      "200 epochs: warm-up epochs 0 (recipe 5); decays after epochs none "
+      "(recipe 160, 180)"], out.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  res = json.loads((tmp_path / "w" / "results.json").read_text())
+  assert res["config"]["optim"]["warmup_epochs"] == 0
+  assert res["config"]["optim"]["decay_epochs"] == []
+  # config.json keeps the request, which the same command resumes against.
+  cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+  assert cfg["optim"]["warmup_epochs"] == 5
+  assert cfg["optim"]["fit_to_run"] == ["optim.warmup_epochs",
+                                        "optim.decay_epochs", "loss.drw_epoch"]
+
+
+def test_a_schedule_field_given_on_the_command_line_is_not_scaled(
+    tiny_image_folder, tmp_path):
+  out = _run(["--config", "cifar10_r0.01_etf_dr,imb=0.1,steps=3", *SHORT,
+              "--config.optim.warmup_epochs=5",
+              f"--config.data_dir={tiny_image_folder}", "--workdir", "w"],
+             cwd=tmp_path)
+  _assert_clean_error(out, "optim.warmup_epochs=5 is not shorter than the run",
+                      "set explicitly and is kept as given")
+  assert not (tmp_path / "w").exists()

@@ -87,12 +87,28 @@ def test_the_recipes_pass_the_checks():
       train.validate_config(_config(arg))
 
 
-def test_a_schedule_longer_than_a_short_run_names_the_fix():
-  with pytest.raises(train.ConfigError) as e:
+def test_a_short_run_scales_the_schedule_instead_of_refusing_it():
+  # epochs=N in the argument: the recipe's 160/180 become 80/90, so the
+  # checks pass as far as the data.
+  with pytest.raises(train.ConfigError, match="/nonexistent"):
     train.validate_config(_config("cifar10_r0.01_etf_dr,epochs=100"))
+
+
+def test_a_schedule_field_set_explicitly_that_cannot_fit_is_refused():
+  c = _config("cifar10_r0.01_etf_dr,epochs=100",
+              **{"optim.fit_to_run": ("optim.warmup_epochs",)})
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(c)
   assert "[160, 180] at or past the end of the run (100 epochs)" in str(
       e.value)
+  assert "set explicitly and is kept as given" in str(e.value)
+
+
+def test_a_length_given_as_a_field_names_the_argument_that_scales():
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(_config("cifar10_r0.01_etf_dr", num_epochs=100.0))
   assert "--config.optim.decay_epochs" in str(e.value)
+  assert "cifar10_r0.01_etf_dr,epochs=20" in str(e.value)
 
 
 # ------------------------------------------------------- divergence, data

@@ -199,3 +199,68 @@ def test_backbone_lr_scale_is_a_pytorch_parameter_group():
   bad.backbone_lr_scale = 0.0
   with pytest.raises(ValueError, match="backbone_lr_scale must be"):
     optim.check_config(bad)
+
+
+# ------------------------------------------- a run shorter than its recipe
+
+
+def test_a_short_run_scales_the_recipes_schedule_like_the_paper_table():
+  """epochs=N scales warm-up and decays by N / 200, rounded down (decays at
+  epoch 0 or at the end dropped), and DRW's epoch for a method using it."""
+  c = cifar_lt.get_config("cifar10_r0.01_ce,epochs=20")
+  assert c.optim.fit_from_epochs == 200.0
+  fitted, note = optim.fit_schedule(c, 20.0)
+  assert fitted.optim.warmup_epochs == 0  # int(5 * 0.1)
+  assert fitted.optim.decay_epochs == (16, 18)
+  assert fitted.loss.drw_epoch == 160  # ce does not use it
+  assert fitted.optim.fit_to_run == () and fitted.optim.fit_from_epochs is None
+  assert note.startswith("schedule scaled to 20 epochs, 0.1 of the recipe's "
+                         "200 epochs: warm-up epochs 0 (recipe 5); decays "
+                         "after epochs 16, 18 (recipe 160, 180)")
+  # The request itself is not changed.
+  assert c.optim.decay_epochs == (160, 180) and c.optim.warmup_epochs == 5
+  ldam, note = optim.fit_schedule(
+      cifar_lt.get_config("cifar10_r0.01_ce,method=ldam_drw,epochs=100"),
+      100.0, epoch_options=("drw_epoch",))
+  assert (ldam.optim.warmup_epochs, ldam.optim.decay_epochs,
+          ldam.loss.drw_epoch) == (2, (80, 90), 80)
+  assert "re-weighting from epoch 80 (recipe 160)" in note
+
+
+def test_a_run_of_a_few_steps_drops_what_cannot_fit():
+  c = cifar_lt.get_config("quick,steps=20")
+  fitted, note = optim.fit_schedule(c, 20 / SPE)
+  assert (fitted.optim.warmup_epochs, fitted.optim.decay_epochs) == (0, ())
+  assert note.startswith("schedule scaled to 20 steps (0.208 epochs)")
+  # The fitted schedule passes the checks against the run's length.
+  optim.check_config(fitted.optim, total_epochs=20 / SPE)
+  with pytest.raises(ValueError, match="is not shorter than the run"):
+    optim.check_config(c.optim, total_epochs=20 / SPE)
+
+
+@pytest.mark.parametrize("arg,total", [
+    ("cifar10_r0.01_etf_dr", 3.0),          # no length in the argument
+    ("cifar10_r0.01_etf_dr,epochs=200", 200.0),  # as long as the recipe
+    ("cifar10_r0.01_etf_dr,epochs=300", 300.0),  # longer: kept
+])
+def test_the_schedule_is_kept_unless_a_shorter_length_asks(arg, total):
+  c = cifar_lt.get_config(arg)
+  fitted, note = optim.fit_schedule(c, total)
+  assert fitted is c and note is None
+
+
+def test_fitting_twice_is_fitting_once():
+  c = cifar_lt.get_config("cifar10_r0.01_etf_dr,epochs=10")
+  once, _ = optim.fit_schedule(c, 10.0)
+  twice, note = optim.fit_schedule(once, 10.0)
+  assert twice is once and note is None
+
+
+def test_a_field_left_out_of_fit_to_run_is_kept_as_given():
+  """What nc-jax-train does with a field given by --config.FIELD=."""
+  c = cifar_lt.get_config("cifar10_r0.01_etf_dr,epochs=10")
+  c.optim.fit_to_run = ("optim.decay_epochs",)
+  fitted, _ = optim.fit_schedule(c, 10.0)
+  assert fitted.optim.warmup_epochs == 5 and fitted.optim.decay_epochs == (8, 9)
+  with pytest.raises(ValueError, match="set explicitly and is kept as given"):
+    optim.check_config(fitted.optim, total_epochs=3.0, scaled=True)

@@ -52,6 +52,8 @@ VARIANTS = ("quick", "imagenet_lt", "cub200", "tiny")
 PAPER_DATASETS = ("cifar10", "cifar100", "svhn", "stl10")
 PAPER_RATIOS = ("0.005", "0.01", "0.02")
 PAPER_METHODS = ("ce", "etf_dr")
+# What `epochs=N`/`steps=N` scale to the run (nc_jax.optim.FIT_FIELDS).
+FIT_FIELDS = ("optim.warmup_epochs", "optim.decay_epochs", "loss.drw_epoch")
 KEYS = ("dataset", "imb", "method", "backbone", "mixup", "seed", "profile",
         "pipeline", "sampler", "epochs", "steps")
 
@@ -232,6 +234,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.decay_factor = 0.1
   # The backbone's learning rate relative to the head's (fine-tuning).
   c.optim.backbone_lr_scale = 1.0
+  # A run shorter than the recipe it came from scales these schedule fields
+  # to its length (nc_jax.optim.fit_schedule): set when the config argument
+  # gives epochs=N or steps=N, from the recipe's length; nc-jax-train drops
+  # a field given with --config.FIELD=..., which then stays as given.
+  c.optim.fit_to_run = ()
+  c.optim.fit_from_epochs = ml_collections.FieldReference(None,
+                                                          field_type=float)
 
   # --- evaluation, checkpoints, logging
   # After every epoch, as the reference (its "best" is the best of these).
@@ -268,6 +277,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The training length from the argument wins over the variants' defaults.
   if "epochs" in kv and "steps" in kv:
     raise ValueError("Give epochs= or steps=, not both.")
+  if "epochs" in kv or "steps" in kv:
+    recipe = c.num_epochs or None  # None: a variant that counts steps
+    c.optim.fit_to_run = FIT_FIELDS if recipe else ()
+    c.optim.fit_from_epochs = recipe
   if "epochs" in kv:
     c.num_epochs, c.num_steps = float(kv["epochs"]), None
   if "steps" in kv:
