@@ -165,12 +165,33 @@ def run_app(main: Callable[[list[str]], None],
       if stopped is None or not isinstance(e, stopped.Stopped):
         raise
       # A run ended early on purpose: one line, its own exit status
-      # (nc_jax.preemption: EXIT_PREEMPTED, EXIT_DIVERGED).
+      # (nc_jax.preemption: EXIT_PREEMPTED, EXIT_DIVERGED, EXIT_NO_SPACE).
       prefix = "stopped" if isinstance(e, stopped.Preempted) else "error"
       print(f"{prefix}: {e}", file=sys.stderr, flush=True)
-      sys.exit(e.exit_code)
+      _exit_after_stop(e.exit_code)
 
   app.run(guarded, argv=argv, flags_parser=parse_flags)
+
+
+def _exit_after_stop(code: int) -> None:
+  """Ends the process right after a stopped run's line.
+
+  The run has closed its checkpointer and metric files and released its
+  workdir by then. An ordinary exit would spend a second or more tearing
+  down JAX and TensorFlow after Python has reset the signal handlers, so a
+  second Ctrl-C then would kill the process with status 130 after all was
+  saved; there is nothing left to tear down that matters on disk.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    try:
+      if jax.distributed.is_initialized():
+        jax.distributed.shutdown()  # the other processes wait for it
+    except Exception:  # pylint: disable=broad-except
+      pass
+  os._exit(code)  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------ config

@@ -18,8 +18,15 @@ Rules that protect finished work:
   recorded (`resolved_before`).
 - A directory with `results.json` is finished: a rerun reports it and exits
   without touching anything.
-- An unreadable checkpoint stops the run with its path; it is never deleted
-  or overwritten, and nothing older is silently used instead.
+- A checkpoint whose files cannot be read (damaged storage, a truncated
+  file) is set aside, renamed into `WORKDIR/damaged/`, never deleted; the
+  run says so in one warning line and resumes from the newest intact one,
+  or from the start. A checkpoint that reads but does not fit the model
+  (the code changed) stops the run with one line.
+- A full disk during a save ends the run with one line naming the
+  directory, the step and the space needed (`preemption.NoSpace`); the
+  partial checkpoint is removed, those before it stay, and the same command
+  resumes once there is room.
 - Files are written to a temporary name and renamed, so a kill never leaves
   a half-written `results.json` or `config.json`.
 
@@ -29,11 +36,14 @@ Rules that protect finished work:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pathlib
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
 import flax
 import jax
@@ -41,6 +51,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from ml_collections import ConfigDict
+
+from nc_jax import preemption
 
 # Fields that may differ between a run and its resumption: they change how
 # progress is shown, not what is computed; or, for the kernel requests, what
@@ -81,11 +93,58 @@ class CheckpointError(RuntimeError):
 
 
 def write_json_atomic(path: os.PathLike | str, obj: Any) -> None:
-  """Writes JSON to `path` via a temporary file and an atomic rename."""
+  """Writes JSON to `path` via a temporary file and an atomic rename (a
+  failed write, e.g. on a full disk, leaves the old file and no temporary
+  one)."""
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float))
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float))
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def is_no_space(e: BaseException | None) -> bool:
+  """Whether `e`, or an exception it came from, is a full disk (ENOSPC, as
+  Python raises it or as TensorStore words it for orbax)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _megabytes(n: float) -> str:
+  return f"{n / 1e6:.1f} MB"
+
+
+def _tree_bytes(path: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def no_space(what: str, directory: os.PathLike | str, *, step: int | None,
+             needed: int | None, kept: str) -> preemption.NoSpace:
+  """The one-line `NoSpace` error of a write that found the disk full."""
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    free = None
+  room = ""
+  if needed is not None:
+    room = f": it needs about {_megabytes(needed)} free"
+    room += f", {_megabytes(free)} is" if free is not None else ""
+  elif free is not None:
+    room = f" ({_megabytes(free)} free)"
+  at = f" at step {step}" if step is not None else ""
+  return preemption.NoSpace(
+      f"no space left on the device for {what}{at} in {directory}{room}. "
+      f"{kept} Free some space (or copy the workdir to a disk with room) "
+      "and run the same command to resume.")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -243,6 +302,56 @@ def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:
         + "\n" + fix)
 
 
+class _OrbaxThreadErrors(logging.Filter):
+  """Drops orbax's log of an exception in one of its writer threads: the
+  same exception reaches the caller of `save`/`restore`, which reports it
+  once (a full disk otherwise prints a traceback per thread and file)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if "orbax" in record.pathname and "raised an exception" in text:
+      return False
+    # asyncio's notes on orbax's write tasks that failed with the save,
+    # logged when they are collected.
+    return not ("exception was never retrieved" in text and "orbax" in text)
+
+
+_ORBAX_FILTER = _OrbaxThreadErrors()
+
+
+def _quiet_closed_loops(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`sys.unraisablehook` without the "Event loop is closed" errors that
+  orbax's read coroutines raise when they are collected after a failed
+  restore (hundreds of tracebacks for one damaged file)."""
+  def quiet(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      return
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine's
+    if code is not None and "orbax" in code.co_filename:
+      return
+    hook(unraisable)
+  quiet.nc_jax_quiet = True
+  return quiet
+
+
+def _install_quiet_hooks() -> None:
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if _ORBAX_FILTER not in logger.filters:
+      logger.addFilter(_ORBAX_FILTER)
+  if not getattr(sys.unraisablehook, "nc_jax_quiet", False):
+    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+DAMAGED_DIR = "damaged"
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+  """An orbax/TensorStore error in one short line (no embedded spec)."""
+  text = str(e).split("See full TensorStore details")[0]
+  text = " ".join(text.split())
+  return (text[:limit] + "...") if len(text) > limit else text
+
+
 class Checkpointer:
   """Orbax `CheckpointManager` for the train state plus a small JSON record.
 
@@ -255,16 +364,24 @@ class Checkpointer:
     """`read_only` (for readers such as `nc_jax.runs`) creates, cleans and
     deletes nothing, so it is safe beside a live run."""
     self.directory = directory
+    self._keep, self._read_only = keep, read_only
+    _install_quiet_hooks()
+    self._manager = self._open()
+    self._closed = False
+
+  def _open(self) -> ocp.CheckpointManager:
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
-    if read_only:  # orbax warns that a read-only manager will not save
+    if self._read_only:  # orbax warns that a read-only manager will not save
       absl_logger.setLevel(logging.ERROR)
     try:
-      self._manager = ocp.CheckpointManager(
-          directory,
+      return ocp.CheckpointManager(
+          self.directory,
           options=ocp.CheckpointManagerOptions(
-              max_to_keep=None if read_only else keep, create=not read_only,
-              cleanup_tmp_directories=not read_only, read_only=read_only,
+              max_to_keep=None if self._read_only else self._keep,
+              create=not self._read_only,
+              cleanup_tmp_directories=not self._read_only,
+              read_only=self._read_only,
               enable_async_checkpointing=False))
     finally:
       absl_logger.setLevel(level)
@@ -273,13 +390,40 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
+    """Saves `state` and `record` at `step`.
+
+    Raises:
+      preemption.NoSpace: the disk filled up; the partial checkpoint is
+        removed, the ones before it are untouched.
+    """
     if step in self._manager.all_steps():
       return  # already saved (e.g. the final step of a resumed, finished run)
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                record=ocp.args.JsonSave(record)))
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  record=ocp.args.JsonSave(record)))
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_no_space(e):
+        raise
+      self._discard_partial(step)
+      steps = saved_steps(self.directory)
+      needed = (_tree_bytes(self.directory / str(steps[-1])) if steps else
+                sum(x.nbytes for x in jax.tree.leaves(state)))
+      kept = (f"The checkpoints before it ({', '.join(map(str, steps))}) are "
+              "intact; the partial one was removed." if steps else
+              "No checkpoint was saved before it; the partial one was "
+              "removed.")
+      raise no_space("the checkpoint", self.directory, step=step,
+                     needed=needed, kept=kept) from None
+
+  def _discard_partial(self, step: int) -> None:
+    """Removes orbax's temporary folder of an unfinished save of `step`."""
+    if jax.process_index() != 0:
+      return
+    for p in pathlib.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(p, ignore_errors=True)
 
   def restore(self, step: int, abstract_state: Any, *,
               partial: bool = False) -> tuple[Any, dict]:
@@ -288,6 +432,9 @@ class Checkpointer:
     `partial`: `abstract_state` is a dict naming only some of the saved
     state's fields (e.g. `params` and `model_state`, without the optimiser
     state, for a model that only evaluates); only those are read.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read, or does not fit.
     """
     if partial:
       state_args = ocp.args.PyTreeRestore(
@@ -305,14 +452,91 @@ class Checkpointer:
     except Exception as e:  # orbax raises many types for damaged files
       raise CheckpointError(
           f"The checkpoint at step {step} in {self.directory} cannot be "
-          f"restored ({type(e).__name__}: {str(e)[:300]}). It was left as it "
-          "is. If it is damaged, move that step's folder out of the "
-          "directory to resume from the previous checkpoint; if the model or "
-          "config changed, use a new --workdir.") from e
+          f"restored ({type(e).__name__}: {_short(e)}). It was left as it "
+          "is. If the model or the code changed since it was written, use "
+          "the version that wrote it or a new --workdir.") from e
     return out["state"], dict(out["record"])
 
+  def readable(self, step: int) -> bool:
+    """Whether every file of checkpoint `step` reads back as host arrays,
+    whatever model they would go into (a damaged one does not; one of
+    another model, or from other devices, does)."""
+    d = pathlib.Path(self.directory) / str(step)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax's notes on older layouts
+    try:
+      reader = ocp.PyTreeCheckpointer()
+      tree = reader.metadata(d / "state").item_metadata.tree
+      as_numpy = jax.tree.map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      reader.restore(d / "state",
+                     args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+      json.loads((d / "record" / "metadata").read_text())
+      return True
+    except Exception:  # pylint: disable=broad-except
+      return False
+    finally:
+      absl_logger.setLevel(level)
+
+  def restore_newest(self, abstract_state: Any, *,
+                     warn: Callable[[str], None]
+                     ) -> tuple[int | None, Any, dict]:
+    """The newest checkpoint that can be restored: `(step, state, record)`,
+    or `(None, None, {})` when there is none.
+
+    A checkpoint whose files cannot be read is set aside (moved to
+    `WORKDIR/damaged/`, never deleted), `warn` says so in one line, and the
+    one before it is tried.
+
+    Raises:
+      CheckpointError: a checkpoint reads but does not fit `abstract_state`
+        (the model changed): one short line, nothing is moved.
+    """
+    while (step := self._manager.latest_step()) is not None:
+      try:
+        return step, *self.restore(step, abstract_state)
+      except CheckpointError as e:
+        if self.readable(step):
+          raise CheckpointError(
+              f"The checkpoint at step {step} in {self.directory} does not "
+              f"fit this run's model ({_short(e.__cause__, 160)}): the code "
+              "or the model changed since it was written. Resume with the "
+              "version that wrote it, or use a new --workdir.") from None
+        where = self._set_aside(step)
+        older = self._manager.latest_step()
+        warn(f"warning: the checkpoint at step {step} cannot be read "
+             f"({_short(e.__cause__, 120)}); set aside as {where}. "
+             + (f"Resuming from the checkpoint at step {older}." if older
+                is not None else "No other checkpoint: starting from step 0."))
+    return None, None, {}
+
+  def _set_aside(self, step: int) -> pathlib.Path:
+    """Moves checkpoint `step` to `WORKDIR/damaged/checkpoint_STEP[_n]`."""
+    root = pathlib.Path(self.directory).parent / DAMAGED_DIR
+    target = root / f"checkpoint_{step}"
+    n = 1
+    while target.exists():
+      n += 1
+      target = root / f"checkpoint_{step}_{n}"
+    if jax.process_index() == 0:
+      root.mkdir(exist_ok=True)
+      os.replace(pathlib.Path(self.directory) / str(step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"nc_jax_set_aside_{step}")
+    self._manager.reload()
+    return target
+
   def close(self) -> None:
-    self._manager.close()
+    """Closes the manager (its threads) once; safe to call again."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # closing after a failed save: nothing more to finish
 
 
 def mean_top1(per_seed: list[dict]) -> float:
@@ -369,16 +593,27 @@ class BestCheckpoint:
   """
 
   def __init__(self, directory: os.PathLike | str, *, history: list[dict],
-               start_step: int):
+               start_step: int, warn: Callable[[str], None] | None = None):
     self.directory = epath.Path(directory)
     self.path = self.directory / BEST_FILE
     self._chief = jax.process_index() == 0
     if self._chief and self.path.exists():
       try:
         saved = read_best(self.directory)["record"]["step"]
-      except CheckpointError:
-        saved = None  # a damaged file from a killed write: replaced below
-      if saved is None or saved > start_step:
+      except CheckpointError as e:  # damaged storage (writes are atomic)
+        target = self.directory.parent / DAMAGED_DIR / f"best_{BEST_FILE}"
+        n = 1
+        while target.exists():
+          n += 1
+          target = target.with_name(f"best_{n}_{BEST_FILE}")
+        target.parent.mkdir(exist_ok=True)
+        self.path.rename(target)
+        if warn is not None:
+          warn(f"warning: {self.path} cannot be read ({_short(e, 120)}); "
+               f"set aside as {target}. The next better evaluation writes a "
+               "new one.")
+        saved = None
+      if saved is not None and saved > start_step:
         self.path.unlink()
     self.top1 = max((mean_top1(h["test"]) for h in history), default=None)
 
@@ -397,8 +632,18 @@ class BestCheckpoint:
           "record": json.dumps(record)})
       self.directory.mkdir(parents=True, exist_ok=True)
       tmp = self.directory / f".{BEST_FILE}.tmp-{os.getpid()}"
-      tmp.write_bytes(data)
-      tmp.replace(self.path)
+      try:
+        tmp.write_bytes(data)
+        tmp.replace(self.path)
+      except OSError as e:
+        if not is_no_space(e):
+          raise
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                       str(self.path))
+        full.needed = len(data)  # for the message
+        raise full from None
+      finally:
+        tmp.unlink(missing_ok=True)
     return True
 
   def close(self) -> None:

@@ -1,11 +1,14 @@
-"""Ending a run early and cleanly: pre-emption signals and divergence.
+"""Ending a run early and cleanly: stop signals, divergence, a full disk.
 
 Clusters and TPU pods pre-empt a job with SIGTERM and kill it some seconds
-later; Ctrl-C sends SIGINT. `StopSignals` turns either into a request that
-the training loop answers at the next step boundary: it saves a checkpoint
-there and raises `Preempted`, which the entry point reports with exit status
+later; Ctrl-C sends SIGINT; a closed terminal or ssh session sends SIGHUP
+(kept ignored when the process inherited it so, as under `nohup`).
+`StopSignals` turns any of them into a request that the training loop
+answers at the next step boundary: it saves a checkpoint there and raises
+`Preempted`, which the entry point reports with exit status
 `EXIT_PREEMPTED` (the same command resumes, and ends with the numbers of an
-uninterrupted run). A second SIGINT exits at once.
+uninterrupted run). A second SIGINT exits at once, saying what is saved;
+so does any signal while the process shuts down after a stop.
 
 The loop may be far from a step boundary when the signal comes: loading
 data, compiling, evaluating. A watchdog thread, woken by the signal itself
@@ -45,9 +48,17 @@ import time
 from typing import Callable
 
 EXIT_DIVERGED = 3
+# EX_IOERR: the disk filled up; the checkpoints before are intact and the
+# same command resumes once there is room.
+EXIT_NO_SPACE = 74
 # EX_TEMPFAIL: stopped on request after saving; the same command resumes.
 EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: no checkpoint
+
+# What this process saved last (`StopSignals.mark_saved`), so that a signal
+# after the run's own handlers are gone, while the process shuts down, says
+# what is on disk.
+_LAST_SAVED: dict[str, int | None] = {"step": None}
 
 
 class Stopped(Exception):
@@ -66,12 +77,28 @@ class Diverged(Stopped):
   exit_code = EXIT_DIVERGED
 
 
+class NoSpace(Stopped):
+  """The disk filled up during a write; what was saved before is intact."""
+  exit_code = EXIT_NO_SPACE
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+  """The signals that ask a run to stop: SIGINT (Ctrl-C), SIGTERM
+  (pre-emption) and SIGHUP (the terminal or ssh session closed), unless the
+  process inherited SIGHUP ignored (`nohup`), which it then keeps."""
+  sigs = [signal.SIGINT, signal.SIGTERM]
+  hup = getattr(signal, "SIGHUP", None)
+  if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
+    sigs.append(hup)
+  return tuple(sigs)
+
+
 def _say(text: str) -> None:
   print(text, file=sys.stderr, flush=True)
 
 
 class StopSignals:
-  """SIGTERM/SIGINT as a request to stop at the next step boundary.
+  """SIGTERM/SIGINT/SIGHUP as a request to stop at the next step boundary.
 
   Use as a context manager around a run. `requested(step)` is asked at
   every step, `pending()` between evaluation batches; `mark_trained()` and
@@ -101,9 +128,10 @@ class StopSignals:
     self._w.setblocking(False)
     self._old_fd = signal.set_wakeup_fd(self._w.fileno(),
                                         warn_on_full_buffer=False)
+    _LAST_SAVED["step"] = None
     # With several processes SIGTERM stays with JAX's pre-emption service.
-    sigs = (signal.SIGINT,) if self.multi_process else (signal.SIGINT,
-                                                        signal.SIGTERM)
+    sigs = tuple(s for s in stop_signals()
+                 if not (self.multi_process and s == signal.SIGTERM))
     for sig in sigs:
       # A Python-level handler is what makes the wakeup fd fire; the
       # watchdog does the work.
@@ -131,7 +159,7 @@ class StopSignals:
 
   def mark_saved(self, step: int) -> None:
     """The state at `step` is in a checkpoint."""
-    self._saved_step = int(step)
+    self._saved_step = _LAST_SAVED["step"] = int(step)
     self._unsaved = False
 
   def pending(self) -> bool:
@@ -192,15 +220,23 @@ class StopSignals:
     """Acts on one signal; True when the grace period starts."""
     name = signal.Signals(signum).name
     if self._event.is_set():
-      if signum == signal.SIGINT:
+      if signum == signal.SIGINT and not self._unsaved:
+        # The stop's checkpoint is written: nothing is lost by going now.
+        self._exit(EXIT_PREEMPTED, f"{name} again: exiting now; the "
+                   f"checkpoint at step {self._saved_step} is saved. The same "
+                   f"command resumes {self._resume_point()}."
+                   if self._saved_step is not None else
+                   f"{name} again: exiting now. The same command starts "
+                   "again.")
+      elif signum == signal.SIGINT:
         self._exit(EXIT_INTERRUPTED, f"{name} again: exiting at once, "
-                   "without a checkpoint. The same command resumes "
-                   f"{self._resume_point()}.")
+                   "without a checkpoint of the steps since the last one. The "
+                   f"same command resumes {self._resume_point()}.")
       return False
     self.signal_name, self.signal_time = name, time.monotonic()
     self._event.set()
     if self.multi_process:
-      if signum == signal.SIGINT:
+      if signum != signal.SIGTERM:
         os.kill(os.getpid(), signal.SIGTERM)  # to JAX's pre-emption service
       self.say(f"{name}: all processes stop at an agreed step after saving "
                "a checkpoint (a second Ctrl-C exits at once).")
@@ -235,20 +271,28 @@ def all_finite(tree) -> bool:
 
 
 def exit_early_on_signals() -> None:
-  """Until a run installs `StopSignals`: SIGTERM/SIGINT end the process at
-  once with `EXIT_PREEMPTED` and one line (nothing is written before then,
-  so there is nothing to save). Called first thing by the entry point, so
-  a signal during the imports is no traceback."""
+  """Outside a run's `StopSignals`: SIGTERM/SIGINT/SIGHUP end the process
+  at once with `EXIT_PREEMPTED` and one line that says what is saved.
+  Before a run starts nothing is written, so there is nothing to save;
+  after it stopped (while the process shuts down) its checkpoint is on
+  disk. Called first thing by the entry point, so a signal during the
+  imports is no traceback."""
   if threading.current_thread() is not threading.main_thread():
     return
 
   def handler(signum, frame):
     del frame
-    _say(f"{signal.Signals(signum).name}: stopped before training started; "
-         "nothing to save. The same command starts again.")
+    name, step = signal.Signals(signum).name, _LAST_SAVED["step"]
+    if step is None:
+      _say(f"{name}: stopped before training started; nothing to save. The "
+           "same command starts the run (or resumes it from its newest "
+           "checkpoint).")
+    else:
+      _say(f"{name}: exiting; the run already stopped with its checkpoint at "
+           f"step {step} saved. The same command resumes from step {step}.")
     os._exit(EXIT_PREEMPTED)  # pylint: disable=protected-access
 
-  for sig in (signal.SIGINT, signal.SIGTERM):
+  for sig in stop_signals():
     signal.signal(sig, handler)
 
 

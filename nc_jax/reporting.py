@@ -39,6 +39,15 @@ def _fmt_seconds(s: float) -> str:
   return f"{h:d}:{m:02d}:{sec:02d}" if h else f"{m:d}:{sec:02d}"
 
 
+def _step_of(line: str) -> int | None:
+  """The step of a metrics.jsonl line; None for a partial line (a write cut
+  by a kill or a full disk), which the resumed run writes again."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 class MetricWriter:
   """Appends scalars to `metrics.jsonl` and TensorBoard event files."""
 
@@ -60,8 +69,13 @@ class MetricWriter:
       return
     record = {"step": int(step), "kind": kind}
     record.update({k: v for k, v in scalars.items()})
-    with self._jsonl.open("a") as f:
-      f.write(json.dumps(record, default=float) + "\n")
+    try:
+      with self._jsonl.open("a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+    except OSError as e:  # name the file (a failed write does not)
+      if e.filename is not None:
+        raise
+      raise OSError(e.errno, e.strerror, str(self._jsonl)) from e
     if self._tb is not None:
       with self._tb.as_default(step=int(step)):
         for k, v in scalars.items():
@@ -74,12 +88,18 @@ class MetricWriter:
     if not self._active or not self._jsonl.exists():
       return
     keep = [line for line in self._jsonl.read_text().splitlines()
-            if line and json.loads(line)["step"] <= step]
-    self._jsonl.write_text("".join(line + "\n" for line in keep))
+            if _step_of(line) is not None and _step_of(line) <= step]
+    tmp = self._jsonl.with_name(f".{self._jsonl.name}.tmp")
+    try:
+      tmp.write_text("".join(line + "\n" for line in keep))
+      tmp.replace(self._jsonl)
+    finally:
+      tmp.unlink(missing_ok=True)
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      tb, self._tb = self._tb, None
+      tb.close()
 
 
 class Progress:

@@ -97,9 +97,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       return json.loads(results_path.read_text())
     setup = _set_up(config, workdir, held)
     loop = _Loop(setup, stop)
-    loop.restore()
-    loop.train()
-    return loop.finish()
+    held.callback(loop.close)  # before the lock and the signal handlers
+    try:
+      loop.restore()
+      loop.train()
+      return loop.finish()
+    except OSError as e:
+      if not ckpt_lib.is_no_space(e):
+        raise
+      raise loop.no_space(e) from None
 
 
 def _load_data(config: ConfigDict, mesh) -> tuple[str | None, Any, Any]:
@@ -192,6 +198,10 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
     kernel_record = ckpt_lib.check_or_write_config(
         workdir, request, impls.record(), why=impls.note)
   except (ValueError, OSError, workdir_lib.WorkdirLocked) as e:
+    if ckpt_lib.is_no_space(e):
+      raise ckpt_lib.no_space(
+          "the run's first files", workdir, step=None, needed=None,
+          kept="Nothing was trained yet.") from None
     raise ConfigError(str(e)) from e
   if fresh and reporting.is_chief():
     # Starts from step 0: records of an attempt that never saved a
@@ -234,7 +244,7 @@ class _Loop:
     self.history: list[dict] = []
     # Wall time and restarts accumulate over the run's processes.
     self.t_start, self.wall_before, self.resumes = time.perf_counter(), 0.0, 0
-    self.start = 0
+    self.start = self.at_step = 0
     self.evaluators = self._make_evaluators()
 
   def _make_evaluators(self) -> dict[str, Any]:
@@ -268,12 +278,18 @@ class _Loop:
     """Continues from the newest checkpoint in the workdir, if any; a run
     that starts afresh takes its backbone from `config.pretrained` when
     given (`Built.with_pretrained`)."""
-    start = self.checkpointer.latest_step()
+    had_checkpoint = self.checkpointer.latest_step() is not None
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=x.sharding), self.state)
+    # A damaged checkpoint is set aside with a warning, and the one before
+    # it restored; one of another model stops the run (CheckpointError).
+    start, state, record = self.checkpointer.restore_newest(abstract,
+                                                            warn=say)
+    if start is None and had_checkpoint:
+      self.writer.truncate_after(0)  # every checkpoint was set aside
     if start is not None:
-      abstract = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                         sharding=x.sharding), self.state)
-      self.state, record = self.checkpointer.restore(start, abstract)
+      self.state = state
       self.history = record.get("history", [])
       self.wall_before = float(record.get("wall_s", 0.0))
       self.resumes = int(record.get("resumes", 0)) + 1
@@ -287,11 +303,11 @@ class _Loop:
       except ValueError as e:  # a file that does not fit the backbone
         raise ConfigError(str(e)) from e
       say(f"backbone: pretrained weights from {self.built.pretrained}")
-    self.start = int(start or 0)
+    self.start = self.at_step = int(start or 0)
     # The state of the best evaluation (mean test top-1), in workdir/best.
     self.best = ckpt_lib.BestCheckpoint(self.setup.workdir / "best",
                                         history=self.history,
-                                        start_step=self.start)
+                                        start_step=self.start, warn=say)
 
   # ----------------------------------------------------------- evaluate
   def _run_evaluators(self, step: int) -> None:
@@ -379,6 +395,7 @@ class _Loop:
         self.state, out = self.built.train_step(self.state, next(batches),
                                                 self.built.etf)
         step += 1
+        self.at_step = step
         self.stop.mark_trained()
         sums = out if sums is None else add(sums, out)
         n_sum += 1
@@ -411,6 +428,31 @@ class _Loop:
     say(line)
     self.writer.write(step, "train", dict(scalars, images_per_sec=ips))
 
+  # ------------------------------------------------------- faults, close
+  def no_space(self, e: OSError) -> preemption.NoSpace:
+    """The error of a write other than a checkpoint (metrics, the best
+    state, results.json) that found the disk full at the current step."""
+    name = getattr(e, "filename", None)
+    what = (str(pathlib.Path(name).relative_to(self.setup.workdir))
+            if name and pathlib.Path(name).is_relative_to(self.setup.workdir)
+            else name or "the run's files")
+    steps = ckpt_lib.saved_steps(self.checkpointer.directory)
+    kept = (f"The checkpoints ({', '.join(map(str, steps))}) are intact."
+            if steps else "No checkpoint was saved yet.")
+    return ckpt_lib.no_space(what, self.setup.workdir, step=self.at_step,
+                             needed=getattr(e, "needed", None), kept=kept)
+
+  def close(self) -> None:
+    """Closes the checkpointer's threads and the metric files (once; also
+    when the run ends by an exception)."""
+    for close in (self.checkpointer.close, self.writer.close,
+                  self.best.close if hasattr(self, "best") else None):
+      if close is not None:
+        try:
+          close()
+        except Exception:  # pylint: disable=broad-except
+          pass  # on the way out after another error: that one is reported
+
   # ------------------------------------------------------------- finish
   def finish(self) -> dict[str, Any]:
     """Writes results.json (process 0) and returns it."""
@@ -426,7 +468,5 @@ class _Loop:
     if reporting.is_chief():
       ckpt_lib.write_json_atomic(path, out)
     say(results_lib.summary_line(out, str(path)))
-    self.writer.close()
-    self.checkpointer.close()
-    self.best.close()
+    self.close()
     return out

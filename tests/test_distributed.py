@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -185,29 +186,57 @@ def _wait_for_step(wd, proc, at_least):
     time.sleep(0.05)
 
 
+def _signals_at_default():
+  """For the child: SIGHUP and SIGINT as a terminal would hand them over,
+  whatever this suite inherited (nohup ignores SIGHUP, a background job
+  SIGINT)."""
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("sig,twice", [(signal.SIGTERM, False),
+                                       (signal.SIGHUP, False),
+                                       (signal.SIGINT, True)])
 def test_signal_saves_at_a_step_and_resumes_exactly(tiny_image_folder,
-                                                    tmp_path, baseline):
-  """SIGTERM to the CLI. SIGINT takes the same path (the first one requests
-  the same stop: test_preemption's test_a_signal_requests_a_stop_at_the_
-  next_step, with real signals), so the subprocess run is not repeated."""
-  sig = signal.SIGTERM
+                                                    tmp_path, baseline, sig,
+                                                    twice):
+  """SIGTERM, SIGHUP (a closed terminal) and SIGINT to the CLI. With
+  `twice`, a second Ctrl-C follows 0.3 s after the stop's checkpoint is
+  written: the process ends with status 75, never claiming that nothing
+  was saved."""
   wd = tmp_path / "stopped"
   proc = subprocess.Popen(_cli(wd, tiny_image_folder, NO_PERIODIC), env=_env(),
                           cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_signals_at_default)
   _wait_for_step(wd, proc, 5)
   t = time.time()
   proc.send_signal(sig)
+  if twice:
+    while not any(p.name.isdigit() for p in (wd / "checkpoints").iterdir()):
+      assert time.time() - t < 60, "the stop saved no checkpoint"
+      time.sleep(0.01)
+    time.sleep(0.3)
+    if proc.poll() is None:
+      proc.send_signal(sig)
   err = proc.communicate(timeout=60)[1]
   assert proc.returncode == 75, err[-3000:]
   assert time.time() - t < 30
-  assert "Traceback" not in err
+  assert "Traceback" not in err and "nothing to save" not in err, err[-3000:]
   line = [l for l in err.splitlines() if l.startswith("stopped: ")]
-  assert len(line) == 1, err[-3000:]
-  assert f"stopped by {sig.name} at step" in line[0]
-  assert "Run the same command to resume" in line[0]
-  step = int(line[0].split(" at step ")[1].split(":")[0])
+  if twice:
+    # The last line names the saved step, whichever handler took the
+    # second signal: the run's (still stopping), the one left for the
+    # shutdown, or none (it came after the `stopped:` line).
+    last = err.strip().splitlines()[-1]
+    assert re.search(r"(checkpoint|stopped by SIGINT) at step \d+", last), err
+    step = int(re.search(r"at step (\d+)", last).group(1))
+  else:
+    assert len(line) == 1, err[-3000:]
+    assert f"stopped by {sig.name} at step" in line[0]
+    assert "Run the same command to resume" in line[0]
+    step = int(line[0].split(" at step ")[1].split(":")[0])
   assert 5 <= step < STEPS
   assert (wd / "checkpoints" / str(step)).is_dir()
   assert not (wd / "results.json").exists()

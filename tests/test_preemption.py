@@ -39,8 +39,20 @@ def _wait(cond, seconds=5.0):
     time.sleep(0.01)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_requests_a_stop_at_the_next_step(sig):
+@pytest.fixture
+def hup_default():
+  """SIGHUP at its default for the test (the suite may run under nohup,
+  which hands every process SIGHUP ignored), restored afterwards."""
+  old = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+  yield
+  signal.signal(signal.SIGHUP, old)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT,
+                                 signal.SIGHUP])
+def test_a_signal_requests_a_stop_at_the_next_step(sig, hup_default):
+  del hup_default
+  before = {s: signal.getsignal(s) for s in preemption.stop_signals()}
   stop, rec = _stop()
   with stop:
     stop.mark_trained()
@@ -53,8 +65,37 @@ def test_a_signal_requests_a_stop_at_the_next_step(sig):
     err = stop.stopped(7, "/w/checkpoints")
     assert isinstance(err, preemption.Preempted) and err.exit_code == 75
     assert f"stopped by {sig.name} at step 7" in str(err)
-  # The handlers are restored.
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # The handlers are restored, whatever they were (default_int_handler in
+  # a terminal, SIG_IGN for SIGINT in a background job).
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sighup_inherited_ignored_stays_ignored():
+  """Under nohup a run keeps training when its terminal closes."""
+  old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    assert signal.SIGHUP not in preemption.stop_signals()
+    stop, _ = _stop()
+    with stop:
+      assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGHUP, old)
+
+
+def test_second_sigint_after_the_stops_checkpoint_says_it_is_saved():
+  stop, rec = _stop()
+  with stop:
+    stop.mark_trained()
+    os.kill(os.getpid(), signal.SIGINT)
+    _wait(lambda: stop.requested(20))
+    stop.mark_saved(20)  # the loop saved the stop's checkpoint
+    os.kill(os.getpid(), signal.SIGINT)
+    _wait(lambda: rec.exits)
+  code, text = rec.exits[0]
+  assert code == preemption.EXIT_PREEMPTED
+  assert "the checkpoint at step 20 is saved" in text
+  assert "resumes from step 20" in text
+  assert "nothing" not in text
 
 
 def test_second_sigint_exits_at_once():
@@ -67,6 +108,8 @@ def test_second_sigint_exits_at_once():
     _wait(lambda: rec.exits)
   assert rec.exits[0][0] == preemption.EXIT_INTERRUPTED == 130
   assert "SIGINT again: exiting at once" in rec.exits[0][1]
+  assert "without a checkpoint of the steps since the last one" in (
+      rec.exits[0][1])
 
 
 def test_nothing_to_save_exits_at_once():

@@ -307,28 +307,40 @@ def test_kernels_are_recorded_and_a_change_on_resume_is_refused(
     assert {k: got.get(k) for k in record} == record
 
 
-def test_corrupt_checkpoint_stops_and_is_kept(tiny_image_folder, tmp_path,
-                                              monkeypatch):
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_ends_as_if_intact(
+    tiny_image_folder, tmp_path, monkeypatch, capsys):
+  """The newest checkpoint's data files garbled: the run says so in one
+  warning, keeps the files in damaged/, resumes from the one before and
+  ends with an uninterrupted run's numbers."""
   config = tiny_config(tiny_image_folder, arg="steps=6",
-                       checkpoint_every_steps=2, checkpoint_every_epochs=None)
+                       checkpoint_every_steps=2, checkpoint_every_epochs=None,
+                       eval_every_steps=3, eval_every_epochs=None)
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  wd = tmp_path / "run"
   with monkeypatch.context() as m:
     _crash_after(m, 5)
     with pytest.raises(_Crash):
-      train.train_and_evaluate(config, tmp_path)
-  step_dir = tmp_path / "checkpoints" / "4"
-  assert step_dir.is_dir()
-  damaged = 0
-  for f in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+      train.train_and_evaluate(config, wd)
+  step_dir = wd / "checkpoints" / "4"
+  data = [p for p in step_dir.rglob("*")
+          if p.is_file() and p.parent.name == "d"]
+  assert data
+  for f in data:
     f.write_bytes(b"garbage")
-    damaged += 1
-  assert damaged
-  snapshot = sorted((p.relative_to(tmp_path), p.read_bytes())
-                    for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
-  with pytest.raises(ckpt_lib.CheckpointError, match="step 4"):
-    train.train_and_evaluate(config, tmp_path)
-  after = sorted((p.relative_to(tmp_path), p.read_bytes())
-                 for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
-  assert after == snapshot
+  damaged = {str(p.relative_to(step_dir)): p.read_bytes()
+             for p in step_dir.rglob("*") if p.is_file()}
+  capsys.readouterr()
+  resumed = train.train_and_evaluate(config, wd)
+  out = capsys.readouterr().out
+  warnings = [l for l in out.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 1, out
+  assert "the checkpoint at step 4 cannot be read" in warnings[0]
+  assert "Resuming from the checkpoint at step 2" in warnings[0]
+  aside = wd / "damaged" / "checkpoint_4"
+  assert {str(p.relative_to(aside)): p.read_bytes()
+          for p in aside.rglob("*") if p.is_file()} == damaged
+  for block in ("final", "best", "history"):
+    assert resumed[block] == full[block], block
 
 
 # ------------------------------------------------------------- bad configs
