@@ -240,7 +240,7 @@ def make_batches(images, labels, steps: int, seed: int):
 
 def build_nc_jax(method: str, conv_impl: str, counts, steps_per_epoch):
   """The paper preset's model, steps and initial state (one replica)."""
-  from experiments.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+  from nc_jax.configs import cifar_lt  # pylint: disable=g-import-not-at-top
   from nc_jax import builder, sharding  # pylint: disable=g-import-not-at-top
   config = cifar_lt.get_config(
       "cifar10_r0.01_etf_dr" if method == "etf_dr" else "cifar10_r0.01_ce")

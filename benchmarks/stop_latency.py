@@ -37,7 +37,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def one(phase: str, args) -> dict:
   wd = pathlib.Path(tempfile.mkdtemp(prefix=f"stop-{phase}-"))
-  cmd = [sys.executable, "-u", "-m", "experiments.train", "--config",
+  cmd = [sys.executable, "-u", "-m", "nc_jax.cli.train", "--config",
          args.config, f"--config.data_dir={args.data_dir}",
          "--config.eval_every_epochs=0", "--config.eval_every_steps=20",
          "--config.log_every_steps=10", f"--workdir={wd / 'run'}"]

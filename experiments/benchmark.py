@@ -34,7 +34,7 @@ import time
 from absl import app
 from absl import flags
 
-from experiments import xla_defaults
+from nc_jax.cli import xla_defaults
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet32", "Backbone name.")
 _METHOD = flags.DEFINE_string("method", "etf_dr",
@@ -84,7 +84,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   from nc_jax import data as data_lib
   from nc_jax import sharding
   from nc_jax import steps as steps_lib
-  from experiments.configs import cifar_lt
+  from nc_jax.configs import cifar_lt
 
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh)

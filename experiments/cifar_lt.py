@@ -1,10 +1,11 @@
-"""`python -m experiments.cifar_lt`: the first name of `experiments.train`.
+"""`python -m experiments.cifar_lt`: training from a checkout.
 
-Kept because commands and job scripts use it; it trains every dataset, not
-only CIFAR, with the same flags as `nc-jax-train` (`experiments.train`).
+The design's first name for `nc-jax-train` (`nc_jax.cli.train`), kept for
+the commands and job scripts that use it: it trains every dataset, not
+only CIFAR, with the same flags.
 """
 
-from experiments.train import run
+from nc_jax.cli.train import run
 
 if __name__ == "__main__":
   run()

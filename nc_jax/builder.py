@@ -1,6 +1,6 @@
 """One builder: config -> model, fixed ETF, optimiser, compiled steps, state.
 
-Training (`nc_jax.train`), the benchmark (`experiments.benchmark`) and the
+Training (`nc_jax.train`), the benchmark (`experiments/benchmark.py`) and the
 tests (`tests/tiny_step.py`) all call `build`, so the three can never
 disagree on how a method is assembled, and `steps.StepConfig` is made here
 only. The data-dependent facts (class counts, epoch length, image shape,
@@ -33,6 +33,10 @@ the seed that `config.json` pins.
 """
 
 from __future__ import annotations
+
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
 
 import dataclasses
 import math

@@ -36,6 +36,10 @@ Rules that protect finished work:
 
 from __future__ import annotations
 
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
+
 import errno
 import json
 import logging

@@ -18,7 +18,7 @@ The answer, an `Implementations`, is what the builder injects into the
 model (models never decide), what training writes to `config.json` and `results.json`
 (`record()`) and compares on resume, what the benchmark reports, and (from
 the config and a guess of the backend, before jax starts) what
-`experiments.xla_defaults` tunes the process for.
+`nc_jax.cli.xla_defaults` tunes the process for.
 
 Why these defaults: on CPU, oneDNN's own backward primitives and the fused
 BatchNorm (a hand-written gradient shaped for XLA's CPU fusion) make the
@@ -223,7 +223,7 @@ def likely_backend(environ: Mapping[str, str] | None = None) -> str:
   """"cpu", "gpu" or "tpu": what jax will most likely pick, starting nothing.
 
   For decisions that must be made before jax starts its backends (the
-  malloc and XLA flag settings of `experiments.xla_defaults`). In order:
+  malloc and XLA flag settings of `nc_jax.cli.xla_defaults`). In order:
   `JAX_PLATFORMS` (its first entry) when set; "gpu" when a CUDA or ROCm
   PJRT plugin is installed and a GPU device node exists (/dev/nvidia0..,
   /dev/kfd); "tpu" when libtpu is installed and a TPU device node exists

@@ -11,12 +11,14 @@ follows MiSLAS's per-epoch schedule: linear warm-up over the first epochs
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
-from ml_collections import ConfigDict
+
+if TYPE_CHECKING:  # the configs are ml_collections' (the `train` extra)
+  from ml_collections import ConfigDict
 
 
 def duration_steps(config: ConfigDict,
@@ -51,7 +53,7 @@ def duration_steps(config: ConfigDict,
         f"Both {name}_epochs={epochs} and {name}_steps={steps} are set; set "
         f"only one: zero the other (--config.{name}_epochs=0), or for the "
         "training length pass epochs=N or steps=N in the config argument "
-        "(e.g. experiments/configs/cifar_lt.py:quick,steps=500).")
+        "(e.g. nc_jax/configs/cifar_lt.py:quick,steps=500).")
   if epochs is not None and epochs < 0 or steps is not None and steps < 0:
     raise ValueError(f"{name}_epochs / {name}_steps must not be negative.")
   if steps is not None:

@@ -13,6 +13,10 @@ and `resolved_before` after an accepted change); and `provenance`
 
 from __future__ import annotations
 
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
+
 from typing import Any, Mapping, Sequence
 
 from ml_collections import ConfigDict

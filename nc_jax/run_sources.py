@@ -11,6 +11,10 @@ exported file, and are None where neither has them.
 
 from __future__ import annotations
 
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
+
 import dataclasses
 import json
 import os
@@ -219,7 +223,7 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> Source:
   if not (wd / "config.json").is_file():
     raise RunError(
         f"{wd} has no config.json: it is not the workdir of a run of "
-        "nc-jax-train (python -m experiments.train), or that run stopped "
+        "nc-jax-train, or that run stopped "
         "before it started training.")
   raw = _read_json(wd / "config.json")
   if not isinstance(raw, dict):
@@ -313,7 +317,7 @@ def open_source(path: str | os.PathLike, which: str | int = "final"
   if not p.exists():
     raise RunError(
         f"{p} does not exist. Pass the --workdir of a run of nc-jax-train "
-        "(python -m experiments.train) or a file written by "
+        "(python -m nc_jax.cli.train) or a file written by "
         "nc_jax.runs.export.")
   p = p.resolve()
   if p.is_file():

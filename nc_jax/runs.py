@@ -33,10 +33,14 @@ LDAM's cosine head, minus `tau log(pi)` when the run evaluated with
 `evaluate` evaluates a checkpoint on the test set with training's own
 compiled eval step (the numbers of the final checkpoint are those of
 results.json's `final` block), adds neural-collapse statistics and the
-confusion matrix; `python -m experiments.evaluate` writes them.
+confusion matrix; `python -m nc_jax.cli.evaluate` writes them.
 """
 
 from __future__ import annotations
+
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
 
 import datetime
 import functools

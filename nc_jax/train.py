@@ -11,6 +11,10 @@ same command ends with the same numbers as one that never stopped.
 
 from __future__ import annotations
 
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
+
 import contextlib
 import dataclasses
 import json

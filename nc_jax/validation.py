@@ -11,6 +11,10 @@ durations) are checked here. The first problem ends the run with one
 
 from __future__ import annotations
 
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
+
 from ml_collections import ConfigDict
 
 from nc_jax import builder as builder_lib

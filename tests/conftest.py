@@ -1,17 +1,23 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and the real-data tier.
 
-The real-data fixture extracts ../shared/data/cifar10_jpeg.tar.gz once per test
-session. If the archive is missing the test fails (never skips) and says where
-it looked.
+The default suite makes its own data (image-folder trees and CIFAR release
+files written by the tests). The tests marked `real_data` read the original
+CIFAR-10 python release, `cifar-10-python.tar.gz` as downloaded from
+https://www.cs.toronto.edu/~kriz/cifar.html, from the path in
+`NC_JAX_CIFAR10_RELEASE`; every image-folder tree they compare with it is
+derived from it here. Without the variable they are not collected (the run
+says how many and why); selected explicitly (`-m real_data`) without it,
+they fail saying what to set.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import os
 import pathlib
+import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 
@@ -50,44 +56,105 @@ def _share_compilations() -> None:
 
 
 _share_compilations()
-DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10_jpeg.tar.gz"
+RELEASE_VARIABLE = "NC_JAX_CIFAR10_RELEASE"
+REAL_DATA = "real_data"
 
 
-def shared_cifar10_archive() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("NC_JAX_CIFAR10_ARCHIVE", DEFAULT_ARCHIVE))
+def _real_data_selected(config) -> bool:
+  """Whether `-m` asks for the real-data tier by name (not `not real_data`)."""
+  expr = config.getoption("markexpr") or ""
+  return bool(re.search(rf"(?<!not ){REAL_DATA}", expr)) and (
+      f"not {REAL_DATA}" not in expr)
 
 
-def _extract(archive: pathlib.Path, out: pathlib.Path) -> None:
-  """Extracts our own test archive: with GNU tar where there is one (60,000
-  JPEG files: 27 s against tarfile's 44 s, measured side by side on the
-  2-core dev box, 2026-11-29), else with tarfile."""
-  tar_bin = shutil.which("tar")
-  if tar_bin is not None:
-    done = subprocess.run([tar_bin, "--no-same-owner", "-xzf", str(archive),
-                           "-C", str(out)], capture_output=True, text=True)
-    if done.returncode == 0:
-      return
-    shutil.rmtree(out)
-    out.mkdir()
-  with tarfile.open(archive) as tar:
-    tar.extractall(out, filter="data")
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", f"{REAL_DATA}: needs the original CIFAR-10 release at "
+      f"${RELEASE_VARIABLE} (cifar-10-python.tar.gz)")
+
+
+def _leave_out_real_data(config, items):
+  """Without the release, the real-data tier is not collected (counted as
+  deselected, and said in the summary), unless it was asked for by name."""
+  if os.environ.get(RELEASE_VARIABLE) or _real_data_selected(config):
+    return
+  out = [i for i in items if i.get_closest_marker(REAL_DATA)]
+  if out:
+    items[:] = [i for i in items if not i.get_closest_marker(REAL_DATA)]
+    config.hook.pytest_deselected(items=out)
+    config.stash[_LEFT_OUT] = len(out)
+
+
+_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+  n = config.stash.get(_LEFT_OUT, 0)
+  if not n and hasattr(config, "workerinput"):
+    return
+  if n or (not os.environ.get(RELEASE_VARIABLE)
+           and not _real_data_selected(config)):
+    terminalreporter.write_line(
+        f"real-data tier left out ({n or 'its'} tests deselected): "
+        f"{RELEASE_VARIABLE} is not set. Set it to the path of the CIFAR-10 "
+        f"python release (cifar-10-python.tar.gz) and run pytest -m "
+        f"{REAL_DATA} to run them.")
+
+
+def cifar10_release_path() -> pathlib.Path:
+  """The release archive named by $NC_JAX_CIFAR10_RELEASE; fails (never
+  skips) when the variable is unset or names no file."""
+  value = os.environ.get(RELEASE_VARIABLE)
+  if not value:
+    pytest.fail(f"The real-data tests need the original CIFAR-10 release: set "
+                f"{RELEASE_VARIABLE} to the path of cifar-10-python.tar.gz "
+                "(https://www.cs.toronto.edu/~kriz/cifar.html).",
+                pytrace=False)
+  path = pathlib.Path(value).expanduser()
+  if not path.is_file():
+    pytest.fail(f"{RELEASE_VARIABLE}={value} names no file; set it to the "
+                "path of cifar-10-python.tar.gz.", pytrace=False)
+  return path
 
 
 @pytest.fixture(scope="session")
-def cifar10_dir(tmp_path_factory) -> pathlib.Path:
-  """Path of an extracted CIFAR-10 image-folder tree (train/ and test/)."""
-  archive = shared_cifar10_archive()
-  if not archive.is_file():
-    pytest.fail(
-        f"The real-data tests need the CIFAR-10 archive at {archive}, which "
-        "does not exist. Check out ../shared beside the repository or set "
-        "NC_JAX_CIFAR10_ARCHIVE to the path of cifar10_jpeg.tar.gz.",
-        pytrace=False)
-  out = tmp_path_factory.mktemp("shared_cifar10")
-  _extract(archive, out)
-  root = out / "cifar10_jpeg"
-  assert (root / "train").is_dir() and (root / "test").is_dir(), (
-      f"{archive} did not contain cifar10_jpeg/train and cifar10_jpeg/test")
+def cifar10_release() -> pathlib.Path:
+  """Path of the original CIFAR-10 python release archive (real-data tier)."""
+  return cifar10_release_path()
+
+
+@pytest.fixture(scope="session")
+def cifar10_release_parent(cifar10_release, tmp_path_factory) -> pathlib.Path:
+  """A folder holding the release's extracted `cifar-10-batches-py/`."""
+  out = tmp_path_factory.mktemp("c10_release")
+  with tarfile.open(cifar10_release) as tar:
+    tar.extractall(out, filter="data")
+  assert (out / "cifar-10-batches-py" / "data_batch_1").is_file(), (
+      f"{cifar10_release} holds no cifar-10-batches-py/data_batch_1")
+  return out
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(cifar10_release_parent, tmp_path_factory) -> pathlib.Path:
+  """A CIFAR-10 image-folder tree (`train/<class>/NNNN.png`, `test/...`)
+  derived from the release: file NNNN is the NNNN-th image of its class in
+  the release's order, lossless, as a converter of the release writes it."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from nc_jax.data import in_memory  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("cifar10_png") / "cifar10"
+  jobs = []
+  for split in ("train", "test"):
+    data = in_memory.load_split("cifar10", str(cifar10_release_parent), split)
+    seen = {}
+    for image, label in zip(data.images, data.labels):
+      c = int(label)
+      n = seen[c] = seen.get(c, -1) + 1
+      jobs.append((image, root / split / data.class_names[c] / f"{n:04d}.png"))
+  for d in {p.parent for _, p in jobs}:
+    d.mkdir(parents=True)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda job: Image.fromarray(job[0]).save(
+        job[1], compress_level=1), jobs))
   return root
 
 
@@ -131,7 +198,9 @@ _LONGEST_FIRST = ("test_train", "test_distributed", "test_methods",
                   "test_data_imagenet_lt", "test_xla_defaults", "test_norm")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+  _leave_out_real_data(config, items)
+
   def rank(item):
     name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
     return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST

@@ -1,6 +1,6 @@
 """Run by test_xla_defaults.py in a subprocess: a few train steps, as JSON.
 
-Applies `experiments.xla_defaults` first, exactly as the entry points do,
+Applies `nc_jax.cli.xla_defaults` first, exactly as the entry points do,
 so the environment decides which XLA flags compile the step; CONV_IMPL
 (default "xla") picks the model's convolution kernels.
 """
@@ -8,7 +8,7 @@ so the environment decides which XLA flags compile the step; CONV_IMPL
 import json
 import os
 
-from experiments import xla_defaults
+from nc_jax.cli import xla_defaults
 
 CONV_IMPL = os.environ.get("CONV_IMPL", "xla")
 xla_defaults.apply(backbone="resnet8", conv_impl=CONV_IMPL)

@@ -36,7 +36,7 @@ def _env(**extra):
   return env
 
 
-def _run(args, cwd, module="experiments.train", timeout=300, **env):
+def _run(args, cwd, module="nc_jax.cli.train", timeout=300, **env):
   return subprocess.run([sys.executable, "-m", module, *map(str, args)],
                         cwd=cwd, env=_env(**env), capture_output=True,
                         text=True, timeout=timeout)
@@ -79,7 +79,7 @@ def test_config_argument_mistakes(tmp_path, config, fragments):
      ["bad --config override", "Did you mean --config.num_epochs?"]),
     (["--config", "quick", "--workdir", "w", "--config.optim.lrr=0.05"],
      ["--config.optim.lrr is no field", "Did you mean --config.optim.lr?",
-      "experiments/configs/cifar_lt.py"]),
+      "nc_jax/configs/cifar_lt.py"]),
     (["--config", "quick", "--workdir", "w", "--config.lr=0.05"],
      ["--config.lr is no field", "Did you mean --config.optim.lr?"]),
     (["--config", "quick", "--workdir", "w", "--config.batch_size=abc"],
@@ -230,7 +230,8 @@ def test_console_scripts_work_from_any_directory(tmp_path):
   assert {"nc-jax-train", "nc-jax-report"} <= set(scripts)
   for name, target in scripts.items():
     module, func = target.split(":")
-    path = REPO / (module.replace(".", "/") + ".py")
+    # The command's own module (nc_jax.cli:train -> nc_jax/cli/train.py).
+    path = REPO / (module.replace(".", "/") + f"/{func}.py")
     summary = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]
     # What the installed script does: import the target and call it.
     code = f"import sys; from {module} import {func}; sys.exit({func}())"
@@ -247,7 +248,9 @@ def test_console_scripts_work_from_any_directory(tmp_path):
 
 @pytest.mark.parametrize("config", [
     "cifar10_r0.01_etf_dr",  # a preset name
-    "experiments/configs/cifar_lt.py:cifar10_r0.01_etf_dr",  # repo-relative
+    "nc_jax/configs/cifar_lt.py:cifar10_r0.01_etf_dr",  # package-relative
+    # The file's path until 2026-12-07, which older commands name.
+    "experiments/configs/cifar_lt.py:cifar10_r0.01_etf_dr",
 ])
 def test_config_by_preset_or_path_from_elsewhere(tmp_path, config):
   # The config loads (from another directory); the run then stops at the
@@ -265,7 +268,7 @@ def test_second_run_on_a_live_workdir_stops_at_once(tiny_image_folder,
           f"--config.data_dir={tiny_image_folder}",
           "--config.log_every_steps=1000", "--workdir", wd]
   first = subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", *map(str, args)],
+      [sys.executable, "-m", "nc_jax.cli.train", *map(str, args)],
       cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True)
   try:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from experiments.configs import cifar_lt as cfg_lib
+from nc_jax.configs import cifar_lt as cfg_lib
 from nc_jax import train
 
 

@@ -1,9 +1,11 @@
 """The CIFAR python releases as `data_dir`: forms, order, subset, damage.
 
-CIFAR-10 is the original release (`../shared/data/cifar-10-python.tar.gz`,
-whose files carry torchvision's md5s); the tests fail, never skip, without
-it. CIFAR-100 is a small release written here in the release's pickle
-layout, with its md5s registered for the test.
+The logic (the three forms, the order, the md5 checks, damage, archives) is
+tested on small releases written here in the releases' pickle layout, with
+their md5s registered for the test. What only the original CIFAR-10 release
+can show (its order and labels, the reference's subset of it, an image
+tree made from it, a damaged copy on the command line) is the real-data
+tier (`real_data`: $NC_JAX_CIFAR10_RELEASE, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -18,62 +20,98 @@ import tarfile
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
 from nc_jax.data import archive
 from nc_jax.data import cifar_release
 from nc_jax.data import sources
 from nc_jax.data import in_memory
 
-RELEASE_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
 CIFAR10_R001 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+           "horse", "ship", "truck")
 
 
-@pytest.fixture(scope="session")
-def release_archive() -> pathlib.Path:
-  path = pathlib.Path(os.environ.get("NC_JAX_CIFAR10_RELEASE",
-                                     RELEASE_ARCHIVE))
-  if not path.is_file():
-    pytest.fail(f"These tests need the original CIFAR-10 release at {path}, "
-                "which does not exist. Check out ../shared beside the "
-                "repository or set NC_JAX_CIFAR10_RELEASE to the path of "
-                "cifar-10-python.tar.gz.", pytrace=False)
-  return path
+def _write_cifar10(root: pathlib.Path, *, per_batch=20, seed=0):
+  """A `cifar-10-batches-py/` in the release's pickle layout: five train
+  batches and a test batch of `per_batch` images each (two of every class
+  per batch, shuffled), and `batches.meta`. Returns (folder, {split:
+  (data (N, 3072) uint8, labels (N,))}) in the release's order."""
+  rng = np.random.default_rng(seed)
+  folder = root / "cifar-10-batches-py"
+  folder.mkdir(parents=True)
+  out = {"train": ([], []), "test": ([], [])}
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    labels = np.repeat(np.arange(10), per_batch // 10)
+    rng.shuffle(labels)
+    data = rng.integers(0, 256, (labels.size, 3072), dtype=np.uint8)
+    with open(folder / name, "wb") as f:
+      pickle.dump({"batch_label": name, "labels": labels.tolist(),
+                   "data": data, "filenames": [f"{name}_{i}.png" for i in
+                                               range(labels.size)]}, f)
+    split = "test" if name == "test_batch" else "train"
+    out[split][0].append(data)
+    out[split][1].append(labels)
+  with open(folder / "batches.meta", "wb") as f:
+    pickle.dump({"label_names": list(CLASSES), "num_cases_per_batch":
+                 per_batch, "num_vis": 3072}, f)
+  return folder, {k: (np.concatenate(d), np.concatenate(l))
+                  for k, (d, l) in out.items()}
 
 
-@pytest.fixture(scope="session")
-def release_parent(release_archive, tmp_path_factory) -> pathlib.Path:
-  """A folder holding the extracted `cifar-10-batches-py/`."""
-  out = tmp_path_factory.mktemp("c10_release")
-  with tarfile.open(release_archive) as tar:
-    tar.extractall(out, filter="data")
-  assert (out / "cifar-10-batches-py" / "data_batch_1").is_file()
-  return out
+@pytest.fixture
+def release(tmp_path, monkeypatch):
+  """A small CIFAR-10 release: (parent folder, archive, written arrays),
+  its md5s registered as the release's for this test."""
+  folder, written = _write_cifar10(tmp_path / "src")
+  _register_md5s(monkeypatch, "cifar10", folder)
+  tgz = _tar(folder, tmp_path / "cifar-10-python.tar.gz")
+  return folder.parent, tgz, written
 
 
-def test_three_forms_name_one_release(release_archive, release_parent,
-                                      tmp_path, monkeypatch):
+def test_three_forms_name_one_release(release, tmp_path, monkeypatch):
+  parent, tgz, written = release
   monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
-  folder = release_parent / "cifar-10-batches-py"
+  folder = parent / "cifar-10-batches-py"
   roots = set()
-  for given in (release_archive, release_parent, folder):
+  for given in (tgz, parent, folder):
     src = sources.check_data_dir("cifar10",
                                  archive.resolve_data_dir(str(given)))
     assert src.kind == "release"
     assert pathlib.Path(src.root).name == "cifar-10-batches-py"
+    sources.check_source(src)
     roots.add(src.root)
   assert len(roots) == 2  # the cache's extraction, and the folder above
+  for split, n in (("train", 100), ("test", 20)):
+    got = in_memory.load_split("cifar10", str(parent), split)
+    data, labels = written[split]
+    assert got.images.shape == (n, 32, 32, 3) and got.images.dtype == np.uint8
+    np.testing.assert_array_equal(got.labels, labels)  # the release's order
+    # R, G and B planes, row-major, into NHWC.
+    np.testing.assert_array_equal(
+        got.images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert got.ids[:2] == (f"{split}_00000", f"{split}_00001")
+    assert got.class_names == CLASSES
+
+
+@pytest.mark.real_data
+def test_the_original_release_in_its_order(cifar10_release,
+                                           cifar10_release_parent, tmp_path,
+                                           monkeypatch):
+  monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
+  folder = cifar10_release_parent / "cifar-10-batches-py"
+  for given in (cifar10_release, cifar10_release_parent, folder):
+    src = sources.check_data_dir("cifar10",
+                                 archive.resolve_data_dir(str(given)))
+    sources.check_source(src)  # torchvision's md5s
   test = in_memory.load_split("cifar10", str(folder), "test")
-  train = in_memory.load_split("cifar10", str(release_parent), "train")
+  train = in_memory.load_split("cifar10", str(cifar10_release_parent),
+                               "train")
   assert test.images.shape == (10000, 32, 32, 3)
-  assert test.images.dtype == np.uint8
   assert test.counts == tuple([1000] * 10)
   assert train.counts == tuple([5000] * 10)
   # The release's order: known first labels of data_batch_1 and test_batch.
   assert train.labels[:5].tolist() == [6, 9, 9, 4, 1]
   assert test.labels[:5].tolist() == [3, 8, 8, 0, 6]
-  assert test.ids[:2] == ("test_00000", "test_00001")
-  assert test.class_names[0] == "airplane" and test.class_names[9] == "truck"
-  # Pixels: the first training image's R plane, straight from the pickle.
+  assert test.class_names == CLASSES
   with open(folder / "data_batch_1", "rb") as f:
     raw = pickle.load(f, encoding="latin1")["data"]
   np.testing.assert_array_equal(train.images[0, :, :, 0],
@@ -91,11 +129,13 @@ def _per_class_positions(ids, labels, rank):
 
 
 @pytest.mark.slow
-def test_release_subset_is_the_references_and_the_jpeg_trees(
-    release_parent, cifar10_dir):
-  rel = in_memory.load_train_lt("cifar10", str(release_parent), 0.01, "exp", 0)
+@pytest.mark.real_data
+def test_release_subset_is_the_references_and_the_image_trees(
+    cifar10_release_parent, cifar10_dir):
+  rel = in_memory.load_train_lt("cifar10", str(cifar10_release_parent), 0.01,
+                                "exp", 0)
   assert list(rel.counts) == CIFAR10_R001
-  full = in_memory.load_split("cifar10", str(release_parent), "train")
+  full = in_memory.load_split("cifar10", str(cifar10_release_parent), "train")
   # Position of each example among its class, in the release's order.
   within = np.zeros(full.labels.size, np.int64)
   for c in range(10):
@@ -110,22 +150,19 @@ def test_release_subset_is_the_references_and_the_jpeg_trees(
     idx = np.flatnonzero(full.labels == c)
     rng.shuffle(idx)
     assert got[c] == sorted(within[idx[:n_c]].tolist())
-  # The JPEG tree names file NNNN the NNNN-th image of its class.
-  jpg = in_memory.load_train_lt("cifar10", str(cifar10_dir), 0.01, "exp", 0)
-  jpos = _per_class_positions(
-      jpg.ids, jpg.labels, lambda i, y: int(i.split("/")[1].split(".")[0]))
-  assert jpos == got
-  # Same images: the JPEGs differ from the originals by compression only.
+  # An image tree of the release (file NNNN: the NNNN-th image of its
+  # class) gives the same subset, and the same pixels.
+  tree = in_memory.load_train_lt("cifar10", str(cifar10_dir), 0.01, "exp", 0)
+  tpos = lambda i, y: int(i.split("/")[1].split(".")[0])
+  assert _per_class_positions(tree.ids, tree.labels, tpos) == got
   order_rel = np.lexsort(([pos(i, int(y)) for i, y in zip(rel.ids,
                                                              rel.labels)],
                           rel.labels))
-  order_jpg = np.lexsort(([int(i.split("/")[1].split(".")[0])
-                           for i in jpg.ids], jpg.labels))
-  a = rel.images[order_rel].astype(np.float32)
-  b = jpg.images[order_jpg].astype(np.float32)
-  same = np.abs(a - b).mean()
-  shifted = np.abs(a - np.roll(b, 1, axis=0)).mean()
-  assert same < 6 < 30 < shifted, (same, shifted)
+  order_tree = np.lexsort(([tpos(i, int(y)) for i, y in zip(tree.ids,
+                                                             tree.labels)],
+                           tree.labels))
+  np.testing.assert_array_equal(rel.images[order_rel],
+                                tree.images[order_tree])
 
 
 # ---------------------------------------------------------------- CIFAR-100
@@ -219,9 +256,9 @@ def _damage_flipped(folder):
     (_damage_truncated, "test_batch", "is not the released file"),
     (_damage_flipped, "data_batch_5", "is not the released file"),
 ])
-def test_damaged_release_names_the_file(release_parent, tmp_path, damage,
+def test_damaged_release_names_the_file(release, tmp_path, damage,
                                         file, fragment):
-  folder = _linked_copy(release_parent / "cifar-10-batches-py",
+  folder = _linked_copy(release[0] / "cifar-10-batches-py",
                         tmp_path / "cifar-10-batches-py")
   damage(folder)
   src = sources.check_data_dir("cifar10", str(tmp_path))
@@ -243,9 +280,12 @@ def test_truncated_pickle_without_md5(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_damaged_release_on_the_command_line(release_parent, tmp_path):
+@pytest.mark.real_data
+def test_damaged_release_on_the_command_line(cifar10_release_parent,
+                                             tmp_path):
+  # A subprocess: torchvision's md5s, so the original release.
   from tests.test_cli import TINY, _assert_clean_error, _run
-  folder = _linked_copy(release_parent / "cifar-10-batches-py",
+  folder = _linked_copy(cifar10_release_parent / "cifar-10-batches-py",
                         tmp_path / "data" / "cifar-10-batches-py")
   _damage_flipped(folder)
   out = _run([*TINY, "--config.data_dir", tmp_path / "data", "--workdir",
@@ -341,12 +381,12 @@ def test_extractions_are_per_copy_and_abandoned_ones_are_removed(
   assert "cifar-100-python/meta is missing" in str(e.value)
 
 
-def test_a_folder_holding_both_releases_serves_each(release_parent, tmp_path,
+def test_a_folder_holding_both_releases_serves_each(release, tmp_path,
                                                     monkeypatch):
   """torchvision's usual root holds cifar-10-batches-py/ and
   cifar-100-python/ side by side."""
   root = tmp_path / "data"
-  _linked_copy(release_parent / "cifar-10-batches-py",
+  _linked_copy(release[0] / "cifar-10-batches-py",
                root / "cifar-10-batches-py")
   folder, _ = _write_cifar100(root)
   _register_md5s(monkeypatch, "cifar100", folder)
@@ -365,9 +405,9 @@ def test_an_image_tree_with_a_stray_meta_file_is_no_release(
   assert sources.check_data_dir("cifar10", str(tree)).kind == "folder"
 
 
-def test_a_renamed_release_missing_its_meta_file_names_it(release_parent,
+def test_a_renamed_release_missing_its_meta_file_names_it(release,
                                                           tmp_path):
-  folder = _linked_copy(release_parent / "cifar-10-batches-py",
+  folder = _linked_copy(release[0] / "cifar-10-batches-py",
                         tmp_path / "c10")
   (folder / "batches.meta").unlink()
   src = sources.check_data_dir("cifar10", str(folder))
@@ -378,14 +418,15 @@ def test_a_renamed_release_missing_its_meta_file_names_it(release_parent,
 
 
 def test_the_other_datasets_release_names_the_archive_given(
-    release_archive, tmp_path, monkeypatch):
+    release, tmp_path, monkeypatch):
   """A CIFAR-100 preset given the CIFAR-10 archive: the error names the
   archive as passed (not nc_jax's extraction of it) and both fixes."""
-  from experiments.configs import cifar_lt
+  from nc_jax.configs import cifar_lt
   from nc_jax import train
   monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
   config = cifar_lt.get_config("cifar100_r0.01_etf_dr")
   config.unlock()
+  release_archive = release[1]
   config.data_dir = str(release_archive)
   config.lock()
   with pytest.raises(train.ConfigError) as e:

@@ -229,7 +229,7 @@ def test_options_are_checked_before_any_work(override, match):
 
 
 def test_preset_needs_the_weights_and_names_them():
-  from experiments.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
+  from nc_jax.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
   from nc_jax import builder  # pylint: disable=g-import-not-at-top
   config = cfg_lib.get_config("cub200_etf_dr")
   assert (config.backbone, config.batch_size, config.optim.lr,
@@ -252,7 +252,7 @@ def test_fine_tuning_from_a_converted_file_end_to_end(tmp_path):
   ResNet-50 file: the backbone starts from the file (not from the seed),
   the head and BatchNorm train, results.json has top-1/top-5/per-class."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  from experiments.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
+  from nc_jax.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
   from nc_jax import runs, train  # pylint: disable=g-import-not-at-top
   from tests.test_pretrained import _torchvision_state_dict  # pylint: disable=g-import-not-at-top
   top = write_release(tmp_path / "data", train_per_class=(1,), test_images=2)

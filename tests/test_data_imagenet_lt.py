@@ -407,7 +407,7 @@ def test_imagenet_lt_trains_end_to_end_and_resumes(tmp_path):
   (a small backbone, CE: ResNet-50 would not fit the suite's time): the
   streamed input, both groupings in results.json, a kill-free resume that
   ends where an uninterrupted run does, and the trained model loaded back."""
-  from experiments.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
+  from nc_jax.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
   from nc_jax import runs, train  # pylint: disable=g-import-not-at-top
   lst = _folder_tree(tmp_path / "data")
 

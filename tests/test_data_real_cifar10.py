@@ -1,7 +1,8 @@
-"""Integration on the real shared CIFAR-10 (JPEG image-folder tree).
+"""Integration on the real CIFAR-10 as an image-folder tree (real-data tier).
 
-Uses the session fixture `cifar10_dir` (tests/conftest.py), which fails,
-never skips, when ../shared/data/cifar10_jpeg.tar.gz is missing.
+The session fixture `cifar10_dir` (tests/conftest.py) writes the tree from
+the original release named by $NC_JAX_CIFAR10_RELEASE, losslessly (PNG):
+file NNNN of a class is that class's NNNN-th image in the release.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from nc_jax import data
 from nc_jax import sharding
 import pytest
 
-pytestmark = pytest.mark.slow  # extracts and decodes the real CIFAR-10 JPEGs
+# Writes and decodes 60,000 real images.
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 
 MESH = sharding.make_mesh(jax.devices()[:1])
 CIFAR10_R001 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -63,22 +65,22 @@ def test_cifar10_test_set_once(cifar10_dir):
   assert np.bincount(labels).tolist() == [1000] * 10
   images = np.concatenate([b["image"] for b in batches])[mask]
   assert images.shape == (10000, 32, 32, 3) and images.dtype == np.uint8
-  # Each JPEG appears once: (nearly) all 10,000 images are distinct.
+  # Each file appears once: (nearly) all 10,000 images are distinct.
   assert len({x.tobytes() for x in images}) >= 9990
 
 
 def _reference_subset(classes, ratio):
   """The reference's selection, computed here from its description alone:
   np.random.seed(0) once, then per class in label order shuffle the
-  indices of that class (CIFAR-10's original order, which the shared
-  files' NNNN numbering keeps) and keep the first n_c."""
+  indices of that class (CIFAR-10's original order, which the tree's
+  NNNN numbering keeps) and keep the first n_c."""
   rng = np.random.RandomState(0)
   out = []
   for c, name in enumerate(classes):
     n_c = int(5000 * ratio ** (c / 9.0))
     idx = np.arange(5000)
     rng.shuffle(idx)
-    out.append(sorted(f"{name}/{i:04d}.jpg" for i in idx[:n_c]))
+    out.append(sorted(f"{name}/{i:04d}.png" for i in idx[:n_c]))
   return out
 
 

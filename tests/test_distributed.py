@@ -60,8 +60,8 @@ STEPS = 30
 
 
 def _cli(workdir, data_dir, *extra):
-  return [sys.executable, "-m", "experiments.train",
-          "--config", str(REPO / "experiments/configs/cifar_lt.py")
+  return [sys.executable, "-m", "nc_jax.cli.train",
+          "--config", str(REPO / "nc_jax/configs/cifar_lt.py")
           + f":tiny,steps={STEPS},imb=0.1",
           "--config.backbone=resnet8", f"--config.data_dir={data_dir}",
           "--config.eval_batch_size=20", "--config.checkpoint_every_epochs=0",
@@ -135,7 +135,7 @@ def test_two_processes_match_one(two_process_run, baseline):
   assert "2 device(s) over 2 process(es)" in logs[0]
   one = baseline
   assert one["provenance"]["command"].startswith(
-      "python -m experiments.train --config ")
+      "python -m nc_jax.cli.train --config ")
   assert two["train_counts"] == one["train_counts"]
   assert two["final"]["num_examples"] == one["final"]["num_examples"] == 60
   # Same data and steps; only the order of the cross-device sums differs,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import cifar_lt
+from nc_jax.configs import cifar_lt
 from nc_jax import optim
 
 SPE = 96  # CIFAR-10-LT r = 0.01 at batch 128: 12406 images, 96 steps

@@ -1,4 +1,4 @@
-"""experiments.paper_table: cells, configs, the table, and its errors."""
+"""nc-jax-paper-table (`nc_jax.cli.paper_table`): cells, configs, the table, and its errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from experiments import paper_table as pt
-from experiments.configs import cifar_lt as cfg_lib
+from nc_jax.cli import paper_table as pt
+from nc_jax.configs import cifar_lt as cfg_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_table_full_and_short_budget(tmp_path):
 ])
 def test_cli_errors_before_any_work(tmp_path, args, message):
   out = subprocess.run(
-      [sys.executable, "-m", "experiments.paper_table", "--root",
+      [sys.executable, "-m", "nc_jax.cli.paper_table", "--root",
        str(tmp_path / "root"), *args],
       capture_output=True, text=True, timeout=120, cwd=tmp_path,
       env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -303,7 +303,7 @@ def test_missing_torch(tmp_path, monkeypatch):
 def test_every_replica_starts_from_the_file(case):
   """`Built.with_pretrained` with num_seeds=2: both replicas' backbones and
   BatchNorm statistics are the file's; their heads keep their own draws."""
-  from experiments.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+  from nc_jax.configs import cifar_lt  # pylint: disable=g-import-not-at-top
   from nc_jax import builder, sharding  # pylint: disable=g-import-not-at-top
   path = case["tmp"] / "resnet50.safetensors"
   config = cifar_lt.get_config("cub200_ce,steps=2")

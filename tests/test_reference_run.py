@@ -189,7 +189,7 @@ def test_resume_equals_uninterrupted_and_records_each_epoch_once(run,
   assert ([r["per_class"] for r in recs if r["kind"] == "eval"]
           == [r["per_class"] for r in full_evals])
   # nc-jax-report takes the workdir beside nc_jax's own.
-  from experiments import report  # pylint: disable=g-import-not-at-top
+  from nc_jax.cli import report  # pylint: disable=g-import-not-at-top
   written = {p.name for p in report.write_report(
       [tmp_path / "full", tmp_path / "part"], tmp_path / "report")}
   assert {"learning_curves.png", "per_class_accuracy.png"} <= written

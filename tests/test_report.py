@@ -1,4 +1,4 @@
-"""experiments.report on two real (tiny) runs, unfinished runs, mistakes."""
+"""nc-jax-report (`nc_jax.cli.report`) on two real (tiny) runs, unfinished runs, mistakes."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import report
+from nc_jax.cli import report
 from nc_jax import train
 from tests.test_train import tiny_config
 
@@ -103,7 +103,7 @@ def test_report_with_nothing_to_show_writes_nothing(tmp_path):
 def test_report_cli_mistakes_are_one_line(tmp_path, make, fragment):
   make(tmp_path / "run")
   out = subprocess.run(
-      [sys.executable, "-m", "experiments.report", "--workdir", "run",
+      [sys.executable, "-m", "nc_jax.cli.report", "--workdir", "run",
        "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
   assert out.returncode == 2, out.stderr[-2000:]

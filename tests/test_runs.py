@@ -1,4 +1,4 @@
-"""Using a trained run: `nc_jax.runs` and `python -m experiments.evaluate`.
+"""Using a trained run: `nc_jax.runs` and `nc-jax-evaluate`.
 
 One tiny ResNet-8 run (12 steps, evaluated and checkpointed every 4) is
 trained once for the module; the tests load it, classify with it, export it
@@ -247,7 +247,7 @@ def _evaluate(args, cwd):
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=str(REPO))
   return subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate", *map(str, args)],
+      [sys.executable, "-m", "nc_jax.cli.evaluate", *map(str, args)],
       cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 

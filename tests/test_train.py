@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.configs import cifar_lt as cfg_lib
+from nc_jax.configs import cifar_lt as cfg_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import cpu_kernels
 from nc_jax import data as data_lib
@@ -111,20 +111,23 @@ def test_tfdata_pipeline_and_nc_metrics(tiny_image_folder, tmp_path):
   assert "nc_train/nc1" in evals[-1] and "nc_test/nc1" in evals[-1]
 
 
-def test_loss_decreases_on_real_cifar10(cifar10_dir, tmp_path):
-  config = tiny_config(cifar10_dir, arg="steps=40,mixup=0", batch_size=64,
+@pytest.mark.real_data
+def test_loss_decreases_on_real_cifar10(cifar10_release, tmp_path,
+                                        monkeypatch):
+  monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
+  config = tiny_config(cifar10_release, arg="steps=40,mixup=0", batch_size=64,
                        eval_batch_size=1000, imb_factor=0.01)
   config.unlock()
   config.optim.lr = 0.05
   config.lock()
-  train.train_and_evaluate(config, tmp_path)
+  train.train_and_evaluate(config, tmp_path / "run")
   losses = [json.loads(l)["loss"] for l in
-            (tmp_path / "metrics.jsonl").read_text().splitlines()
+            (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
             if json.loads(l)["kind"] == "train"]
   assert len(losses) == 40
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert last < 0.8 * first, (first, last)
-  res = json.loads((tmp_path / "results.json").read_text())
+  res = json.loads((tmp_path / "run" / "results.json").read_text())
   assert res["final"]["num_examples"] == 10000
   assert res["num_train_examples"] == 12406
 

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import xla_defaults
+from nc_jax.cli import xla_defaults
 from nc_jax import cpu_kernels
 
 pytestmark = pytest.mark.slow  # subprocesses that start XLA with other flags
@@ -112,7 +112,7 @@ def test_which_runs_expect_onednn_convolutions():
 MALLOC_PROBE = """
 import os
 os.environ["JAX_PLATFORMS"] = os.environ.pop("PROBE_PLATFORMS", "cpu")
-from experiments import xla_defaults
+from nc_jax.cli import xla_defaults
 xla_defaults.apply()
 os.environ["JAX_PLATFORMS"] = "cpu"
 import resource

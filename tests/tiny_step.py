@@ -8,7 +8,7 @@ compile in seconds. Built by `nc_jax.builder.build`, like training.
 
 from __future__ import annotations
 
-from experiments.configs import cifar_lt
+from nc_jax.configs import cifar_lt
 from nc_jax import builder
 from nc_jax import data as data_lib
 from nc_jax import sharding

@@ -115,7 +115,7 @@ def problem() -> str | None:
   """Why the kernels could not be built here, from cheap checks only.
 
   Looks at the switch, the platform, the compiler and the oneDNN wheels;
-  compiles nothing and starts no jax backend (`experiments.xla_defaults`
+  compiles nothing and starts no jax backend (`nc_jax.cli.xla_defaults`
   asks before the backends start). None does not promise that a build
   succeeds.
   """

@@ -20,6 +20,10 @@ Public API:
   `options=`.
 """
 
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
+
 from nc_jax.data.long_tail import PROFILES
 from nc_jax.data.long_tail import check_imb_factor
 from nc_jax.data.long_tail import long_tail_counts

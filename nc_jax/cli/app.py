@@ -1,7 +1,7 @@
 """What the command-line entry points share: clean errors, config lookup.
 
-Every entry point (`nc-jax-train` = `python -m experiments.train`,
-`nc-jax-report` = `python -m experiments.report`, ...) is a module with a
+Every entry point (`nc-jax-train` = `python -m nc_jax.cli.train`,
+`nc-jax-report` = `python -m nc_jax.cli.report`, ...) is a module with a
 `run()` function that calls `run_app(main)`. An input mistake then ends the
 process with one line `error: ...` that names the fix and exit status 2,
 never a traceback: flag-parsing errors (unknown or missing flags, bad
@@ -26,15 +26,18 @@ from absl import app
 from absl import flags
 
 EXIT_USAGE = 2
-# The folder that holds the `experiments` package: the repository root for
-# a checkout or an editable install, site-packages otherwise.
-INSTALL_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = INSTALL_ROOT / "experiments" / "configs" / "cifar_lt.py"
+# The folder that holds the `nc_jax` package: the repository root for a
+# checkout or an editable install, site-packages otherwise.
+INSTALL_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = INSTALL_ROOT / "nc_jax" / "configs" / "cifar_lt.py"
+# Where the bundled config file lived until 2026-12-07 (commands in older
+# notes and job scripts name it): read as the bundled file from anywhere.
+FORMER_DEFAULT_CONFIG = "nc_jax/configs/cifar_lt.py"
 CONFIG_FORMS = (
-    "a preset name (e.g. cifar10_r0.01_etf_dr; all in experiments.configs."
+    "a preset name (e.g. cifar10_r0.01_etf_dr; all in nc_jax.configs."
     "cifar_lt.presets()), a config argument such as quick,method=etf_dr or "
     "dataset=cifar100,imb=0.01, or a config file "
-    "experiments/configs/cifar_lt.py[:ARGS]")
+    "nc_jax/configs/cifar_lt.py[:ARGS]")
 
 
 class UsageProblem(Exception):
@@ -117,7 +120,7 @@ def _fields_named(leaf: str) -> list[str]:
   """Dotted paths of the default config's fields whose last name is `leaf`
   (at most three; none if the config cannot be built)."""
   try:
-    from experiments.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+    from nc_jax.configs import cifar_lt  # pylint: disable=g-import-not-at-top
     config = cifar_lt.get_config()
   except Exception:  # pylint: disable=broad-except
     return []  # only a hint: the error line stands without it
@@ -199,6 +202,8 @@ def _exit_after_stop(code: int) -> None:
 
 def _find_file(path: str) -> pathlib.Path:
   p = pathlib.Path(path).expanduser()
+  if p.as_posix().endswith(FORMER_DEFAULT_CONFIG):
+    return DEFAULT_CONFIG
   if p.is_file():
     return p.resolve()
   if not p.is_absolute() and (INSTALL_ROOT / p).is_file():
@@ -214,9 +219,10 @@ def _find_file(path: str) -> pathlib.Path:
 def resolve_config(value: str) -> str:
   """The `--config` value as config_flags loads it: `/abs/file.py[:ARGS]`.
 
-  `value` is a config file (`experiments/configs/cifar_lt.py:quick`; a
+  `value` is a config file (`nc_jax/configs/cifar_lt.py:quick`; a
   relative path is looked up in the working directory, then beside the
-  installed `experiments` package, so the bundled files work from anywhere),
+  installed `nc_jax` package, so the bundled files work from anywhere; the
+  former `nc_jax/configs/cifar_lt.py` is the bundled file),
   or, without `.py`, the ARGS of the bundled config file: a preset name
   (`cifar10_r0.01_etf_dr`) or `key=value`/variant list (`quick,method=ce`).
   The bundled file's argument is checked here, so a typo stops with its
@@ -234,7 +240,7 @@ def resolve_config(value: str) -> str:
   else:
     raise UsageProblem(f"--config is empty. Pass {CONFIG_FORMS}.")
   if path.resolve() == DEFAULT_CONFIG.resolve():
-    from experiments.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+    from nc_jax.configs import cifar_lt  # pylint: disable=g-import-not-at-top
     try:
       cifar_lt.get_config(args)
     except ValueError as e:

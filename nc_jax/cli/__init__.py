@@ -1,0 +1,50 @@
+"""The commands: `nc-jax-train`, `nc-jax-evaluate`, `nc-jax-report`,
+`nc-jax-paper-table` (`python -m nc_jax.cli.<module>` alike).
+
+The console scripts enter through the functions below, which first check
+that the `train` extra is installed and say so in one `error:` line if it
+is not; each command's module then parses its flags (`app.run_app`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from nc_jax import extras
+from nc_jax import preemption
+
+_COMMANDS = {"train": "nc-jax-train", "evaluate": "nc-jax-evaluate",
+             "report": "nc-jax-report", "paper_table": "nc-jax-paper-table"}
+
+
+def _run(module: str) -> None:
+  if module == "train":  # a signal during the imports: one line, no trace
+    preemption.exit_early_on_signals()
+  needs = extras.REPORT if module == "report" else extras.TRAIN
+  try:
+    extras.require(_COMMANDS[module], needs)
+  except ImportError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  importlib.import_module(f"nc_jax.cli.{module}").run()
+
+
+def train() -> None:
+  """`nc-jax-train`."""
+  _run("train")
+
+
+def evaluate() -> None:
+  """`nc-jax-evaluate`."""
+  _run("evaluate")
+
+
+def report() -> None:
+  """`nc-jax-report`."""
+  _run("report")
+
+
+def paper_table() -> None:
+  """`nc-jax-paper-table`."""
+  _run("paper_table")
