@@ -1,5 +1,5 @@
-"""The README's own-model snippet runs as printed (README and test cannot
-drift: the code is read from README.md)."""
+"""The README's own-model snippets, NNX and Linen, run as printed (README
+and test cannot drift: the code is read from README.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,8 +23,9 @@ def readme_snippet(name: str) -> str:
   return m.group(1)
 
 
-def test_own_model_snippet_runs_and_learns(tmp_path):
-  code = readme_snippet("own-model")
+@pytest.mark.parametrize("name", ["own-model-nnx", "own-model"])
+def test_own_model_snippet_runs_and_learns(name, tmp_path):
+  code = readme_snippet(name)
   # As a user would: a fresh interpreter, outside the repository.
   out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300,
