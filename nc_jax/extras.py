@@ -28,7 +28,7 @@ def missing(requirements: dict[str, str]) -> list[str]:
   for module, package in requirements.items():
     try:
       found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a missing parent package
+    except (ModuleNotFoundError, ValueError):  # a parent missing or blocked
       found = False
     if not found:
       out.append(package)

@@ -91,3 +91,112 @@ def test_py_typed_marker_ships():
   package_data = read_configuration(REPO / "setup.cfg")["options"][
       "package_data"]
   assert "py.typed" in package_data["nc_jax"]
+
+
+# ------------------------------------------ the `train` extra, the install
+
+_WITHOUT_TRAIN_EXTRA = """
+    import sys
+    sys.modules["ml_collections"] = None  # as if the extra were missing
+"""
+
+
+def test_a_training_module_without_the_extra_names_it(tmp_path):
+  out = _fresh(_WITHOUT_TRAIN_EXTRA + """
+    try:
+      import nc_jax.train
+    except ImportError as e:
+      print("ImportError:", e)
+  """, tmp_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = out.stdout.strip()
+  assert "\n" not in line, line
+  assert line == ("ImportError: nc_jax.train needs nc_jax's `train` extra, "
+                  "which is not installed (missing: ml-collections): pip "
+                  "install 'nc_jax[train]'"), line
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "report",
+                                     "paper_table"])
+def test_a_command_without_the_extra_is_one_error_line(tmp_path, command):
+  out = _fresh(_WITHOUT_TRAIN_EXTRA + f"""
+    sys.argv = ["nc-jax-{command.replace('_', '-')}", "--helpshort"]
+    from nc_jax.cli import {command}
+    {command}()
+  """, tmp_path)
+  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: nc-jax-{command.replace('_', '-')} needs nc_jax's `train` "
+      "extra"), out.stderr
+  assert "pip install 'nc_jax[train]'" in lines[0]
+
+
+def _setup_cfg():
+  import configparser  # pylint: disable=g-import-not-at-top
+  cfg = configparser.ConfigParser()
+  cfg.read(REPO / "setup.cfg")
+  return cfg
+
+
+def test_the_core_requires_five_packages_and_the_extra_the_rest():
+  cfg = _setup_cfg()
+  names = lambda text: sorted(
+      l.split(";")[0].split(">")[0].split("=")[0].split("[")[0].strip()
+      for l in text.strip().splitlines() if l.strip()
+      and not l.strip().startswith("#"))
+  assert names(cfg["options"]["install_requires"]) == [
+      "chex", "flax", "jax", "numpy", "optax"]
+  train = names(cfg["options.extras_require"]["train"])
+  for heavy in ("orbax-checkpoint", "tensorflow-datasets", "ml-collections",
+                "matplotlib", "tensorboard"):
+    assert heavy in train, heavy
+
+
+@pytest.mark.slow
+def test_pip_resolves_the_core_without_the_training_stack(tmp_path):
+  """What `pip install nc_jax` would install, from the package index (no
+  TensorFlow, tfds, ml_collections, matplotlib or TensorBoard; orbax comes
+  with flax itself, which depends on it)."""
+  report = tmp_path / "report.json"
+  out = subprocess.run(
+      [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+       "--ignore-installed", "--no-build-isolation", "--report", str(report),
+       str(REPO)], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  import json  # pylint: disable=g-import-not-at-top
+  install = json.loads(report.read_text())["install"]
+  names = {i["metadata"]["name"].lower().replace("_", "-") for i in install}
+  assert {"jax", "flax", "optax", "chex", "numpy", "nc-jax"} <= names, names
+  assert not names & {"tensorflow", "tensorflow-cpu", "tensorflow-datasets",
+                      "ml-collections", "matplotlib", "tensorboard",
+                      "torch"}, names
+  ours = next(i for i in install
+              if i["metadata"]["name"].lower().replace("_", "-") == "nc-jax")
+  core = [r for r in ours["metadata"].get("requires_dist", [])
+          if "extra ==" not in r]
+  assert sorted(r.split(">")[0] for r in core) == [
+      "chex", "flax", "jax", "numpy", "optax"], core
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_nc_jax_and_nothing_beside_it(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "pip", "wheel", "--no-deps",
+       "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(REPO)],
+      capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  import zipfile  # pylint: disable=g-import-not-at-top
+  (wheel,) = tmp_path.glob("nc_jax-*.whl")
+  names = zipfile.ZipFile(wheel).namelist()
+  tops = {n.split("/")[0] for n in names}
+  assert tops == {"nc_jax", wheel.name.split("-")[0] + "-"
+                  + wheel.name.split("-")[1] + ".dist-info"}, tops
+  for needed in ("nc_jax/py.typed", "nc_jax/configs/cifar_lt.py",
+                 "nc_jax/cli/train.py", "nc_jax/nnx.py",
+                 "nc_jax/cpu_kernels/csrc/onednn_conv.cc"):
+    assert needed in names, needed
+  entry = next(n for n in names if n.endswith("entry_points.txt"))
+  text = zipfile.ZipFile(wheel).read(entry).decode()
+  assert "nc-jax-train = nc_jax.cli:train" in text
