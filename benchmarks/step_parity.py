@@ -358,8 +358,8 @@ def main(argv=None) -> None:
 
   print(f"{args.method}, {args.mode}, epoch {args.epoch} (lr {lr_ours:g}), "
         f"{args.steps} steps of {BATCH}; nc_jax implementations "
-        f"{built.impls.conv}/{built.impls.norm}, control xla/"
-        f"{control.impls.norm}", flush=True)
+        f"{built.layers.conv}/{built.layers.norm}, control xla/"
+        f"{control.layers.norm}", flush=True)
   print(f"initialisation, std of nc_jax's / std of theirs over "
         f"{init['layers']} weight tensors: {init['min']:.3f} to "
         f"{init['max']:.3f} (independent draws; conv1 has 432 values)")
@@ -421,7 +421,7 @@ def main(argv=None) -> None:
         "method": args.method, "mode": args.mode, "epoch": args.epoch,
         "lr": lr_ours,
         "steps": args.steps, "batch_size": BATCH, "init_std_ratio": init,
-        "implementations": [built.impls.conv, built.impls.norm],
+        "implementations": [built.layers.conv, built.layers.norm],
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
         "rows": rows}, indent=1))
 

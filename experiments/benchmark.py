@@ -11,13 +11,13 @@ training loop runs, mixup and DR loss included):
   peak_memory_mb        the accelerator's peak bytes in use, or on CPU the
                         process's peak resident memory
   conv_impl, norm_impl  the implementations the model ran
-                        (`nc_jax.implementations`, as in
+                        (`nc_jax.kernels`, as in
                         training; `kernels_note` says why oneDNN's
                         convolutions were not used where they were wanted)
 Data loading is excluded (batches are random uint8 already on device), which
 is what the device-resident pipeline achieves in training.
 
-XLA flags and malloc: as in training, `experiments.xla_defaults` applies
+XLA flags and malloc: as in training, `nc_jax.kernels.xla_setup` applies
 its CPU defaults unless XLA_FLAGS is set (no flags when the convolutions are
 nc_jax's oneDNN kernels, see `--conv_impl`; nothing on accelerators).
 """
@@ -34,7 +34,8 @@ import time
 from absl import app
 from absl import flags
 
-from nc_jax.cli import xla_defaults
+from nc_jax import kernels
+from nc_jax.kernels import xla_setup
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet32", "Backbone name.")
 _METHOD = flags.DEFINE_string("method", "etf_dr",
@@ -51,10 +52,10 @@ _SEEDS_MODE = flags.DEFINE_enum("seeds_mode", "auto", ["auto", "vmap", "unroll"]
                                 "How replicas share the program "
                                 "(nc_jax.steps.resolve_replica_mode).")
 _CONV_IMPL = flags.DEFINE_enum("conv_impl", "auto", ["auto", "xla", "onednn"],
-                               "Convolution kernels (nc_jax.implementations); "
+                               "Convolution kernels (nc_jax.kernels); "
                                "oneDNN's for the CIFAR ResNets only.")
 _NORM_IMPL = flags.DEFINE_enum("norm_impl", "auto", ["auto", "flax", "fused"],
-                               "BatchNorm implementation (nc_jax.implementations).")
+                               "BatchNorm implementation (nc_jax.kernels).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling.")
 _MIXUP = flags.DEFINE_float("mixup_alpha", 1.0, "Mixup alpha (0 = off).")
@@ -95,8 +96,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
                      conv_impl=conv_impl, norm_impl=norm_impl,
                      mixup_alpha=float(mixup_alpha)))
   config.lock()
-  impls = builder.resolve_implementations(config,
-                                          device_count=mesh.devices.size)
+  layers = kernels.resolve(config, device_count=mesh.devices.size)
   # A CIFAR-10-LT-like profile (r = 0.01) over K classes, at least 1 each.
   counts = [max(1, c) for c in data_lib.long_tail_counts(
       max(50000 // num_classes, 1), 0.01, num_classes=num_classes)]
@@ -104,7 +104,7 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
   built = builder.build(config, num_classes=num_classes, image_shape=shape,
                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                         class_counts=counts, steps_per_epoch=100,
-                        total_steps=20000, mesh=mesh, impls=impls)
+                        total_steps=20000, mesh=mesh, layers=layers)
   train_step, eval_step, etf = built.train_step, built.eval_step, built.etf
   state = built.init_state()
   rng = np.random.default_rng(0)
@@ -146,8 +146,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
       "seeds_mode": (steps_lib.resolve_replica_mode(seeds_mode)
                      if num_seeds > 1 else "single"),
       "image_size": image_size,
-      **impls.record(),
-      "kernels_note": impls.note,
+      **layers.record(),
+      "kernels_note": layers.note,
       "compile_seconds": round(compile_s, 2),
       "train_step_ms_median": round(1e3 * med, 2),
       "train_step_ms_min": round(1e3 * min(times), 2),
@@ -167,8 +167,8 @@ def run_benchmark(*, backbone: str, method: str, batch_size: int, dtype: str,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  xla_defaults.apply(backbone=_BACKBONE.value, compute_dtype=_DTYPE.value,
-                     conv_impl=_CONV_IMPL.value)
+  xla_setup.apply(dict(backbone=_BACKBONE.value, compute_dtype=_DTYPE.value,
+                       conv_impl=_CONV_IMPL.value))
   r = run_benchmark(backbone=_BACKBONE.value, method=_METHOD.value,
                     batch_size=_BATCH.value, dtype=_DTYPE.value,
                     num_classes=_NUM_CLASSES.value, image_size=_IMAGE.value,

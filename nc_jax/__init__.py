@@ -16,8 +16,8 @@ The public core, for your own models (`from nc_jax import ...`):
 
 They need only jax, flax, optax, chex and numpy. They load on first use:
 `import nc_jax` itself imports nothing, so the entry points can import
-`nc_jax.implementations` and tune malloc and XLA's flags before jax loads
-(and starts threads), as `nc_jax.cli.xla_defaults` requires.
+`nc_jax.kernels.xla_setup` and tune malloc and XLA's flags before jax
+loads (and starts threads), as that module requires.
 """
 
 from __future__ import annotations

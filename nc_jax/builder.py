@@ -17,12 +17,13 @@ step, initial state).
     state, metrics = built.train_step(state, batch, built.etf)
     counts = built.eval_step(state, eval_batch, built.etf)
 
-The convolution and BatchNorm implementations are decided once,
-by `nc_jax.implementations`, before the model is made: `build` takes the
-caller's `Implementations` (training resolves them first, to check and
-record them) or
-resolves them from the config and the mesh, and passes them to the model,
-which never decides anything itself.
+The model's layers (which convolution and BatchNorm compute it) are
+decided once, by `nc_jax.kernels`, before the model is made: `build` takes
+the caller's `kernels.Layers` (training resolves them while it validates
+the config, to check and record them) or resolves them from the config and
+the mesh, and hands their factories to the model, which never decides
+anything itself. The builder checks nothing: `nc_jax.validation` has
+checked the config before it gets here.
 
 The ETF has one owner: `build` makes it from `config.etf_seed` (replica r
 uses `etf_seed + r`, `nc_jax.etf.replica_etfs`), and that array is what the
@@ -39,7 +40,6 @@ from nc_jax import extras
 extras.require(__name__)  # before the imports it checks
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -50,7 +50,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from nc_jax import etf as etf_lib
-from nc_jax import implementations as impl_lib
+from nc_jax import kernels
 from nc_jax import methods as methods_lib
 from nc_jax import models
 from nc_jax import optim
@@ -58,102 +58,6 @@ from nc_jax import sharding
 from nc_jax import steps as steps_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _training_epochs(config: ConfigDict) -> float | None:
-  """The training length in epochs when the config gives it so, else None."""
-  if config.get("num_steps"):
-    return None
-  epochs = config.get("num_epochs")
-  return float(epochs) if epochs else None
-
-
-def _check_finite(config: ConfigDict, prefix: str = "") -> None:
-  """Every number in the config is finite (NaN and inf train nothing)."""
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, ConfigDict):
-      _check_finite(value, f"{name}.")
-      continue
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    for v in values:
-      if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"{name}={value} is not a finite number; pass a "
-                         f"finite value (--config.{name}=...).")
-
-
-def check_config(config: ConfigDict, *,
-                 total_epochs: float | None = None,
-                 steps_per_epoch: int | None = None) -> methods_lib.Method:
-  """Checks the numbers, the optimiser, the method and its options; returns
-  the method.
-
-  Runs before any work (from `nc_jax.train`'s validation) with the training
-  length known only when it is given in epochs, and again with the data
-  known (and inside `build`) with the real one.
-
-  Args:
-    config: the run's config.
-    total_epochs: training length in epochs; None to read it from
-      `config.num_epochs` (unknown when the config gives steps).
-    steps_per_epoch: known once the data is (checks `warmup_steps`).
-
-  Raises:
-    ValueError: an unknown method, a number out of its range, or an option
-      or combination that cannot work; the message names the fix.
-  """
-  _check_finite(config)
-  method = methods_lib.get_method(config.method)
-  if total_epochs is None:
-    total_epochs = _training_epochs(config)
-  if total_epochs is not None and not total_epochs > 0:
-    raise ValueError(f"num_epochs must be > 0, got {total_epochs:g} (epochs=N "
-                     "or steps=N in the config argument).")
-  if config.get("num_steps") is not None and config.num_steps < 0:
-    raise ValueError(f"num_steps must be > 0, got {config.num_steps}.")
-  note = None
-  if total_epochs is not None:  # the schedule as this run will use it
-    config, note = optim.fit_schedule(config, total_epochs,
-                                      epoch_options=method.epoch_options)
-  optim.check_config(config.optim, total_epochs=total_epochs,
-                     steps_per_epoch=steps_per_epoch, scaled=note is not None)
-  if config.etf_rotation not in etf_lib.ROTATIONS:
-    raise ValueError(f"etf_rotation must be one of {list(etf_lib.ROTATIONS)} "
-                     f"(how the fixed ETF's rotation is drawn), got "
-                     f"{config.etf_rotation!r}.")
-  tau = config.eval_logit_adjust_tau
-  if not tau >= 0:
-    raise ValueError(f"eval_logit_adjust_tau must be >= 0 (0 = off, 1 = the "
-                     f"post-hoc adjustment of Menon et al.), got {tau}.")
-  if not config.mixup_alpha >= 0:
-    raise ValueError(f"mixup_alpha must be >= 0 (0 = off), got "
-                     f"{config.mixup_alpha}.")
-  if method.check is not None:
-    method.check(config, total_epochs)
-  return method
-
-
-def check_pretrained(config: ConfigDict) -> None:
-  """The pretrained-weights file, cheaply. For a run that starts afresh
-  only: it is read at step 0, and a resume restores its checkpoint instead
-  (so a resume on a machine without the file works).
-
-  Raises:
-    ValueError: no file where the config requires one, or a file that
-      does not exist, has an unknown suffix or needs a missing package.
-  """
-  path = config.get("pretrained")
-  if not path:
-    if config.get("pretrained_required"):
-      raise ValueError(
-          "This config fine-tunes ImageNet-pretrained weights "
-          "(pretrained_required): pass --config.pretrained= the path of a "
-          "torchvision ResNet-50 state_dict (.pth) or a timm .safetensors "
-          "file, or --config.pretrained_required=False to train from a "
-          "random initialisation.")
-    return
-  from nc_jax import pretrained  # pylint: disable=g-import-not-at-top
-  pretrained.check_file(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +75,7 @@ class BuiltModel:
       when built with `with_features`); reads only `state.params` and
       `state.model_state`.
     num_replicas: S.
-    impls: the `implementations.Implementations` the model runs.
+    layers: the `kernels.Layers` the model runs.
   """
   method: methods_lib.Method
   model: models.ImageClassifier
@@ -179,7 +83,7 @@ class BuiltModel:
   step_config: steps_lib.StepConfig
   eval_step: Callable
   num_replicas: int
-  impls: impl_lib.Implementations
+  layers: kernels.Layers
 
   def classifiers(self, state: steps_lib.TrainState) -> np.ndarray:
     """The `(d, K)` (or `(S, d, K)`) classifier the logits use, as numpy."""
@@ -211,40 +115,6 @@ class Built(BuiltModel):
   train_step: Callable | None = None
   init_state: Callable[[], steps_lib.TrainState] | None = None
   pretrained: str | None = None
-
-  def with_pretrained(self, state: steps_lib.TrainState
-                      ) -> steps_lib.TrainState:
-    """`state` with the backbone's weights and BatchNorm statistics read
-    from the `pretrained` file (every replica the same; the heads keep
-    their own initialisation). For a fresh state only: the optimiser's
-    state is zeros either way.
-
-    Raises:
-      pretrained.PretrainedError: a file that does not fit the backbone.
-    """
-    from nc_jax import pretrained  # pylint: disable=g-import-not-at-top
-    s = self.num_replicas
-    variables = {"params": state.params, **state.model_state}
-    # Replicated arrays: every process reads its own copy and builds the
-    # same new ones (also where an array spans processes).
-    host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
-                        variables)
-    one = host if s == 1 else jax.tree.map(lambda a: a[0], host)
-    loaded = pretrained.load_backbone_variables(self.pretrained,
-                                                model_variables=one)
-
-    def put(new, old):  # one replica's array, broadcast over the S
-      full = np.broadcast_to(np.asarray(new, old.dtype), old.shape)
-      return jax.make_array_from_callback(old.shape, old.sharding,
-                                          lambda index: full[index])
-    out = {c: dict(v) for c, v in variables.items()}
-    for collection, tree in loaded.items():
-      if "backbone" in tree:
-        out[collection]["backbone"] = jax.tree.map(
-            put, dict(tree["backbone"]),
-            dict(variables[collection]["backbone"]))
-    params = out.pop("params")
-    return state.replace(params=params, model_state=out)
 
 
 def step_config(config: ConfigDict, method: methods_lib.Method, *,
@@ -290,51 +160,15 @@ def step_config(config: ConfigDict, method: methods_lib.Method, *,
       ece_bins=int(config.ece_bins))
 
 
-def resolve_implementations(config: ConfigDict, *,
-                            device_count: int | None = None,
-                            for_loading: bool = False
-                            ) -> impl_lib.Implementations:
-  """The convolution and BatchNorm implementations `config` runs with here
-  (`nc_jax.implementations`): the one place outside the entry points' XLA
-  set-up that asks.
-
-  Args:
-    config: with `backbone`, `compute_dtype`, `conv_impl`, `norm_impl`.
-    device_count: devices of the mesh (oneDNN's convolutions need one).
-    for_loading: a trained model to evaluate or use: parameters are the
-      same whichever implementation computes them, so one asked for that
-      cannot run here (oneDNN's on an accelerator) falls back to "auto".
-
-  Raises:
-    ValueError: an unknown request, or oneDNN's asked for (and not
-      `for_loading`) where it cannot run.
-  """
-  try:
-    return impl_lib.resolve_implementations(config,
-                                            device_count=device_count)
-  except ValueError:
-    if not for_loading:
-      raise
-  return impl_lib.resolve(backbone=config.backbone,
-                             compute_dtype=config.compute_dtype,
-                             conv_impl="auto", norm_impl="auto",
-                             device_count=device_count)
-
-
-def create_model(config: ConfigDict, method: methods_lib.Method, *,
-                 num_classes: int,
-                 impls: impl_lib.Implementations) -> models.ImageClassifier:
-  """The classifier of `config` with the method's head and `impls`."""
+def model_for(config: ConfigDict, method: methods_lib.Method, *,
+              num_classes: int,
+              layers: kernels.Layers) -> models.ImageClassifier:
+  """The classifier of `config` with the method's head, given `layers`."""
   opts: dict[str, Any] = {"dtype": DTYPES[config.compute_dtype],
                           # Ignored by heads other than etf.
                           "l2_normalize": bool(config.l2_normalize),
-                          "norm_impl": impls.norm,
+                          **layers.model_options(config.backbone),
                           **method.head_options}
-  if models.supports_onednn_convs(config.backbone):
-    opts["conv_impl"] = impls.conv
-  elif impls.conv != "xla":
-    raise ValueError(f"Backbone {config.backbone!r} runs XLA's convolutions "
-                     f"only, not {impls.conv!r}.")
   return models.create_model(config.backbone, num_classes=num_classes,
                              head=method.head, **opts)
 
@@ -342,7 +176,7 @@ def create_model(config: ConfigDict, method: methods_lib.Method, *,
 def build_model(config: ConfigDict, *, num_classes: int,
                 mean: Sequence[float], std: Sequence[float],
                 class_counts: Sequence[int] | None, mesh: Mesh,
-                impls: impl_lib.Implementations | None = None,
+                layers: kernels.Layers | None = None,
                 steps_per_epoch: int | None = None,
                 with_features: bool | None = None,
                 for_loading: bool = False) -> BuiltModel:
@@ -358,25 +192,23 @@ def build_model(config: ConfigDict, *, num_classes: int,
     class_counts: the K training counts; None when unknown (the eval step
       then reports no loss, and `eval_logit_adjust_tau` is refused).
     mesh: the data-parallel mesh.
-    impls: the implementations to use; None resolves them here
-      (`implementations.resolve_implementations` on the backend and the
-      mesh's devices).
+    layers: the layers to give the model; None resolves them here
+      (`nc_jax.kernels.resolve` on the backend and the mesh's devices).
     steps_per_epoch: for `build`'s train step; None here.
     with_features: the eval step also returns the features; None follows
       `config.nc_metrics`.
-    for_loading: a trained model (`resolve_implementations`'s): an
-      implementation that cannot run here falls back to one that can.
+    for_loading: a trained model (`kernels.resolve`'s): an implementation
+      that cannot run here falls back to one that can.
 
   Raises:
     ValueError: for a config that cannot work (the message names the fix).
   """
   method = methods_lib.get_method(config.method)
   s = int(config.num_seeds)
-  if impls is None:
-    impls = resolve_implementations(config, device_count=mesh.devices.size,
-                                    for_loading=for_loading)
-  model = create_model(config, method, num_classes=num_classes,
-                       impls=impls)
+  if layers is None:
+    layers = kernels.resolve(config, device_count=mesh.devices.size,
+                             for_loading=for_loading)
+  model = model_for(config, method, num_classes=num_classes, layers=layers)
   etf = None
   if method.fixed_classifier:
     etf = jax.device_put(
@@ -393,14 +225,14 @@ def build_model(config: ConfigDict, *, num_classes: int,
       steps_lib.make_eval_step(model, cfg, with_features=with_features),
       mesh, num_replicas=s, replica_mode=config.seeds_mode)
   return BuiltModel(method=method, model=model, etf=etf, step_config=cfg,
-                    eval_step=eval_step, num_replicas=s, impls=impls)
+                    eval_step=eval_step, num_replicas=s, layers=layers)
 
 
 def build(config: ConfigDict, *, num_classes: int,
           image_shape: tuple[int, int, int], mean: Sequence[float],
           std: Sequence[float], class_counts: Sequence[int],
           steps_per_epoch: int, total_steps: int, mesh: Mesh,
-          impls: impl_lib.Implementations | None = None) -> Built:
+          layers: kernels.Layers | None = None) -> Built:
   """Assembles everything a run needs from `config`; see the module doc.
 
   `build_model`'s part, then the optimiser, the train step and the initial
@@ -415,7 +247,7 @@ def build(config: ConfigDict, *, num_classes: int,
     steps_per_epoch: steps in one epoch.
     total_steps: steps of the whole run.
     mesh: the data-parallel mesh.
-    impls: the implementations to use; None resolves them here.
+    layers: the layers to give the model; None resolves them here.
 
   Returns:
     A `Built`.
@@ -423,15 +255,13 @@ def build(config: ConfigDict, *, num_classes: int,
   Raises:
     ValueError: for a config that cannot work (the message names the fix).
   """
-  total_epochs = total_steps / max(steps_per_epoch, 1)
-  method = check_config(config, total_epochs=total_epochs,
-                        steps_per_epoch=steps_per_epoch)
-  # A run shorter than its recipe trains the scaled schedule (a no-op for
-  # a config that is already fitted, or not asking for it).
-  config, _ = optim.fit_schedule(config, total_epochs,
+  # A config asking for its recipe's schedule scaled to a shorter run gets
+  # it here too (`validation.validate_length` gives training the same).
+  method = methods_lib.get_method(config.method)
+  config, _ = optim.fit_schedule(config, total_steps / max(steps_per_epoch, 1),
                                  epoch_options=method.epoch_options)
   part = build_model(config, num_classes=num_classes, mean=mean, std=std,
-                     class_counts=class_counts, mesh=mesh, impls=impls,
+                     class_counts=class_counts, mesh=mesh, layers=layers,
                      steps_per_epoch=steps_per_epoch)
   s, model, rep = part.num_replicas, part.model, sharding.replicated_sharding(
       mesh)

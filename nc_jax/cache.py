@@ -1,7 +1,7 @@
 """nc_jax's one cache folder: `$NC_JAX_CACHE`, default `~/.cache/nc_jax`.
 
 It holds data archives extracted once (`nc_jax.data.archive`, one folder per
-archive) and the compiled oneDNN kernels (`nc_jax.cpu_kernels`, in
+archive) and the compiled CPU kernels (`nc_jax.kernels`, in
 `kernels/`). Everything in it can be deleted; it is rebuilt on demand.
 """
 

@@ -1,8 +1,10 @@
 """Evaluators: what a run measures on a split, by name.
 
-As in big_vision, an evaluator is built from the compiled eval step and an
-input, and called with the state; `EVALUATORS` maps names to evaluator
-classes, and `get` raises on unknown names. Each returns one metrics dict
+As in big_vision, a run's config lists its evaluators by name
+(`config.evals`; the presets list "classification"), each is built from the
+compiled eval step and an input, and called with the state; `EVALUATORS`
+maps names to evaluator classes, and `get_evaluator` and `check_names`
+raise on unknown names. Each returns one metrics dict
 per replica (seed); `aggregate` turns those into the mean and std over
 seeds that the logs and `results.json` report.
 
@@ -12,8 +14,9 @@ seeds that the logs and `results.json` report.
   optionally the neural-collapse statistics of the features
   (`nc_jax.nc_metrics`).
 
-Adding a metric: a class with `__call__(state, etf) -> list[dict]`, and an
-entry in `EVALUATORS`.
+Adding a metric: a class with `__call__(state, etf) -> list[dict]` (its
+keys beside the others' in each evaluation record), an entry in
+`EVALUATORS`, and its name in a config's `evals`.
 """
 
 from __future__ import annotations
@@ -128,11 +131,19 @@ EVALUATORS: dict[str, type] = {
 }
 
 
-def get(name: str) -> type:
+def get_evaluator(name: str) -> type:
   """The evaluator class registered as `name`; ValueError naming the valid
   ones."""
-  try:
-    return EVALUATORS[name]
-  except KeyError:
-    raise ValueError(f"Unknown evaluator {name!r}; valid names are "
-                     f"{sorted(EVALUATORS)}.") from None
+  check_names((name,))
+  return EVALUATORS[name]
+
+
+def check_names(names: Sequence[str]) -> None:
+  """Raises ValueError, naming the valid ones, for an unknown or repeated
+  evaluator name or an empty list (`config.evals`)."""
+  names = tuple(names)
+  unknown = [n for n in names if n not in EVALUATORS]
+  if unknown or not names or len(set(names)) != len(names):
+    raise ValueError(
+        f"evals={names!r} must name each evaluator once, at least one, from "
+        f"{sorted(EVALUATORS)}; e.g. --config.evals=\"('classification',)\".")

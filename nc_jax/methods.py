@@ -129,9 +129,8 @@ class LossContext:
 
 
 LossFn = Callable[[LossContext], jax.Array]
-# check(config, total_epochs) raises ValueError naming the fix; total_epochs
-# is the training length in epochs, or None while it is not known yet.
-CheckFn = Callable[[Any, "float | None"], None]
+# check(config) raises ValueError naming the fix.
+CheckFn = Callable[[Any], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +147,10 @@ class Method:
     eval_logit_scale: name of a loss option that multiplies the logits at
       evaluation (cosine heads: the loss's scale, so that ECE and the eval
       cross entropy see the logits the loss trained); None for 1.
-    check: optional `check(config, total_epochs)` run by config validation
-      before any work; raises ValueError naming the fix.
+    check: optional `check(config)` of the method's own options, run by
+      config validation before any work; raises ValueError naming the fix.
+      (What must fit the run's length, `epoch_options`, is checked there
+      too, once the length is known.)
     summary: one line for tables and messages.
     calibrated: whether the softmax of the eval logits is the probability
       the method trained for. False for the fixed-ETF heads, whose logits
@@ -212,7 +213,7 @@ def plain_dot(ctx: LossContext) -> jax.Array:
   return jnp.mean(losses.dot_loss(ctx.features, _dr_targets(ctx)))
 
 
-def cross_entropy(ctx: LossContext) -> jax.Array:
+def ce_loss(ctx: LossContext) -> jax.Array:
   """Softmax cross entropy on the head's logits, batch mean."""
   return jnp.mean(losses.cross_entropy(ctx.logits, ctx.labels))
 
@@ -266,8 +267,7 @@ def ldam_drw(ctx: LossContext) -> jax.Array:
 # ------------------------------------------------------------------ checks
 
 
-def _check_etf_dr(config: Any, total_epochs: float | None) -> None:
-  del total_epochs
+def _check_etf_dr(config: Any) -> None:
   o = config.loss
   if o.dr_form not in ("reference", "paper"):
     raise ValueError("loss.dr_form must be 'reference' or 'paper', got "
@@ -285,15 +285,14 @@ def _check_etf_dr(config: Any, total_epochs: float | None) -> None:
                      f"ImageNet-LT), got {o.reg_lam}.")
 
 
-def _check_la(config: Any, total_epochs: float | None) -> None:
-  del total_epochs
+def _check_la(config: Any) -> None:
   tau = config.loss.la_tau
   if not tau >= 0:
     raise ValueError(f"loss.la_tau must be >= 0 (1 in Menon et al.), got "
                      f"{tau}; set --config.loss.la_tau=1.0.")
 
 
-def _check_ldam_drw(config: Any, total_epochs: float | None) -> None:
+def _check_ldam_drw(config: Any) -> None:
   o = config.loss
   if not 0.0 < o.cb_beta < 1.0:
     raise ValueError(f"loss.cb_beta must lie in (0, 1) (0.9999 for DRW), got "
@@ -307,16 +306,9 @@ def _check_ldam_drw(config: Any, total_epochs: float | None) -> None:
   if o.drw_epoch < 0:
     raise ValueError(f"loss.drw_epoch must be >= 0 (0-based epoch where "
                      f"re-weighting starts), got {o.drw_epoch}.")
-  if total_epochs is not None and o.drw_epoch >= total_epochs:
-    raise ValueError(
-        f"loss.drw_epoch={o.drw_epoch} is past the end of training "
-        f"({total_epochs:g} epochs): the class-balanced re-weighting would "
-        "never start. Set --config.loss.drw_epoch below the training length "
-        "(the recipe: 160 of 200, where the learning rate first decays).")
 
 
-def _check_etf_dot(config: Any, total_epochs: float | None) -> None:
-  del total_epochs
+def _check_etf_dot(config: Any) -> None:
   if not config.l2_normalize:
     raise ValueError(
         "method=etf_dot needs l2_normalize=True: the plain dot loss -<h, t> "
@@ -344,14 +336,14 @@ METHODS: dict[str, Method] = {
                      calibrated=False,
                      eval_loss=dot_regression_eval,
                      summary="fixed ETF + dot regression (the paper)"),
-    "etf_ce": Method(head="etf", loss=cross_entropy, calibrated=False,
+    "etf_ce": Method(head="etf", loss=ce_loss, calibrated=False,
                      summary="fixed ETF + cross entropy"),
     "etf_dot": Method(head="etf", loss=plain_dot, check=_check_etf_dot,
                       calibrated=False, eval_loss=plain_dot_eval,
                       summary="fixed ETF + plain dot loss -<h, t>"),
-    "ce": Method(head="linear", loss=cross_entropy,
+    "ce": Method(head="linear", loss=ce_loss,
                  summary="learnable linear + cross entropy"),
-    "ce_frozen": Method(head="linear", loss=cross_entropy,
+    "ce_frozen": Method(head="linear", loss=ce_loss,
                         head_options={"freeze_classifier": True},
                         summary="frozen random linear + cross entropy"),
     "la": Method(head="linear", loss=logit_adjusted, check=_check_la,

@@ -105,18 +105,11 @@ def cosine_schedule(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
 SCHEDULES = ("step", "cosine")
 
 
-def check_config(config: ConfigDict, *, total_epochs: float | None = None,
-                 steps_per_epoch: int | None = None,
-                 scaled: bool = False) -> None:
-  """Refuses optimiser settings that cannot train as meant, before any work.
+def check_ranges(config: ConfigDict) -> None:
+  """Refuses optimiser settings out of their range, before any work.
 
   Args:
     config: the `optim` sub-config.
-    total_epochs: the run's length in epochs, when known (None: the checks
-      against the length wait for it).
-    steps_per_epoch: known with the data; checks `warmup_steps` then.
-    scaled: `fit_schedule` scaled the schedule to the run: what still does
-      not fit was set explicitly (the message says so).
 
   Raises:
     ValueError: naming the field, the accepted range and the fix.
@@ -143,6 +136,10 @@ def check_config(config: ConfigDict, *, total_epochs: float | None = None,
   if config.schedule not in SCHEDULES:
     raise ValueError(f"Unknown optim.schedule {config.schedule!r}; choose one "
                      f"of {SCHEDULES}.")
+  if config.schedule == "step" and config.get("warmup_steps") is not None:
+    raise ValueError(
+        "The step schedule warms up per epoch, as the reference; give "
+        "optim.warmup_epochs, not optim.warmup_steps.")
   if not 0 < config.decay_factor <= 1:
     raise ValueError(f"optim.decay_factor must lie in (0, 1] (0.1 in the "
                      f"recipe), got {config.decay_factor}.")
@@ -155,8 +152,24 @@ def check_config(config: ConfigDict, *, total_epochs: float | None = None,
   warmup = config.get("warmup_epochs") or 0
   if warmup < 0 or (config.get("warmup_steps") or 0) < 0:
     raise ValueError("optim.warmup_epochs / warmup_steps must be >= 0.")
-  if total_epochs is None:
-    return
+
+
+def check_schedule(config: ConfigDict, *, total_epochs: float,
+                   steps_per_epoch: int, scaled: bool = False) -> None:
+  """Refuses a schedule that does not fit the run's length.
+
+  Args:
+    config: the `optim` sub-config (as the run trains it, after
+      `fit_schedule`).
+    total_epochs: the run's length in epochs.
+    steps_per_epoch: steps in one epoch.
+    scaled: `fit_schedule` scaled the schedule to the run: what still does
+      not fit was set explicitly (the message says so).
+
+  Raises:
+    ValueError: a warm-up not shorter than the run, or a decay at or past
+      its end, naming the fix.
+  """
   fix = ("Shorten the schedule to the run (--config.optim.warmup_epochs=N, "
          "--config.optim.decay_epochs='(a, b)', or '()' for none), train "
          "longer, or give the length in the config argument (e.g. "
@@ -168,16 +181,18 @@ def check_config(config: ConfigDict, *, total_epochs: float | None = None,
            "choose a value that fits (--config.optim.warmup_epochs=N, "
            "--config.optim.decay_epochs='(a, b)', or '()' for none) or train "
            "longer.")
+  warmup = config.get("warmup_epochs") or 0
   if warmup and warmup >= total_epochs:
     raise ValueError(
         f"optim.warmup_epochs={warmup} is not shorter than the run "
         f"({total_epochs:g} epochs): the learning rate would never reach "
         f"optim.lr. {fix}")
   wsteps = config.get("warmup_steps") or 0
-  if wsteps and steps_per_epoch and wsteps >= total_epochs * steps_per_epoch:
+  if wsteps and wsteps >= total_epochs * steps_per_epoch:
     raise ValueError(
         f"optim.warmup_steps={wsteps} is not shorter than the run "
         f"({round(total_epochs * steps_per_epoch)} steps). {fix}")
+  decay = tuple(config.decay_epochs or ())
   late = [e for e in decay if e >= total_epochs]
   if config.schedule == "step" and late:
     raise ValueError(
@@ -249,12 +264,17 @@ def fit_schedule(config: ConfigDict, total_epochs: float, *,
   out.unlock()
   changes = []
   for name in names:
+    if name == "optim.decay_epochs" and o.schedule != "step":
+      continue  # only the step schedule has decay epochs
     section, field = name.split(".")
     old = out[section][field]
     new = _scaled(name, old, f, total_epochs)
     out[section][field] = new
-    changes.append(f"{_FIT_LABELS.get(name, name)} {_text(new)} (recipe "
-                   f"{_text(old)})")
+    if _text(new) != _text(old):
+      changes.append(f"{_FIT_LABELS.get(name, name)} {_text(new)} (recipe "
+                     f"{_text(old)})")
+  if not changes:
+    return config, None
   out.optim.fit_to_run = ()
   out.optim.fit_from_epochs = None
   out.lock()
@@ -271,10 +291,6 @@ def make_schedule(config: ConfigDict, steps_per_epoch: int,
   warmup = duration_steps(config, "warmup", steps_per_epoch, default=0)
   if config.schedule == "step":
     warmup_epochs = config.get("warmup_epochs") or 0
-    if config.get("warmup_steps") is not None:
-      raise ValueError(
-          "The step schedule warms up per epoch, as the reference; give "
-          "optim.warmup_epochs, not optim.warmup_steps.")
     return step_schedule(config.lr, steps_per_epoch,
                          warmup_epochs=int(warmup_epochs),
                          decay_epochs=tuple(config.decay_epochs),

@@ -38,8 +38,11 @@ divergence, so the run must start again with other settings.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import pathlib
+import shutil
 import signal
 import socket
 import sys
@@ -307,3 +310,48 @@ def diverged(step: int, what: str, lr: float, saved: int | None) -> Diverged:
       "steps into the same divergence: start again in a new --workdir (or "
       f"empty this one) with a lower --config.optim.lr (now {lr}), or check "
       "the data.")
+
+
+# ------------------------------------------------------------ a full disk
+
+
+def is_no_space(e: BaseException | None) -> bool:
+  """Whether `e`, or an exception it came from, is a full disk (ENOSPC, as
+  Python raises it or as TensorStore words it for orbax)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _megabytes(n: float) -> str:
+  return f"{n / 1e6:.1f} MB"
+
+
+def tree_bytes(path: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def no_space(what: str, directory: os.PathLike | str, *, step: int | None,
+             needed: int | None, kept: str) -> NoSpace:
+  """The one-line `NoSpace` error of a write that found the disk full."""
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    free = None
+  room = ""
+  if needed is not None:
+    room = f": it needs about {_megabytes(needed)} free"
+    room += f", {_megabytes(free)} is" if free is not None else ""
+  elif free is not None:
+    room = f" ({_megabytes(free)} free)"
+  at = f" at step {step}" if step is not None else ""
+  return NoSpace(
+      f"no space left on the device for {what}{at} in {directory}{room}. "
+      f"{kept} Free some space (or copy the workdir to a disk with room) "
+      "and run the same command to resume.")

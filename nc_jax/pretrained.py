@@ -386,3 +386,62 @@ __all__ = [
     "backbone_variables_from_state_dict", "load_backbone_variables",
     "read_state_dict",
 ]
+
+
+def check_request(config: Any) -> None:
+  """A run's `pretrained` field, cheaply. For a run that starts afresh
+  only: the file is read at step 0, and a resume restores its checkpoint
+  instead (so a resume on a machine without the file works).
+
+  Raises:
+    ValueError: no file where the config requires one
+      (`pretrained_required`), or a file that does not exist, has an
+      unknown suffix or needs a missing package.
+  """
+  path = config.get("pretrained")
+  if not path:
+    if config.get("pretrained_required"):
+      raise ValueError(
+          "This config fine-tunes ImageNet-pretrained weights "
+          "(pretrained_required): pass --config.pretrained= the path of a "
+          "torchvision ResNet-50 state_dict (.pth) or a timm .safetensors "
+          "file, or --config.pretrained_required=False to train from a "
+          "random initialisation.")
+    return
+  check_file(path)
+
+
+def into_state(path: str | os.PathLike[str], state: Any, *,
+               num_replicas: int) -> Any:
+  """A fresh train state with the backbone's weights and BatchNorm
+  statistics read from `path` (every replica the same; the heads keep
+  their own initialisation; the optimiser's state is zeros either way).
+
+  Args:
+    path: the weights file (`check_file`'s forms).
+    state: a `steps.TrainState` from `Built.init_state()`, its arrays
+      stacked over `num_replicas` when that is above 1.
+    num_replicas: S.
+
+  Raises:
+    PretrainedError: a file that does not fit the backbone.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  variables = {"params": state.params, **state.model_state}
+  # Replicated arrays: every process reads its own copy and builds the
+  # same new ones (also where an array spans processes).
+  host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), variables)
+  one = host if num_replicas == 1 else jax.tree.map(lambda a: a[0], host)
+  loaded = load_backbone_variables(path, model_variables=one)
+
+  def put(new, old):  # one replica's array, broadcast over the S
+    full = np.broadcast_to(np.asarray(new, old.dtype), old.shape)
+    return jax.make_array_from_callback(old.shape, old.sharding,
+                                        lambda index: full[index])
+  out = {c: dict(v) for c, v in variables.items()}
+  for collection, tree in loaded.items():
+    if "backbone" in tree:
+      out[collection]["backbone"] = jax.tree.map(
+          put, dict(tree["backbone"]), dict(variables[collection]["backbone"]))
+  params = out.pop("params")
+  return state.replace(params=params, model_state=out)

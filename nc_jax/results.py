@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from ml_collections import ConfigDict
 
-from nc_jax import checkpoint as ckpt_lib
+from nc_jax import run_config
 from nc_jax import evaluators
 
 HISTORY_KEYS = ("top1", "head", "medium", "tail", "per_class")
@@ -38,7 +38,7 @@ def assemble(config: ConfigDict, train_input, history: Sequence[dict],
     history: the evaluations, `{"step", "epoch", "test": [per-seed
       metrics]}` each, in order.
     num_replicas: S.
-    kernel_record: `checkpoint.check_or_write_config`'s record keys.
+    kernel_record: `run_config.record`'s record keys.
     provenance: `provenance.describe(...)` plus wall time and resumes.
   """
   per_seed = []
@@ -54,7 +54,7 @@ def assemble(config: ConfigDict, train_input, history: Sequence[dict],
     best["epochs"] = [p["best"]["epoch"] for p in per_seed]
   groups = {**train_input.info.class_groups, **train_input.extra_groups}
   out = {
-      "config": ckpt_lib.config_to_dict(config),
+      "config": run_config.config_to_dict(config),
       "train_counts": [int(c) for c in train_input.counts],
       "num_train_examples": int(train_input.num_examples),
       "num_seeds": num_replicas,

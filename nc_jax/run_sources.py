@@ -1,6 +1,6 @@
 """Opening a trained run: a workdir's checkpoint or an exported file.
 
-`open_source(path, which)` returns a `Source`: the run's config, the model
+`open_source(path, which)` returns a `RunSource`: the run's config, the model
 and its compiled eval step assembled by `builder.build_model` (the one way
 a model is made), and the restored weights (only the parameters and the
 BatchNorm statistics; the optimiser state is never read). `nc_jax.runs`
@@ -28,7 +28,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from nc_jax import builder as builder_lib
+from nc_jax import best as best_lib
 from nc_jax import checkpoint as ckpt_lib
+from nc_jax import run_config
 from nc_jax import data as data_lib
 from nc_jax import models
 from nc_jax import sharding
@@ -48,7 +50,7 @@ class RunError(ckpt_lib.CheckpointError):
 
 
 @dataclasses.dataclass
-class Source:
+class RunSource:
   """A restored checkpoint, all replicas.
 
   `params`, `model_state` and `etf` are stacked over a leading replica
@@ -104,7 +106,7 @@ def _read_json(path: pathlib.Path) -> Any:
 
 
 def _config_from_dict(d: dict) -> ConfigDict:
-  config = ConfigDict(ckpt_lib.with_missing_fields(d))
+  config = ConfigDict(run_config.with_missing_fields(d))
   config.lock()
   return config
 
@@ -129,10 +131,10 @@ def _class_facts(wd: pathlib.Path, info) -> tuple[list | None, list | None,
 def _pick_checkpoint(wd: pathlib.Path, which: str | int
                      ) -> tuple[int, str, dict | None]:
   """(step, label, best) of `which` in workdir `wd`; `best` is
-  `checkpoint.read_best`'s dict when the best file holds it, else None
+  `best.read_best`'s dict when the best file holds it, else None
   (the step is in `checkpoints/`)."""
   steps = ckpt_lib.saved_steps(wd / "checkpoints")
-  best = ckpt_lib.read_best(wd / "best")
+  best = best_lib.read_best(wd / "best")
   best_step = None if best is None else int(best["record"]["step"])
   finished = (wd / "results.json").is_file()
   if which == "final":
@@ -153,7 +155,7 @@ def _pick_checkpoint(wd: pathlib.Path, which: str | int
   if which == "best":
     if best is None:
       raise RunError(
-          f"{wd} has no best checkpoint (best/{ckpt_lib.BEST_FILE}): runs "
+          f"{wd} has no best checkpoint (best/{best_lib.BEST_FILE}): runs "
           "save one at their evaluations from this version of nc_jax on, and "
           "this run saved none. Use --which final (which='final').")
     return best_step, "best", best
@@ -214,12 +216,12 @@ def _restore_weights(wd: pathlib.Path, step: int, best: dict | None,
         weights, abstract)
   except (ValueError, KeyError, TypeError) as e:
     raise RunError(
-        f"{wd / 'best' / ckpt_lib.BEST_FILE} does not match the model of "
+        f"{wd / 'best' / best_lib.BEST_FILE} does not match the model of "
         f"{wd / 'config.json'} ({type(e).__name__}: {str(e)[:200]}).") from e
   return weights, best["record"]
 
 
-def _open_workdir(wd: pathlib.Path, which: str | int) -> Source:
+def _open_workdir(wd: pathlib.Path, which: str | int) -> RunSource:
   if not (wd / "config.json").is_file():
     raise RunError(
         f"{wd} has no config.json: it is not the workdir of a run of "
@@ -249,7 +251,7 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> Source:
   if epoch is None and counts is not None:
     # The train input drops the last partial batch of an epoch.
     epoch = step / max(sum(counts) // int(config.batch_size), 1)
-  return Source(
+  return RunSource(
       path=wd, kind="workdir", config=config, which=label, step=int(step),
       epoch=None if epoch is None else float(epoch), model=built.model,
       step_config=built.step_config, num_replicas=built.num_replicas,
@@ -259,7 +261,7 @@ def _open_workdir(wd: pathlib.Path, which: str | int) -> Source:
       class_counts=counts, class_names=names, class_groups=groups, info=info)
 
 
-def _open_file(path: pathlib.Path) -> Source:
+def _open_file(path: pathlib.Path) -> RunSource:
   try:
     blob = flax.serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several types for other files
@@ -297,7 +299,7 @@ def _open_file(path: pathlib.Path) -> Source:
   etf = blob.get("etf")
   etf = None if etf is None or not built.method.fixed_classifier else (
       np.asarray(etf, np.float32))
-  return Source(
+  return RunSource(
       path=path, kind="file", config=config, which=meta["which"],
       step=int(meta["step"]), epoch=meta.get("epoch"), model=built.model,
       step_config=built.step_config, num_replicas=1,
@@ -311,7 +313,7 @@ def _open_file(path: pathlib.Path) -> Source:
 
 
 def open_source(path: str | os.PathLike, which: str | int = "final"
-                ) -> Source:
+                ) -> RunSource:
   which = parse_which(which)
   p = pathlib.Path(path).expanduser()
   if not p.exists():
@@ -331,5 +333,5 @@ def open_source(path: str | os.PathLike, which: str | int = "final"
   return _open_workdir(p, which)
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "RunError", "Source", "WHICH",
+__all__ = ["FORMAT", "FORMAT_VERSION", "RunError", "RunSource", "WHICH",
            "open_source", "parse_which"]

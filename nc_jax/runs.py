@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nc_jax import checkpoint as ckpt_lib
+from nc_jax import run_config
 from nc_jax import data as data_lib
 from nc_jax import evaluators
 from nc_jax import methods as methods_lib
@@ -289,7 +289,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike,
   }
   blob = {
       "format": FORMAT, "version": FORMAT_VERSION,
-      "config": json.dumps(ckpt_lib.config_to_dict(run.config)),
+      "config": json.dumps(run_config.config_to_dict(run.config)),
       "meta": json.dumps(meta),
       "params": _numpy_tree(run.params),
       "model_state": _numpy_tree(run.model_state),
@@ -351,6 +351,44 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
   config, info = src.config, src.info
   k, s = info.num_classes, src.num_replicas
   given = data_dir if data_dir is not None else config.get("data_dir")
+  eval_input, names = _test_input(src, given, user_given=data_dir is not None)
+  groups = {g: tuple(v) for g, v in src.class_groups.items()}
+
+  # Pass 1: training's compiled eval step and evaluator.
+  evaluator = evaluators.get_evaluator("classification")(
+      src.eval_step, eval_input, num_replicas=s, num_classes=k,
+      groups=groups, classifier_fn=None, with_nc=False,
+      calibrated=methods_lib.get_method(src.config.method).calibrated)
+  per_seed = evaluator(src.state, src.etf_device)
+  # Pass 2: predictions and features, per replica.
+  confusion = _predictions_and_collapse(src, eval_input, groups, per_seed)
+  block = src.which  # final, latest (unfinished run), best or step
+  mean, std = evaluators.aggregate(per_seed)
+  out: dict[str, Any] = {
+      "source": str(src.path), "which": src.which, "step": src.step,
+      "epoch": src.epoch,
+      "data_dir": None if given is None else str(given),
+      "config": run_config.config_to_dict(config),
+      "num_seeds": s,
+      "train_counts": src.class_counts,
+      "class_names": names,
+      "class_groups": {g: list(v) for g, v in groups.items()},
+      block: mean,
+      "confusion_matrix": confusion.sum(0).tolist(),
+  }
+  if s > 1:
+    out[f"{block}_std"] = std
+    out["per_seed"] = [{block: m, "confusion_matrix": confusion[r].tolist()}
+                       for r, m in enumerate(per_seed)]
+  out["block"] = block
+  return out
+
+
+def _test_input(src: run_sources.RunSource, given: Any, *,
+                user_given: bool) -> tuple[Any, list[str]]:
+  """The test split's eval input and the class names, from `given` (the
+  data_dir passed, or the run's own); RunError naming what to pass."""
+  config = src.config
   try:
     resolved = resolve_data_dir(given)
     if resolved is None:
@@ -362,25 +400,24 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
         config.dataset, data_dir=resolved,
         batch_size=int(config.eval_batch_size), mesh=src.mesh,
         options=options)
-    names = list(datasets.get(config.dataset).class_names(resolved))
+    names = list(datasets.get_dataset(config.dataset).class_names(resolved))
   except (ValueError, FileNotFoundError) as e:
-    origin = ("--data_dir" if data_dir is not None
+    origin = ("--data_dir" if user_given
               else f"the run's data_dir {given!r}")
     msg = str(e).replace("--config.data_dir", "--data_dir")
     if "--data_dir" not in msg:
       msg += " Pass --data_dir (python: data_dir=) with the dataset's data."
     raise RunError(f"cannot read the test data from {origin}: {msg}"
                    ) from None
-  groups = {g: tuple(v) for g, v in src.class_groups.items()}
+  return eval_input, names
 
-  # Pass 1: training's compiled eval step and evaluator.
-  evaluator = evaluators.get("classification")(
-      src.eval_step, eval_input, num_replicas=s, num_classes=k,
-      groups=groups, classifier_fn=None, with_nc=False,
-      calibrated=methods_lib.get_method(src.config.method).calibrated)
-  per_seed = evaluator(src.state, src.etf_device)
 
-  # Pass 2: predictions and features, per replica.
+def _predictions_and_collapse(src: run_sources.RunSource, eval_input: Any,
+                              groups: dict, per_seed: list[dict]
+                              ) -> np.ndarray:
+  """`(S, K, K)` confusion counts per replica; adds each replica's
+  neural-collapse statistics (`nc`) and epoch to `per_seed`."""
+  k, s = src.info.num_classes, src.num_replicas
   update = jax.jit(nc_metrics.update_stats)
   tail = tuple(groups.get("tail", ())) or None
   confusion = np.zeros((s, k, k), np.int64)
@@ -398,26 +435,7 @@ def evaluate(path: str | os.PathLike, which: str | int = "final", *,
     nc = nc_metrics.finalize(stats, run.classifier, tail_classes=tail)
     per_seed[r]["nc"] = {key: float(v) for key, v in nc.items()}
     per_seed[r]["epoch"] = src.epoch
-  block = src.which  # final, latest (unfinished run), best or step
-  mean, std = evaluators.aggregate(per_seed)
-  out: dict[str, Any] = {
-      "source": str(src.path), "which": src.which, "step": src.step,
-      "epoch": src.epoch,
-      "data_dir": None if given is None else str(given),
-      "config": ckpt_lib.config_to_dict(config),
-      "num_seeds": s,
-      "train_counts": src.class_counts,
-      "class_names": names,
-      "class_groups": {g: list(v) for g, v in groups.items()},
-      block: mean,
-      "confusion_matrix": confusion.sum(0).tolist(),
-  }
-  if s > 1:
-    out[f"{block}_std"] = std
-    out["per_seed"] = [{block: m, "confusion_matrix": confusion[r].tolist()}
-                       for r, m in enumerate(per_seed)]
-  out["block"] = block
-  return out
+  return confusion
 
 
 __all__ = ["Run", "RunError", "evaluate", "export", "load", "parse_which"]

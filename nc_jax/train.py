@@ -27,16 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from nc_jax import best as best_lib
 from nc_jax import builder as builder_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
 from nc_jax import evaluators as evaluators_lib
 from nc_jax.data.archive import resolve_data_dir
 from nc_jax import optim
+from nc_jax import pretrained as pretrained_lib
 from nc_jax import preemption
 from nc_jax import provenance
 from nc_jax import reporting
 from nc_jax import results as results_lib
+from nc_jax import run_config
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
 from nc_jax import validation
@@ -47,9 +50,8 @@ DTYPES = builder_lib.DTYPES
 SCALAR_KEYS = ("top1", "top5", "head", "medium", "tail", "ece", "loss")
 
 
-# The checks before any work live in `validation`; these names stay here.
+# The checks live in `validation`; its error is the run's.
 ConfigError = validation.ConfigError
-validate_config = validation.validate_config
 
 
 @dataclasses.dataclass
@@ -66,7 +68,7 @@ class _Setup:
   eval_every: int
   ckpt_every: int
   kernel_record: dict
-  impls: Any  # builder.resolve_implementations's answer
+  layers: Any  # kernels.Layers, as validation resolved them
   built: builder_lib.Built
 
 
@@ -92,14 +94,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
     stop = held.enter_context(preemption.StopSignals(
         grace_seconds=config.get("preemption_grace_seconds", 25.0),
         multi_process=jax.process_count() > 1, say=say))
-    validate_config(config)
+    layers = validation.validate_config(config)
     workdir = workdir_lib.resolve_path(workdir)
     results_path = workdir / "results.json"
     if results_path.is_file():
       say(f"{workdir} already holds a finished run ({results_path}); nothing "
           "to do. Use another --workdir to train again.")
       return json.loads(results_path.read_text())
-    setup = _set_up(config, workdir, held)
+    _check_workdir(config, workdir, layers)
+    setup = _set_up(config, workdir, layers, held)
     loop = _Loop(setup, stop)
     held.callback(loop.close)  # before the lock and the signal handlers
     try:
@@ -107,9 +110,28 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       loop.train()
       return loop.finish()
     except OSError as e:
-      if not ckpt_lib.is_no_space(e):
+      if not preemption.is_no_space(e):
         raise
       raise loop.no_space(e) from None
+
+
+def _check_workdir(config: ConfigDict, workdir: pathlib.Path,
+                   layers: Any) -> None:
+  """The workdir can take this run (read-only): not a file or a folder of
+  something else, not a checkpointed run of another config or other
+  layers, not held by a live run; and a fresh run has its pretrained file.
+  """
+  try:
+    workdir_lib.check_target(workdir, lambda wd: run_config.check_resume(
+        wd, config, layers.record(), why=layers.note))
+    if "://" not in str(workdir):
+      workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
+                           "use the workdir")
+    # A resume restores its checkpoint: only a fresh run needs the file.
+    if not ckpt_lib.has_checkpoint(workdir):
+      pretrained_lib.check_request(config)
+  except (ValueError, workdir_lib.WorkdirLocked) as e:
+    raise ConfigError(str(e)) from e
 
 
 def _load_data(config: ConfigDict, mesh) -> tuple[str | None, Any, Any]:
@@ -140,55 +162,25 @@ def _load_data(config: ConfigDict, mesh) -> tuple[str | None, Any, Any]:
   return data_dir, train_input, eval_input
 
 
-def _set_up(config: ConfigDict, workdir: pathlib.Path,
+def _set_up(config: ConfigDict, workdir: pathlib.Path, layers: Any,
             held: contextlib.ExitStack) -> _Setup:
-  """Checks, loads the data, claims the workdir and builds the model."""
-  # As validated, once more.
-  impls = builder_lib.resolve_implementations(config)
-  try:
-    workdir_lib.check_target(workdir, lambda wd: ckpt_lib.check_config(
-        wd, config, impls.record(), why=impls.note))
-    if "://" not in str(workdir):
-      workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
-                           "use the workdir")
-    # A resume restores its checkpoint: only a fresh run needs the file.
-    if not ckpt_lib.has_checkpoint(workdir):
-      builder_lib.check_pretrained(config)
-  except (ValueError, workdir_lib.WorkdirLocked) as e:
-    raise ConfigError(str(e)) from e
+  """Loads the data, checks the run's length, builds the model, then claims
+  the workdir and writes its config."""
   mesh = sharding.make_mesh()
-  try:
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_batch_size(config.eval_batch_size, mesh)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   data_dir, train_input, eval_input = _load_data(config, mesh)
   spe = train_input.steps_per_epoch
-  total = optim.duration_steps(config, "num", spe)
-  try:  # what needs the real length (the schedule, a DRW epoch)
-    method = builder_lib.check_config(config, total_epochs=total / spe,
-                                      steps_per_epoch=spe)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   # `request` is what config.json records and a resume compares; `config`
   # the schedule this run trains (scaled to a run shorter than its recipe),
   # what results.json records.
   request = config
-  config, note = optim.fit_schedule(request, total / spe,
-                                    epoch_options=method.epoch_options)
+  config, total, note = validation.validate_length(request, spe)
   if note:
     say(note)
-
-  # Building the model and its ETF can still refuse the config (an ETF that
-  # does not fit the feature dimension); it writes nothing.
   info = train_input.info
-  try:
-    built = builder_lib.build(
-        config, num_classes=info.num_classes, image_shape=info.image_shape,
-        mean=info.mean, std=info.std, class_counts=train_input.counts,
-        steps_per_epoch=spe, total_steps=total, mesh=mesh, impls=impls)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
+  built = builder_lib.build(
+      config, num_classes=info.num_classes, image_shape=info.image_shape,
+      mean=info.mean, std=info.std, class_counts=train_input.counts,
+      steps_per_epoch=spe, total_steps=total, mesh=mesh, layers=layers)
 
   # Config, data and model are good: from here on the run writes into
   # workdir.
@@ -199,27 +191,27 @@ def _set_up(config: ConfigDict, workdir: pathlib.Path,
           lambda: held.enter_context(workdir_lib.hold(workdir)),
           "take the workdir's lock")
     fresh = not ckpt_lib.has_checkpoint(workdir)
-    kernel_record = ckpt_lib.check_or_write_config(
-        workdir, request, impls.record(), why=impls.note)
+    kernel_record = run_config.record(workdir, request, layers.record(),
+                                      why=layers.note)
+    if fresh and reporting.is_chief():
+      # Starts from step 0: records of an attempt that never saved a
+      # checkpoint are redone, as a resume redoes those past its checkpoint.
+      (workdir / "metrics.jsonl").unlink(missing_ok=True)
+    if train_input.subset is not None and reporting.is_chief():
+      workdir_lib.write_json_atomic(workdir / "train_subset.json",
+                                    train_input.subset)
   except (ValueError, OSError, workdir_lib.WorkdirLocked) as e:
-    if ckpt_lib.is_no_space(e):
-      raise ckpt_lib.no_space(
+    if preemption.is_no_space(e):
+      raise preemption.no_space(
           "the run's first files", workdir, step=None, needed=None,
           kept="Nothing was trained yet.") from None
     raise ConfigError(str(e)) from e
-  if fresh and reporting.is_chief():
-    # Starts from step 0: records of an attempt that never saved a
-    # checkpoint are redone, as a resume redoes those past its checkpoint.
-    (workdir / "metrics.jsonl").unlink(missing_ok=True)
-  if train_input.subset is not None and reporting.is_chief():
-    ckpt_lib.write_json_atomic(workdir / "train_subset.json",
-                               train_input.subset)
 
   return _Setup(
       config, workdir, mesh, data_dir, train_input, eval_input, spe, total,
       optim.duration_steps(config, "eval_every", spe, default=total),
       optim.duration_steps(config, "checkpoint_every", spe, default=total),
-      kernel_record, impls, built)
+      kernel_record, layers, built)
 
 
 class _Loop:
@@ -236,10 +228,9 @@ class _Loop:
     replicas = f"{self.s} replica(s)"
     if self.s > 1:
       replicas += f" ({steps_lib.resolve_replica_mode(config.seeds_mode)})"
-    impls = setup.impls
     say(f"model: {config.backbone} + {built.method.head} head "
         f"({config.method}), {n_params:,} trainable parameters, feature dim "
-        f"{built.model.feature_dim}; {impls.describe()}; {replicas}; mesh "
+        f"{built.model.feature_dim}; {setup.layers.describe()}; {replicas}; mesh "
         f"{setup.mesh.devices.size} device(s) over {jax.process_count()} "
         f"process(es), backend {jax.default_backend()}")
     self.checkpointer = ckpt_lib.Checkpointer(setup.workdir / "checkpoints",
@@ -251,17 +242,21 @@ class _Loop:
     self.start = self.at_step = 0
     self.evaluators = self._make_evaluators()
 
-  def _make_evaluators(self) -> dict[str, Any]:
+  def _make_evaluators(self) -> dict[str, list[Any]]:
+    """Split -> the evaluators `config.evals` names, built on that split:
+    the test set, and the (unaugmented) training subset when
+    `nc_train_metrics` asks for its neural-collapse statistics."""
     setup, config, built = self.setup, self.config, self.built
     info = setup.train_input.info
     groups = {**info.class_groups, **setup.train_input.extra_groups}
-    make = evaluators_lib.get("classification")
     common = dict(num_replicas=self.s, num_classes=info.num_classes,
                   groups=groups, calibrated=built.method.calibrated,
                   classifier_fn=lambda state, etf: built.classifiers(state),
                   should_stop=self.stop.pending)
-    out = {"test": make(built.eval_step, setup.eval_input,
-                        with_nc=bool(config.nc_metrics), **common)}
+    kinds = [evaluators_lib.get_evaluator(n) for n in config.evals]
+    out = {"test": [make(built.eval_step, setup.eval_input,
+                         with_nc=bool(config.nc_metrics), **common)
+                    for make in kinds]}
     if config.nc_metrics and config.nc_train_metrics:
       train_eval_input = data_lib.make_eval_input(
           config.dataset, data_dir=setup.data_dir,
@@ -269,9 +264,18 @@ class _Loop:
           split="train_lt", imb_factor=config.imb_factor,
           profile=config.imb_profile, selection_seed=config.selection_seed,
           options=data_lib.options_of(config.dataset, config))
-      out["train"] = make(built.eval_step, train_eval_input, with_nc=True,
-                          **common)
+      out["train"] = [make(built.eval_step, train_eval_input, with_nc=True,
+                           **common) for make in kinds]
     return out
+
+  def _evaluate_split(self, split: str) -> list[dict]:
+    """Per replica, the metrics of every evaluator of `split`, merged."""
+    per_seed = [{} for _ in range(self.s)]
+    for evaluator in self.evaluators[split]:
+      for merged, metrics in zip(per_seed, evaluator(self.state,
+                                                     self.built.etf)):
+        merged.update(metrics)
+    return per_seed
 
   @property
   def built(self) -> builder_lib.Built:
@@ -281,7 +285,7 @@ class _Loop:
   def restore(self) -> None:
     """Continues from the newest checkpoint in the workdir, if any; a run
     that starts afresh takes its backbone from `config.pretrained` when
-    given (`Built.with_pretrained`)."""
+    given (`pretrained.into_state`)."""
     had_checkpoint = self.checkpointer.latest_step() is not None
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -303,13 +307,14 @@ class _Loop:
       self.stop.mark_saved(start)
     elif self.built.pretrained:
       try:
-        self.state = self.built.with_pretrained(self.state)
+        self.state = pretrained_lib.into_state(
+            self.built.pretrained, self.state, num_replicas=self.s)
       except ValueError as e:  # a file that does not fit the backbone
         raise ConfigError(str(e)) from e
       say(f"backbone: pretrained weights from {self.built.pretrained}")
     self.start = self.at_step = int(start or 0)
     # The state of the best evaluation (mean test top-1), in workdir/best.
-    self.best = ckpt_lib.BestCheckpoint(self.setup.workdir / "best",
+    self.best = best_lib.BestCheckpoint(self.setup.workdir / "best",
                                         history=self.history,
                                         start_step=self.start, warn=say)
 
@@ -318,10 +323,10 @@ class _Loop:
     """Evaluates at `step`, logs the line and the metrics record."""
     epoch = step / self.spe
     t_eval = time.perf_counter()
-    per_seed = self.evaluators["test"](self.state, self.built.etf)
+    per_seed = self._evaluate_split("test")
     entry = {"step": step, "epoch": epoch, "test": per_seed}
     if "train" in self.evaluators:
-      entry["train"] = self.evaluators["train"](self.state, self.built.etf)
+      entry["train"] = self._evaluate_split("train")
     self.history.append(entry)
     mean, _ = evaluators_lib.aggregate(per_seed)
     seconds = time.perf_counter() - t_eval
@@ -443,7 +448,7 @@ class _Loop:
     steps = ckpt_lib.saved_steps(self.checkpointer.directory)
     kept = (f"The checkpoints ({', '.join(map(str, steps))}) are intact."
             if steps else "No checkpoint was saved yet.")
-    return ckpt_lib.no_space(what, self.setup.workdir, step=self.at_step,
+    return preemption.no_space(what, self.setup.workdir, step=self.at_step,
                              needed=getattr(e, "needed", None), kept=kept)
 
   def close(self) -> None:
@@ -470,7 +475,7 @@ class _Loop:
                          - self.t_start, 1),
             resumes=self.resumes))
     if reporting.is_chief():
-      ckpt_lib.write_json_atomic(path, out)
+      workdir_lib.write_json_atomic(path, out)
     say(results_lib.summary_line(out, str(path)))
     self.close()
     return out

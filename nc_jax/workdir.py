@@ -103,7 +103,7 @@ def holder_state(holder: dict[str, Any]) -> str:
   return "live"
 
 
-def describe(holder: dict[str, Any]) -> str:
+def describe_holder(holder: dict[str, Any]) -> str:
   if not holder:
     return "an unreadable lock"
   command = str(holder.get("command", "?"))
@@ -118,11 +118,11 @@ def _refusal(workdir: pathlib.Path, holder: dict[str, Any], state: str
   lock = workdir / LOCK_NAME
   if state == "live":
     return WorkdirLocked(
-        f"{workdir} is in use by a live run: {describe(holder)}. Wait for it "
+        f"{workdir} is in use by a live run: {describe_holder(holder)}. Wait for it "
         "to finish or stop it (kill "
         f"{holder.get('pid')}), or use another --workdir.")
   return WorkdirLocked(
-      f"{workdir} is locked by {describe(holder)}, which cannot be checked "
+      f"{workdir} is locked by {describe_holder(holder)}, which cannot be checked "
       f"from host {socket.gethostname()}. If no run is using this workdir "
       f"any more, remove {lock} and start again; otherwise use another "
       "--workdir.")
@@ -303,3 +303,16 @@ def on_chief(fn: Callable[[], Any], what: str) -> Any:
   if error is not None:
     raise error
   return result
+
+
+def write_json_atomic(path: os.PathLike | str, obj: Any) -> None:
+  """Writes JSON to `path` via a temporary file and an atomic rename (a
+  failed write, e.g. on a full disk, leaves the old file and no temporary
+  one)."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float))
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)

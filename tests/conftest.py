@@ -160,24 +160,34 @@ def cifar10_dir(cifar10_release_parent, tmp_path_factory) -> pathlib.Path:
 
 def write_image_folder(root: pathlib.Path, *, num_classes: int = 10,
                        train_per_class: int = 40, test_per_class: int = 6,
-                       size: int = 32, seed: int = 0) -> pathlib.Path:
+                       size: int = 32, seed: int = 0,
+                       shuffle_train_labels: bool = False) -> pathlib.Path:
   """Writes a small learnable class-folder tree (PNG) under `root`.
 
   Each class has its own mean colour plus noise, so a network can learn it in
-  a few steps.
+  a few steps. With `shuffle_train_labels` the training images are filed
+  under random class folders (the same number in each): nothing in them
+  predicts the label, so no method can beat chance on the (unshuffled)
+  test images.
   """
   import numpy as np
   from PIL import Image
   rng = np.random.default_rng(seed)
   colours = rng.uniform(30, 225, size=(num_classes, 3))
   for split, n in (("train", train_per_class), ("test", test_per_class)):
+    folder_of = np.repeat(np.arange(num_classes), n)
+    if split == "train" and shuffle_train_labels:
+      folder_of = np.random.default_rng(seed + 1).permutation(folder_of)
+    filed = [0] * num_classes  # images filed so far, per folder
     for c in range(num_classes):
-      d = root / split / f"class_{c:02d}"
-      d.mkdir(parents=True, exist_ok=True)
       for i in range(n):
+        f = int(folder_of[c * n + i])
+        d = root / split / f"class_{f:02d}"
+        d.mkdir(parents=True, exist_ok=True)
         img = colours[c] + rng.normal(0, 25, size=(size, size, 3))
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
-            d / f"{i:04d}.png")
+            d / f"{filed[f]:04d}.png")
+        filed[f] += 1
   return root
 
 
@@ -185,6 +195,13 @@ def write_image_folder(root: pathlib.Path, *, num_classes: int = 10,
 def tiny_image_folder(tmp_path_factory) -> pathlib.Path:
   """A 10-class image-folder tree: 40 train and 6 test images per class."""
   return write_image_folder(tmp_path_factory.mktemp("tiny_folder"))
+
+
+@pytest.fixture(scope="session")
+def shuffled_image_folder(tmp_path_factory) -> pathlib.Path:
+  """`tiny_image_folder`'s images with the training labels shuffled."""
+  return write_image_folder(tmp_path_factory.mktemp("shuffled_folder"),
+                            shuffle_train_labels=True)
 
 
 # The modules that take longest, longest first (test seconds measured on 2
@@ -195,7 +212,7 @@ def tiny_image_folder(tmp_path_factory) -> pathlib.Path:
 # the wall time, never a result.
 _LONGEST_FIRST = ("test_train", "test_distributed", "test_methods",
                   "test_models", "test_cli", "test_runs", "test_data_cub",
-                  "test_data_imagenet_lt", "test_xla_defaults", "test_norm")
+                  "test_data_imagenet_lt", "test_xla_setup", "test_fused_norm")
 
 
 def pytest_collection_modifyitems(config, items):

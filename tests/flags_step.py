@@ -1,6 +1,6 @@
 """Run by test_xla_defaults.py in a subprocess: a few train steps, as JSON.
 
-Applies `nc_jax.cli.xla_defaults` first, exactly as the entry points do,
+Applies `nc_jax.kernels.xla_setup` first, exactly as the entry points do,
 so the environment decides which XLA flags compile the step; CONV_IMPL
 (default "xla") picks the model's convolution kernels.
 """
@@ -8,10 +8,10 @@ so the environment decides which XLA flags compile the step; CONV_IMPL
 import json
 import os
 
-from nc_jax.cli import xla_defaults
+from nc_jax.kernels import xla_setup
 
 CONV_IMPL = os.environ.get("CONV_IMPL", "xla")
-xla_defaults.apply(backbone="resnet8", conv_impl=CONV_IMPL)
+xla_setup.apply(dict(backbone="resnet8", conv_impl=CONV_IMPL))
 
 import jax  # noqa: E402  (after the flags, as in the entry points)
 import numpy as np  # noqa: E402

@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from nc_jax import best as best_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import preemption
 from nc_jax import reporting
@@ -148,28 +149,28 @@ def test_a_full_disk_during_a_save_is_one_error_and_leaves_the_rest(
 
 
 def test_is_no_space_reads_the_cause_chain():
-  assert ckpt_lib.is_no_space(OSError(errno.ENOSPC, "full"))
+  assert preemption.is_no_space(OSError(errno.ENOSPC, "full"))
   try:
     try:
       raise OSError(errno.ENOSPC, "No space left on device")
     except OSError as inner:
       raise RuntimeError("write failed") from inner
   except RuntimeError as outer:
-    assert ckpt_lib.is_no_space(outer)
-  assert not ckpt_lib.is_no_space(OSError(errno.EACCES, "denied"))
-  assert not ckpt_lib.is_no_space(ValueError("shape mismatch"))
+    assert preemption.is_no_space(outer)
+  assert not preemption.is_no_space(OSError(errno.EACCES, "denied"))
+  assert not preemption.is_no_space(ValueError("shape mismatch"))
 
 
 def test_a_damaged_best_file_is_set_aside_with_a_warning(tmp_path):
   best = tmp_path / "best"
   best.mkdir()
-  (best / ckpt_lib.BEST_FILE).write_bytes(b"\x93not msgpack")
+  (best / best_lib.BEST_FILE).write_bytes(b"\x93not msgpack")
   lines = []
-  tracker = ckpt_lib.BestCheckpoint(best, history=[], start_step=4,
+  tracker = best_lib.BestCheckpoint(best, history=[], start_step=4,
                                     warn=lines.append)
-  aside = tmp_path / "damaged" / f"best_{ckpt_lib.BEST_FILE}"
+  aside = tmp_path / "damaged" / f"best_{best_lib.BEST_FILE}"
   assert aside.read_bytes() == b"\x93not msgpack"
-  assert not (best / ckpt_lib.BEST_FILE).exists()
+  assert not (best / best_lib.BEST_FILE).exists()
   assert len(lines) == 1 and lines[0].startswith("warning: ")
   assert tracker.top1 is None
 

@@ -230,8 +230,9 @@ def test_console_scripts_work_from_any_directory(tmp_path):
   assert {"nc-jax-train", "nc-jax-report"} <= set(scripts)
   for name, target in scripts.items():
     module, func = target.split(":")
-    # The command's own module (nc_jax.cli:train -> nc_jax/cli/train.py).
-    path = REPO / (module.replace(".", "/") + f"/{func}.py")
+    # The command's own module (nc_jax.cli:nc_jax_train -> cli/train.py).
+    path = REPO / (module.replace(".", "/")
+                   + f"/{func.removeprefix('nc_jax_')}.py")
     summary = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]
     # What the installed script does: import the target and call it.
     code = f"import sys; from {module} import {func}; sys.exit({func}())"

@@ -1,6 +1,6 @@
 """Numbers a config accepts only within their range, refused before any work.
 
-Each bad value stops `train.validate_config` (what `nc-jax-train` runs
+Each bad value stops `validation.validate_config` (what `nc-jax-train` runs
 first) with one message that names the field; the command line turns it
 into one `error:` line with exit status 2 (tests/test_cli.py).
 """
@@ -13,6 +13,7 @@ import pytest
 
 from nc_jax.configs import cifar_lt as cfg_lib
 from nc_jax import train
+from nc_jax import validation
 
 
 def _config(arg="", **overrides):
@@ -43,10 +44,6 @@ def _config(arg="", **overrides):
     ({"optim.decay_factor": 10.0}, ["optim.decay_factor must lie in (0, 1]"]),
     ({"optim.decay_epochs": (180, 160)}, ["must be increasing"]),
     ({"optim.decay_epochs": (160, 160)}, ["must be increasing"]),
-    ({"optim.decay_epochs": (160, 250)},
-     ["[250] at or past the end of the run (200 epochs)"]),
-    ({"optim.warmup_epochs": 300}, ["optim.warmup_epochs=300 is not shorter "
-                                    "than the run (200 epochs)"]),
     ({"optim.warmup_epochs": -1}, ["must be >= 0"]),
     ({"mixup_alpha": math.nan}, ["mixup_alpha=nan is not a finite number"]),
     ({"mixup_alpha": -1.0}, ["mixup_alpha must be >= 0"]),
@@ -74,7 +71,25 @@ def _config(arg="", **overrides):
 ])
 def test_impossible_numbers_are_refused(overrides, fragments):
   with pytest.raises(train.ConfigError) as e:
-    train.validate_config(_config(**overrides))
+    validation.validate_config(_config(**overrides))
+  for f in fragments:
+    assert f in str(e.value), (f, str(e.value))
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    ({"optim.decay_epochs": (160, 250)},
+     ["[250] at or past the end of the run (200 epochs)"]),
+    ({"optim.warmup_epochs": 300}, ["optim.warmup_epochs=300 is not shorter "
+                                    "than the run (200 epochs)"]),
+    ({"method": "ldam_drw", "loss.drw_epoch": 200},
+     ["loss.drw_epoch=200 is past the end of training (200 epochs)"]),
+])
+def test_a_schedule_that_does_not_fit_the_run_is_refused(overrides,
+                                                          fragments):
+  """Checked once the epoch's length is known (96 steps here), before
+  anything is written."""
+  with pytest.raises(train.ConfigError) as e:
+    validation.validate_length(_config(**overrides), steps_per_epoch=96)
   for f in fragments:
     assert f in str(e.value), (f, str(e.value))
 
@@ -84,21 +99,22 @@ def test_the_recipes_pass_the_checks():
   for arg in ("cifar10_r0.01_etf_dr", "cifar100_r0.005_ce", "quick",
               "imagenet_lt", "tiny,steps=4", "quick,method=ldam_drw"):
     with pytest.raises(train.ConfigError, match="/nonexistent"):
-      train.validate_config(_config(arg))
+      validation.validate_config(_config(arg))
 
 
 def test_a_short_run_scales_the_schedule_instead_of_refusing_it():
-  # epochs=N in the argument: the recipe's 160/180 become 80/90, so the
-  # checks pass as far as the data.
-  with pytest.raises(train.ConfigError, match="/nonexistent"):
-    train.validate_config(_config("cifar10_r0.01_etf_dr,epochs=100"))
+  # epochs=N in the argument: the recipe's 160/180 become 80/90.
+  c = _config("cifar10_r0.01_etf_dr,epochs=100")
+  fitted, total, note = validation.validate_length(c, steps_per_epoch=96)
+  assert total == 9600 and fitted.optim.decay_epochs == (80, 90)
+  assert note.startswith("schedule scaled to 100 epochs")
 
 
 def test_a_schedule_field_set_explicitly_that_cannot_fit_is_refused():
   c = _config("cifar10_r0.01_etf_dr,epochs=100",
               **{"optim.fit_to_run": ("optim.warmup_epochs",)})
   with pytest.raises(train.ConfigError) as e:
-    train.validate_config(c)
+    validation.validate_length(c, steps_per_epoch=96)
   assert "[160, 180] at or past the end of the run (100 epochs)" in str(
       e.value)
   assert "set explicitly and is kept as given" in str(e.value)
@@ -106,7 +122,8 @@ def test_a_schedule_field_set_explicitly_that_cannot_fit_is_refused():
 
 def test_a_length_given_as_a_field_names_the_argument_that_scales():
   with pytest.raises(train.ConfigError) as e:
-    train.validate_config(_config("cifar10_r0.01_etf_dr", num_epochs=100.0))
+    validation.validate_length(_config("cifar10_r0.01_etf_dr",
+                                       num_epochs=100.0), steps_per_epoch=96)
   assert "--config.optim.decay_epochs" in str(e.value)
   assert "cifar10_r0.01_etf_dr,epochs=20" in str(e.value)
 
@@ -121,7 +138,7 @@ def test_empty_class_folder_is_refused_naming_it(tiny_image_folder, tmp_path):
   for f in (tree / "train" / "class_03").iterdir():
     f.unlink()
   with pytest.raises(train.ConfigError) as e:
-    train.validate_config(_config("tiny", data_dir=str(tree)))
+    validation.validate_config(_config("tiny", data_dir=str(tree)))
   assert f"{tree}/train/class_03/ holds no images" in str(e.value)
 
 

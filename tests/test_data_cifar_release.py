@@ -422,7 +422,7 @@ def test_the_other_datasets_release_names_the_archive_given(
   """A CIFAR-100 preset given the CIFAR-10 archive: the error names the
   archive as passed (not nc_jax's extraction of it) and both fixes."""
   from nc_jax.configs import cifar_lt
-  from nc_jax import train
+  from nc_jax import train, validation
   monkeypatch.setenv("NC_JAX_CACHE", str(tmp_path / "cache"))
   config = cifar_lt.get_config("cifar100_r0.01_etf_dr")
   config.unlock()
@@ -430,7 +430,7 @@ def test_the_other_datasets_release_names_the_archive_given(
   config.data_dir = str(release_archive)
   config.lock()
   with pytest.raises(train.ConfigError) as e:
-    train.validate_config(config)
+    validation.validate_config(config)
   msg = str(e.value)
   assert msg.startswith(f"data_dir {release_archive} holds the "
                         "cifar-10-batches-py/ release"), msg

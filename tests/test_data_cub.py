@@ -17,6 +17,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from nc_jax import data
+from nc_jax import pretrained
+from nc_jax import validation
 from nc_jax import sharding
 from nc_jax.data import archive
 from nc_jax.data import cub
@@ -225,7 +227,7 @@ def test_options_are_checked_before_any_work(override, match):
   for k, v in override.items():
     (kw if k in kw else options)[k] = v
   with pytest.raises(ValueError, match=match):
-    datasets.get("cub200").check_options(options=options, **kw)
+    datasets.get_dataset("cub200").check_options(options=options, **kw)
 
 
 def test_preset_needs_the_weights_and_names_them():
@@ -235,13 +237,13 @@ def test_preset_needs_the_weights_and_names_them():
   assert (config.backbone, config.batch_size, config.optim.lr,
           config.optim.backbone_lr_scale, config.optim.nesterov) == (
               "resnet50_standard", 48, 0.01, 0.1, True)
-  builder.check_config(config)  # the numbers; the file is checked apart
+  validation.check_values(config)  # the numbers; the file is checked apart
   with pytest.raises(ValueError, match=r"--config.pretrained="):
-    builder.check_pretrained(config)
+    pretrained.check_request(config)
   config.unlock()
   config.pretrained = "/nonexistent/resnet50.pth"
   with pytest.raises(ValueError, match="No pretrained-weights file"):
-    builder.check_pretrained(config)
+    pretrained.check_request(config)
   assert "cub200_etf_dr" not in cfg_lib.presets()
   assert set(cfg_lib.fine_grained_presets()) == {"cub200_ce", "cub200_etf_dr"}
 

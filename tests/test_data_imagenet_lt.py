@@ -19,6 +19,7 @@ from nc_jax.data import augment
 from nc_jax.data import device as device_lib
 from nc_jax.data import imagenet_lt
 from nc_jax.data import long_tail
+from nc_jax.data import datasets
 from nc_jax.data import sources
 
 MESH = sharding.make_mesh(jax.devices()[:1])
@@ -284,7 +285,7 @@ def test_stream_class_groups_from_a_train_list_with_ties(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text("".join(f"train/x/{n} {y}\n"
                            for n, y in zip(names, labels)))
-    info = sources.dataset_info("imagenet_lt")
+    info = datasets.dataset_info("imagenet_lt")
     stream = imagenet_lt.make_train_stream(
         info, data_dir=str(tmp_path), train_list=str(lst), batch_size=2,
         seed=0, rows=(0, 2))

@@ -10,6 +10,7 @@ import pytest
 
 from nc_jax import data
 from nc_jax.data import long_tail
+from nc_jax.data import datasets
 from nc_jax.data import sources
 
 CIFAR10_R001 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -145,7 +146,7 @@ def test_unknown_dataset_lists_valid_names():
 def test_check_data_dir_messages(tmp_path):
   # Unset: tfds's default data directory (prepared by tfds_prepare.prepare_tfds).
   assert sources.check_data_dir("cifar10", None) == sources.Source(
-      "tfds", None, sources.REGISTRY["cifar10"])
+      "tfds", None, datasets.REGISTRY["cifar10"])
   with pytest.raises(FileNotFoundError, match="does not exist.*cifar-10-batches-py"):
     data.check_data_dir("cifar10", tmp_path / "missing")
   with pytest.raises(ValueError, match="neither.*train/ and test/"):

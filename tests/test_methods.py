@@ -17,6 +17,7 @@ from nc_jax import methods
 from nc_jax import models
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
+from nc_jax import validation
 from tests import tiny_step
 
 K, D, B = 5, 8, 12
@@ -158,10 +159,10 @@ def test_registry_names_and_unknown_names():
     methods.get_method("focal")
   with pytest.raises(ValueError, match="already registered"):
     methods.register_method("ce", methods.Method(head="linear",
-                                                 loss=methods.cross_entropy))
+                                                 loss=methods.ce_loss))
   with pytest.raises(ValueError, match="valid heads"):
     methods.register_method("x", methods.Method(head="mlp",
-                                                loss=methods.cross_entropy))
+                                                loss=methods.ce_loss))
   assert "x" not in methods.METHODS
 
 
@@ -322,9 +323,12 @@ def test_posthoc_logit_adjustment_and_eval_scale():
     ("ce", {"eval_logit_adjust_tau": -1.0}, "eval_logit_adjust_tau must be"),
     ("focal", {}, "Unknown method 'focal'"),
 ])
-def test_build_refuses_configs_that_cannot_work(method, override, match):
+def test_validation_refuses_configs_that_cannot_work(method, override,
+                                                    match):
+  cfg = tiny_step.tiny_config(method, num_epochs=10.0, **override)
   with pytest.raises(ValueError, match=match):
-    tiny_step.tiny_build(method, **override)  # 10 epochs of 10 steps
+    validation.check_values(cfg)
+    validation.validate_length(cfg, steps_per_epoch=10)  # 100 steps
 
 
 def test_posthoc_adjustment_needs_every_class():

@@ -533,28 +533,39 @@ def test_unknown_backbone_head_and_option_raise():
   assert model.head_name == "linear"
 
 
-def test_kernels_are_injected_not_decided():
-  # Without injection a model runs the plain path (XLA's convolutions,
-  # Flax's BatchNorm); norm_impl reaches the backbone and the etf head.
+def test_layers_are_given_not_decided():
+  """A model takes its BatchNorm (`norm`) and, for the CIFAR ResNets, its
+  convolution (`conv`) as factories; the defaults are Flax's BatchNorm and
+  XLA's convolution, and `norm` reaches the backbone and the etf head."""
+  from nc_jax.kernels import fused_norm  # pylint: disable=g-import-not-at-top
+  from nc_jax.models import conv as conv_lib  # pylint: disable=g-import-not-at-top
   plain = models.create_model("resnet8", num_classes=10, head="etf")
-  assert (plain.backbone.conv_impl, plain.backbone.norm_impl,
-          plain.head.norm_impl) == ("xla", "flax", "flax")
+  assert (plain.backbone.conv, plain.backbone.norm, plain.head.norm) == (
+      conv_lib.Conv, layers.batch_norm, layers.batch_norm)
   fused = models.create_model("resnet8", num_classes=10, head="etf",
-                              norm_impl="fused")
-  assert (fused.backbone.norm_impl, fused.head.norm_impl) == ("fused",
-                                                              "fused")
-  assert models.create_model("densenet_bc", num_classes=10, head="linear",
-                             norm_impl="fused").backbone.norm_impl == "fused"
-  assert models.supports_onednn_convs("resnet32")
-  assert not models.supports_onednn_convs("resnet50")
-  # "auto" is a request for nc_jax.implementations, never decided by a model.
-  x = jnp.zeros((2, 8, 8, 3))
+                              norm=fused_norm.fused_batch_norm)
+  assert fused.backbone.norm is fused.head.norm is fused_norm.fused_batch_norm
+  assert models.create_model(
+      "densenet_bc", num_classes=10, head="linear",
+      norm=fused_norm.fused_batch_norm).backbone.norm is (
+          fused_norm.fused_batch_norm)
+  assert models.takes_conv("resnet32")
+  assert not models.takes_conv("resnet50")
+  # Both BatchNorms have the same variables, and give the same numbers.
+  x = jax.random.normal(KEY, (4, 8, 8, 3))
   etf = etf_lib.simplex_etf(10, 64)
-  for opt in ("conv_impl", "norm_impl"):
-    model = models.create_model("resnet8", num_classes=10, head="etf",
-                                **{opt: "auto"})
-    with pytest.raises(ValueError, match="Resolve 'auto' first"):
-      model.init(KEY, x, classifier=etf)
+  variables = plain.init(KEY, x, classifier=etf)
+  a, _ = plain.apply(variables, x, train=True, classifier=etf,
+                     mutable=["batch_stats"])
+  b, _ = fused.apply(variables, x, train=True, classifier=etf,
+                     mutable=["batch_stats"])
+  np.testing.assert_allclose(a[0], b[0], atol=1e-5)
+  # No model file names an implementation: the plugin does (nc_jax.kernels).
+  import pathlib as _p  # pylint: disable=g-import-not-at-top
+  for f in _p.Path(models.__file__).parent.glob("*.py"):
+    text = f.read_text().lower()
+    for word in ("conv_impl", "norm_impl", "onednn", "cpu_kernels"):
+      assert word not in text, (f.name, word)
 
 
 def test_registries_are_explicit_dicts():

@@ -162,7 +162,7 @@ def test_schedule_errors_name_the_fix():
   c.optim.warmup_epochs = None
   c.optim.warmup_steps = 10
   with pytest.raises(ValueError, match="give\\s+optim.warmup_epochs"):
-    optim.make_optimizer(c.optim, SPE, 200 * SPE)
+    optim.check_ranges(c.optim)
   c.optim.warmup_steps = None
   c.optim.schedule = "linear"
   with pytest.raises(ValueError, match="Unknown optim.schedule 'linear'"):
@@ -198,7 +198,7 @@ def test_backbone_lr_scale_is_a_pytorch_parameter_group():
   bad = cifar_lt.get_config("cub200_ce").optim
   bad.backbone_lr_scale = 0.0
   with pytest.raises(ValueError, match="backbone_lr_scale must be"):
-    optim.check_config(bad)
+    optim.check_ranges(bad)
 
 
 # ------------------------------------------- a run shorter than its recipe
@@ -233,9 +233,10 @@ def test_a_run_of_a_few_steps_drops_what_cannot_fit():
   assert (fitted.optim.warmup_epochs, fitted.optim.decay_epochs) == (0, ())
   assert note.startswith("schedule scaled to 20 steps (0.208 epochs)")
   # The fitted schedule passes the checks against the run's length.
-  optim.check_config(fitted.optim, total_epochs=20 / SPE)
+  optim.check_schedule(fitted.optim, total_epochs=20 / SPE,
+                       steps_per_epoch=SPE)
   with pytest.raises(ValueError, match="is not shorter than the run"):
-    optim.check_config(c.optim, total_epochs=20 / SPE)
+    optim.check_schedule(c.optim, total_epochs=20 / SPE, steps_per_epoch=SPE)
 
 
 @pytest.mark.parametrize("arg,total", [
@@ -263,4 +264,5 @@ def test_a_field_left_out_of_fit_to_run_is_kept_as_given():
   fitted, _ = optim.fit_schedule(c, 10.0)
   assert fitted.optim.warmup_epochs == 5 and fitted.optim.decay_epochs == (8, 9)
   with pytest.raises(ValueError, match="set explicitly and is kept as given"):
-    optim.check_config(fitted.optim, total_epochs=3.0, scaled=True)
+    optim.check_schedule(fitted.optim, total_epochs=3.0, steps_per_epoch=SPE,
+                         scaled=True)

@@ -3,7 +3,7 @@
 `from nc_jax import ...` must work for every name in `nc_jax.__all__`,
 needing only jax, flax, optax, chex and numpy, while `import nc_jax` alone
 must load no jax at all (the entry points tune malloc and XLA's flags after
-importing nc_jax.implementations, before jax starts).
+importing nc_jax.kernels.xla_setup, before jax starts).
 """
 
 from __future__ import annotations
@@ -53,16 +53,16 @@ def test_the_core_imports_only_jax_flax_optax_chex_numpy(tmp_path):
   assert "heavy []" in out.stdout, out.stdout
   # None of the training, data or checkpoint modules came along.
   for name in ("train", "data", "checkpoint", "builder", "runs",
-               "cpu_kernels", "steps"):
+               "kernels.onednn_build", "steps"):
     assert f"'nc_jax.{name}" not in out.stdout, out.stdout
 
 
 def test_import_nc_jax_loads_no_jax(tmp_path):
-  # The entry points import nc_jax.implementations before tuning malloc
+  # The entry points import nc_jax.kernels.xla_setup before tuning malloc
   # and XLA's flags, which must precede jax and its threads.
   out = _fresh("""
       import sys
-      import nc_jax, nc_jax.implementations, nc_jax.preemption
+      import nc_jax, nc_jax.kernels.xla_setup, nc_jax.preemption
       print(sorted(m for m in ("jax", "flax", "optax", "numpy")
                    if m in sys.modules))
   """, tmp_path)
@@ -121,8 +121,8 @@ def test_a_training_module_without_the_extra_names_it(tmp_path):
 def test_a_command_without_the_extra_is_one_error_line(tmp_path, command):
   out = _fresh(_WITHOUT_TRAIN_EXTRA + f"""
     sys.argv = ["nc-jax-{command.replace('_', '-')}", "--helpshort"]
-    from nc_jax.cli import {command}
-    {command}()
+    from nc_jax.cli import nc_jax_{command}
+    nc_jax_{command}()
   """, tmp_path)
   assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
@@ -195,8 +195,8 @@ def test_the_wheel_holds_nc_jax_and_nothing_beside_it(tmp_path):
                   + wheel.name.split("-")[1] + ".dist-info"}, tops
   for needed in ("nc_jax/py.typed", "nc_jax/configs/cifar_lt.py",
                  "nc_jax/cli/train.py", "nc_jax/nnx.py",
-                 "nc_jax/cpu_kernels/csrc/onednn_conv.cc"):
+                 "nc_jax/kernels/csrc/onednn_conv.cc"):
     assert needed in names, needed
   entry = next(n for n in names if n.endswith("entry_points.txt"))
   text = zipfile.ZipFile(wheel).read(entry).decode()
-  assert "nc-jax-train = nc_jax.cli:train" in text
+  assert "nc-jax-train = nc_jax.cli:nc_jax_train" in text

@@ -301,7 +301,7 @@ def test_missing_torch(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_every_replica_starts_from_the_file(case):
-  """`Built.with_pretrained` with num_seeds=2: both replicas' backbones and
+  """`pretrained.into_state` with num_seeds=2: both replicas' backbones and
   BatchNorm statistics are the file's; their heads keep their own draws."""
   from nc_jax.configs import cifar_lt  # pylint: disable=g-import-not-at-top
   from nc_jax import builder, sharding  # pylint: disable=g-import-not-at-top
@@ -316,7 +316,7 @@ def test_every_replica_starts_from_the_file(case):
                         class_counts=[1] * 200, steps_per_epoch=1,
                         total_steps=2, mesh=sharding.make_mesh())
   fresh = built.init_state()
-  state = built.with_pretrained(fresh)
+  state = pretrained.into_state(built.pretrained, fresh, num_replicas=2)
   want = case["arrays"]["layer2.1.conv2.weight"].transpose(
       2, 3, 1, 0)
   got = np.asarray(state.params["backbone"]["layer2_1"]["conv2"]["kernel"])

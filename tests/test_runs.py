@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from nc_jax import best as best_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import etf as etf_lib
 from nc_jax import runs
@@ -118,28 +119,28 @@ def test_best_tracker_keeps_the_best_and_drops_a_lost_future(tmp_path):
   def entry(top1s, epoch=1.0):
     return {"epoch": epoch, "test": [{"top1": t} for t in top1s]}
 
-  best = ckpt_lib.BestCheckpoint(tmp_path / "best", history=[], start_step=0)
+  best = best_lib.BestCheckpoint(tmp_path / "best", history=[], start_step=0)
   assert best.update(2, state, entry([10.0, 30.0]))   # mean 20
   assert not best.update(4, state, entry([20.0, 20.0]))  # equal: first wins
   assert best.update(6, state, entry([25.0, 25.0]))
   assert not best.update(8, state, entry([0.0, 40.0]))  # mean decides
-  saved = ckpt_lib.read_best(tmp_path / "best")
+  saved = best_lib.read_best(tmp_path / "best")
   assert saved["record"]["step"] == 6 and saved["record"]["top1"] == 25.0
   assert saved["record"]["top1_per_seed"] == [25.0, 25.0]
   assert list((tmp_path / "best").iterdir()) == [tmp_path / "best" /
-                                                 ckpt_lib.BEST_FILE]
+                                                 best_lib.BEST_FILE]
   # Resumed from step 4: the best of step 6 is not in that history.
   history = [{"step": 2, **entry([10.0, 30.0])}]
-  again = ckpt_lib.BestCheckpoint(tmp_path / "best", history=history,
+  again = best_lib.BestCheckpoint(tmp_path / "best", history=history,
                                   start_step=4)
-  assert ckpt_lib.read_best(tmp_path / "best") is None
+  assert best_lib.read_best(tmp_path / "best") is None
   assert again.top1 == 20.0 and not again.update(6, state, entry([20, 20]))
   # Resumed from step 6 or later: kept.
-  fresh = ckpt_lib.BestCheckpoint(tmp_path / "best", history=[],
+  fresh = best_lib.BestCheckpoint(tmp_path / "best", history=[],
                                   start_step=0)
   assert fresh.update(6, state, entry([25.0, 25.0]))
-  ckpt_lib.BestCheckpoint(tmp_path / "best", history=history, start_step=6)
-  assert ckpt_lib.read_best(tmp_path / "best")["record"]["step"] == 6
+  best_lib.BestCheckpoint(tmp_path / "best", history=history, start_step=6)
+  assert best_lib.read_best(tmp_path / "best")["record"]["step"] == 6
 
 
 def test_export_round_trip(trained, test_split, tmp_path):

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from nc_jax import checkpoint as ckpt_lib
+from nc_jax import run_config
 from nc_jax import train
 from nc_jax import workdir as workdir_lib
 from tests.test_train import tiny_config
@@ -105,7 +106,7 @@ def test_config_without_checkpoint_does_not_block(tiny_image_folder,
   config, and its progress records) leaves nothing a rerun must respect."""
   wd = tmp_path / "run"
   wd.mkdir()
-  old = ckpt_lib.config_to_dict(tiny_config(tiny_image_folder,
+  old = run_config.config_to_dict(tiny_config(tiny_image_folder,
                                             arg="method=ce,steps=9"))
   (wd / "config.json").write_text(json.dumps(old))
   (wd / "metrics.jsonl").write_text(
@@ -135,7 +136,7 @@ def test_config_json_from_before_etf_rotation_resumes(tmp_path):
   config = tiny_config(str(tmp_path / "data"))
   assert config.etf_rotation == "uniform01"  # the presets' default
   config.etf_rotation = "gaussian"
-  old = ckpt_lib.config_to_dict(config)
+  old = run_config.config_to_dict(config)
   del old["etf_rotation"]
   # Fields added later still (fine-tuning): their absence means their
   # defaults, nested ones included.
@@ -144,12 +145,12 @@ def test_config_json_from_before_etf_rotation_resumes(tmp_path):
   del old["optim"]["backbone_lr_scale"]
   (tmp_path / "checkpoints" / "10").mkdir(parents=True)
   (tmp_path / "config.json").write_text(json.dumps(old))
-  ckpt_lib.check_config(tmp_path, config)
+  run_config.check_resume(tmp_path, config)
   config.etf_rotation = "uniform01"
   with pytest.raises(ValueError, match="etf_rotation: 'gaussian' in the wo"
                      "(.|\n)*default was 'gaussian' until(.|\n)*"
                      "same config [(]--config.etf_rotation=gaussian[)]"):
-    ckpt_lib.check_config(tmp_path, config)
+    run_config.check_resume(tmp_path, config)
   from nc_jax import run_sources
   loaded = run_sources._config_from_dict(old)  # pylint: disable=protected-access
   assert loaded.etf_rotation == "gaussian" and loaded.pretrained is None
@@ -160,13 +161,13 @@ def test_config_mismatch_names_the_flags_that_resume(tmp_path):
   """The refusal quotes each differing field's recorded value as the
   override that resumes the run, shell-quoted where it is a tuple."""
   config = tiny_config(str(tmp_path / "data"))
-  old = ckpt_lib.config_to_dict(config)
+  old = run_config.config_to_dict(config)
   old["optim"]["decay_epochs"] = [160, 180]
   old["mixup_alpha"] = 0.0
   (tmp_path / "checkpoints" / "10").mkdir(parents=True)
   (tmp_path / "config.json").write_text(json.dumps(old))
   with pytest.raises(ValueError) as e:
-    ckpt_lib.check_config(tmp_path, config)
+    run_config.check_resume(tmp_path, config)
   msg = str(e.value)
   assert "--config.mixup_alpha=0.0" in msg
   assert "'--config.optim.decay_epochs=(160, 180)'" in msg

@@ -30,21 +30,21 @@ def _run(module: str) -> None:
   importlib.import_module(f"nc_jax.cli.{module}").run()
 
 
-def train() -> None:
+def nc_jax_train() -> None:
   """`nc-jax-train`."""
   _run("train")
 
 
-def evaluate() -> None:
+def nc_jax_evaluate() -> None:
   """`nc-jax-evaluate`."""
   _run("evaluate")
 
 
-def report() -> None:
+def nc_jax_report() -> None:
   """`nc-jax-report`."""
   _run("report")
 
 
-def paper_table() -> None:
+def nc_jax_paper_table() -> None:
   """`nc-jax-paper-table`."""
   _run("paper_table")

@@ -38,7 +38,7 @@ from absl import flags
 from absl import logging
 
 from nc_jax.cli import app as cli
-from nc_jax.cli import xla_defaults
+from nc_jax.kernels import xla_setup
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A run's workdir, or a file written by --export.")
@@ -98,9 +98,7 @@ def main(argv: list[str]) -> None:
         "nc-jax-train or a file written by "
         "--export.")
   config = _run_config(path) or {}
-  xla_defaults.apply(backbone=config.get("backbone"),
-                     compute_dtype=config.get("compute_dtype", "float32"),
-                     conv_impl=config.get("conv_impl", "auto"))
+  xla_setup.apply(config)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from nc_jax import runs  # pylint: disable=g-import-not-at-top
@@ -128,7 +126,7 @@ def write_outputs(record: dict, out: pathlib.Path) -> None:
   block = record[record["block"]]
   ckpt.write_json_atomic(out / "eval.json", record)
   plot_confusion(record, out / "confusion_matrix.png")
-  plot_per_class(record, out / "per_class_accuracy.png")
+  plot_class_bars(record, out / "per_class_accuracy.png")
   epoch = record["epoch"]
   where = f"{record['which']} checkpoint, step {record['step']}"
   print(reporting.eval_line(round(epoch, 2) if epoch is not None else
@@ -192,7 +190,7 @@ def plot_confusion(record: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def plot_per_class(record: dict, path: pathlib.Path) -> None:
+def plot_class_bars(record: dict, path: pathlib.Path) -> None:
   """Per-class test accuracy as bars, coloured by head/medium/tail."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")

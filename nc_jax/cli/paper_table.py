@@ -33,7 +33,7 @@ from absl import flags
 from absl import logging
 
 from nc_jax.cli import app as cli
-from nc_jax.cli import xla_defaults
+from nc_jax.kernels import xla_setup
 from nc_jax.configs import cifar_lt as cfg_lib
 
 _ROOT = flags.DEFINE_string("root", None, "Directory holding one workdir per "
@@ -134,7 +134,7 @@ def _epoch(value: float | str) -> str:
   return value if isinstance(value, str) else f"{value:g}"
 
 
-def summarize(root: pathlib.Path, cells: list[str]) -> dict[str, Any]:
+def summarize_cells(root: pathlib.Path, cells: list[str]) -> dict[str, Any]:
   """Reads the cells' results.json into the table's rows."""
   rows = []
   for cell in cells:
@@ -199,9 +199,9 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def write_tables(root: pathlib.Path, cells: list[str]) -> dict[str, Any]:
-  from nc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  table = summarize(root, cells)
-  ckpt_lib.write_json_atomic(root / "paper_table.json", table)
+  from nc_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  table = summarize_cells(root, cells)
+  workdir_lib.write_json_atomic(root / "paper_table.json", table)
   tmp = root / ".paper_table.md.tmp"
   tmp.write_text(markdown(table))
   os.replace(tmp, root / "paper_table.md")
@@ -223,16 +223,15 @@ def main(argv: list[str]) -> None:
     # Library INFO chatter (orbax, tfds) would drown the progress lines.
     logging.set_verbosity(logging.WARNING)
   first = configs[cells[0]]
-  xla_defaults.apply(backbone=first.backbone,
-                     compute_dtype=first.compute_dtype,
-                     conv_impl=first.conv_impl)
+  xla_setup.apply(first)
   from nc_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from nc_jax import train  # pylint: disable=g-import-not-at-top
+  from nc_jax import validation  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(_ROOT.value).expanduser().resolve()
   cell = cells[0]
   try:
     for cell in cells:  # every cell is checked before any trains
-      train.validate_config(configs[cell])
+      validation.validate_config(configs[cell])
     for i, cell in enumerate(cells):
       print(f"== cell {i + 1}/{len(cells)}: {cell} -> {root / cell}",
             flush=True)

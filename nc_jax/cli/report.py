@@ -122,7 +122,7 @@ def table(runs: list[dict]) -> str:
   return "\n".join(rows) + "\n"
 
 
-def plot_per_class(runs: list[dict], path: pathlib.Path) -> bool:
+def plot_accuracy_by_class_size(runs: list[dict], path: pathlib.Path) -> bool:
   """Final per-class accuracy; False (nothing written) when no run finished."""
   if not any(run["results"] for run in runs):
     return False
@@ -258,7 +258,7 @@ def write_report(workdirs: list[str], out: str | pathlib.Path) -> list[pathlib.P
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   written = []
-  if plot_per_class(runs, out / "per_class_accuracy.png"):
+  if plot_accuracy_by_class_size(runs, out / "per_class_accuracy.png"):
     written.append(out / "per_class_accuracy.png")
   if plot_curves(runs, out / "learning_curves.png"):
     written.append(out / "learning_curves.png")

@@ -22,7 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from nc_jax.cli import app as cli
-from nc_jax.cli import xla_defaults
+from nc_jax.kernels import xla_setup
 from nc_jax import preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,9 +50,8 @@ def main(argv: list[str]) -> None:
   # Import after flag parsing: the XLA defaults must be in the environment
   # before jax initialises its backends.
   config = _keep_explicit_schedule(_CONFIG.value)
-  xla_defaults.apply(
-      backbone=config.backbone, compute_dtype=config.compute_dtype,
-      conv_impl=config.conv_impl,
+  xla_setup.apply(
+      config,
       multi_process=bool(_COORDINATOR.value) or (_NUM_PROCESSES.value or 1) > 1)
   if not flags.FLAGS["verbosity"].present:
     # Library INFO chatter (orbax, tfds) would drown the progress lines.

@@ -142,8 +142,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the locked training config for `arg` (see the module doc)."""
   kv, variants = _parse(arg)
   c = ml_collections.ConfigDict()
+  _data_fields(c, kv)
+  _model_fields(c, kv)
+  _loss_fields(c, kv)
+  _optim_fields(c, kv)
+  _run_fields(c, kv)
+  _seed_fields(c, kv)
 
-  # --- data
+  # --- variants
+  for name, apply in VARIANT_SETTINGS.items():
+    if name in variants or c.dataset == name:
+      apply(c, kv)
+
+  # The training length from the argument wins over the variants' defaults.
+  if "epochs" in kv and "steps" in kv:
+    raise ValueError("Give epochs= or steps=, not both.")
+  if "epochs" in kv or "steps" in kv:
+    recipe = c.num_epochs or None  # None: a variant that counts steps
+    c.optim.fit_to_run = FIT_FIELDS if recipe else ()
+    c.optim.fit_from_epochs = recipe
+  if "epochs" in kv:
+    c.num_epochs, c.num_steps = float(kv["epochs"]), None
+  if "steps" in kv:
+    c.num_epochs, c.num_steps = None, int(kv["steps"])
+
+  c.lock()
+  return c
+
+
+def _data_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """The data: which dataset, its long-tailed subset, the input pipeline."""
   c.dataset = kv.get("dataset", "cifar10")
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.imb_factor = float(kv.get("imb", 0.01))
@@ -163,7 +191,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 128  # global, over all devices and processes
   c.eval_batch_size = 500
 
-  # --- model and method
+
+def _model_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """The model, the method and the layers' implementations."""
   c.method = kv.get("method", "etf_dr")
   backbone = kv.get("backbone", "resnet")
   if backbone == "resnet":
@@ -185,9 +215,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Presets that fine-tune refuse to start without `pretrained`.
   c.pretrained_required = False
   c.compute_dtype = "float32"
-  # Implementations (nc_jax.implementations decides "auto" once at
+  # Implementations (nc_jax.kernels decides "auto" once at
   # start-up; the choice is recorded in config.json and results.json). Convolutions of the CIFAR
-  # ResNets: "auto" = oneDNN's own primitives (nc_jax.cpu_kernels) on a
+  # ResNets: "auto" = oneDNN's own primitives (nc_jax.kernels) on a
   # single CPU device in float32 when they build, else XLA's; "xla" or
   # "onednn" force one. BatchNorm: "auto" = "fused" (a hand-written
   # gradient for XLA's CPU fusion) on CPU, "flax" (flax.linen.BatchNorm) on
@@ -198,7 +228,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # a machine without a C++ compiler) stops unless this is True.
   c.allow_kernel_change = False
 
-  # --- loss
+
+def _loss_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """The loss block: the methods' hyper-parameters, mixup, the sampler."""
   c.loss = ml_collections.ConfigDict()
   c.loss.given_ew = True  # per-batch class lengths (the reference default)
   c.loss.dr_form = "reference"  # or "paper" (Eq. 6 with e_w, e_h)
@@ -219,7 +251,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # so every class is equally likely); works with every method.
   c.sampler = kv.get("sampler", "random")
 
-  # --- optimisation (durations: *_epochs or *_steps, see nc_jax.optim)
+
+def _optim_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """The training length, the optimiser and its schedule."""
+  del kv
   c.num_epochs = ml_collections.FieldReference(200.0, field_type=float)
   c.num_steps = ml_collections.FieldReference(None, field_type=int)
   c.optim = ml_collections.ConfigDict()
@@ -242,7 +277,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.fit_from_epochs = ml_collections.FieldReference(None,
                                                           field_type=float)
 
-  # --- evaluation, checkpoints, logging
+
+def _run_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """Evaluation, checkpoints, logging and pre-emption."""
+  del kv
   # After every epoch, as the reference (its "best" is the best of these).
   c.eval_every_epochs = ml_collections.FieldReference(1.0, field_type=float)
   c.eval_every_steps = ml_collections.FieldReference(None, field_type=int)
@@ -254,6 +292,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # boundary; if none comes within this many seconds (a long compilation)
   # it exits without one (nc_jax.preemption). Fits a 30 s notice.
   c.preemption_grace_seconds = 25.0
+  # What each evaluation measures: names of nc_jax.evaluators.EVALUATORS.
+  c.evals = ("classification",)
   c.nc_metrics = False  # neural-collapse statistics at each evaluation
   c.nc_train_metrics = False  # ...also on the (unaugmented) train subset
   c.ece_bins = 15
@@ -261,33 +301,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # before top-1/top-5/ECE (Menon et al. 2021); 0 = off.
   c.eval_logit_adjust_tau = 0.0
 
-  # --- seeds
+
+def _seed_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
+  """Seeds and replicas."""
   c.seed = int(kv.get("seed", 0))  # init, data order, mixup
   c.num_seeds = 1  # independent replicas trained in one program
   # How replicas share the program: "vmap" batches them (grouped convs; best
   # on GPU/TPU), "unroll" gives each its own copy of the graph (best on CPU,
   # where grouped convs are slow); "auto" picks by backend.
   c.seeds_mode = "auto"
-
-  # --- variants
-  for name, apply in VARIANT_SETTINGS.items():
-    if name in variants or c.dataset == name:
-      apply(c, kv)
-
-  # The training length from the argument wins over the variants' defaults.
-  if "epochs" in kv and "steps" in kv:
-    raise ValueError("Give epochs= or steps=, not both.")
-  if "epochs" in kv or "steps" in kv:
-    recipe = c.num_epochs or None  # None: a variant that counts steps
-    c.optim.fit_to_run = FIT_FIELDS if recipe else ()
-    c.optim.fit_from_epochs = recipe
-  if "epochs" in kv:
-    c.num_epochs, c.num_steps = float(kv["epochs"]), None
-  if "steps" in kv:
-    c.num_epochs, c.num_steps = None, int(kv["steps"])
-
-  c.lock()
-  return c
 
 
 # --------------------------------------------------------------- variants

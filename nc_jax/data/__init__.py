@@ -38,13 +38,10 @@ from nc_jax.data.pipeline import make_train_input
 from nc_jax.data.datasets import REGISTRY
 from nc_jax.data.datasets import DatasetInfo
 from nc_jax.data.datasets import dataset_info
+from nc_jax.data.datasets import get_dataset
 from nc_jax.data.datasets import options_of
-
-
-def check_data_dir(name: str, data_dir) -> None:
-  """Raises a ValueError/FileNotFoundError naming what `data_dir` should be."""
-  from nc_jax.data import sources  # pylint: disable=g-import-not-at-top
-  sources.check_data_dir(name, data_dir)
+from nc_jax.data.sources import check_data_dir
+from nc_jax.data.tfds_prepare import prepare_tfds
 
 
 def check_data(name: str, data_dir, *, train_splits=None) -> None:
@@ -54,13 +51,11 @@ def check_data(name: str, data_dir, *, train_splits=None) -> None:
   Raises:
     ValueError, FileNotFoundError: naming the problem and the fix.
   """
-  from nc_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  datasets.get(name).check_data(
-      None if data_dir is None else str(data_dir),
-      {"train_splits": train_splits})
+  get_dataset(name).check_data(None if data_dir is None else str(data_dir),
+                               {"train_splits": train_splits})
 
 
-def check_config(config) -> None:
+def check_inputs(config) -> None:
   """The data part of a run's config, checked before any work: the train
   input's options (`pipeline.check_options`, the dataset's own included),
   and the data itself (`check_data`: for an image-folder tree or a CIFAR
@@ -88,18 +83,9 @@ def check_config(config) -> None:
         f"data_dir {root}", f"data_dir {config.data_dir}", 1)) from None
 
 
-def prepare_tfds(name: str, **kwargs) -> None:
-  """For an unset data_dir: makes sure tfds has `name` prepared in its
-  default data directory, downloading it if needed
-  (`tfds_prepare.prepare_tfds`).
-  """
-  from nc_jax.data import tfds_prepare  # pylint: disable=g-import-not-at-top
-  tfds_prepare.prepare_tfds(name, **kwargs)
-
-
 __all__ = [
     "PROFILES", "PIPELINES", "SAMPLERS", "EVAL_SPLITS", "REGISTRY",
-    "DatasetInfo", "TrainInput", "EvalInput", "check_config", "check_data",
+    "DatasetInfo", "TrainInput", "EvalInput", "check_inputs", "check_data",
     "check_data_dir",
     "check_imb_factor", "prepare_tfds",
     "dataset_info", "long_tail_counts", "make_eval_input", "make_train_input",

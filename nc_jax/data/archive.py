@@ -37,10 +37,6 @@ def is_archive(path: str | os.PathLike | None) -> bool:
   return path is not None and str(path).endswith(ARCHIVE_SUFFIXES)
 
 
-def cache_root() -> pathlib.Path:
-  return cache.cache_root()
-
-
 def _is_tree(path: pathlib.Path) -> bool:
   """An image-folder tree (`train/`) or a list-indexed release whose lists
   sit at its top (`images.txt`: CUB-200-2011's layout)."""
@@ -142,7 +138,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str | None:
   st = archive.stat()
   key = hashlib.sha1(f"{archive}:{st.st_size}:{st.st_mtime_ns}".encode()
                      ).hexdigest()[:12]
-  target = cache_root() / f"{archive.name.split('.')[0]}-{key}"
+  target = cache.cache_root() / f"{archive.name.split('.')[0]}-{key}"
   if target.is_dir():
     tree = _find_tree(target, archive)
     bad = _release_problems(tree)

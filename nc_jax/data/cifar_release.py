@@ -117,7 +117,7 @@ def find(root: str, dataset: str | None = None
   return None
 
 
-def describe(release: Release) -> str:
+def describe_forms(release: Release) -> str:
   """One phrase naming the forms in which `data_dir` may give `release`."""
   return (f"the CIFAR python release: its {release.folder}/ folder, the "
           f"folder above it, or the {release.archive} archive")
@@ -195,7 +195,7 @@ def _unpickle(release: Release, folder: str, name: str) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def class_names(release_name: str, folder: str) -> tuple[str, ...]:
+def read_class_names(release_name: str, folder: str) -> tuple[str, ...]:
   """The class names from the release's meta file, in label order."""
   release = RELEASES[release_name]
   meta = _unpickle(release, folder, release.meta)

@@ -2,10 +2,10 @@
 
 A dataset is one registry entry (`REGISTRY`: its static `DatasetInfo`, and
 the module that implements it) and one module whose `make(info)` returns a
-`Dataset`. The rest of the system asks `get(name)` and never names a
+`Dataset`. The rest of the system asks `get_dataset(name)` and never names a
 dataset:
 
-    dataset = get("cifar10")
+    dataset = get_dataset("cifar10")
     train = dataset.train_input(data_dir=..., imb_factor=0.01, ...,
                                 options={"train_splits": None})
     test = dataset.eval_input(data_dir=..., split="test", ...)
@@ -17,10 +17,12 @@ own settings (ImageNet-LT's list and colour jitter, SVHN's extra split) are
 config fields that the dataset names in `Dataset.options`; the data layer
 hands it those fields and nothing else reads them.
 
-This module imports neither TensorFlow nor a dataset's module: `get` loads
-the module on first use, so the small datasets run on a host without
-TensorFlow (image folders with the device pipeline) and asking for a
-dataset's `DatasetInfo` costs nothing.
+This module imports neither TensorFlow nor any implementation: `get`
+loads a dataset's module on first use, so the small datasets run on a host
+without TensorFlow (image folders with the device pipeline) and asking for
+a dataset's `DatasetInfo` costs nothing. What the implementations share
+(the `data_dir` forms, their checks and class names) is `sources`, which
+imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -230,25 +232,20 @@ class Dataset(abc.ABC):
     """Raises ValueError for options this dataset cannot honour, naming the
     config field that fixes it (cheap: reads no data)."""
 
+  @abc.abstractmethod
   def check_data(self, data_dir: str | None,
                  options: Mapping[str, Any]) -> None:
-    """Cheap checks of what `data_dir` holds, before any work (the default:
-    `sources.check_data_dir` and, for an image folder or a CIFAR release,
-    `sources.check_source`'s listing and decoded sample).
+    """Cheap checks of what `data_dir` holds, before any work (for a
+    `data_dir` in one of `sources`' forms, `sources.check_dataset_data`).
 
     Raises:
       ValueError, FileNotFoundError: naming the problem and the fix.
     """
-    from nc_jax.data import in_memory, sources  # pylint: disable=g-import-not-at-top
-    source = sources.check_data_dir(self.info.name, data_dir)
-    sources.check_source(source, in_memory.splits_key(
-        options.get("train_splits")))
 
+  @abc.abstractmethod
   def class_names(self, data_dir: str | None) -> tuple[str, ...]:
-    """The K class names, in label order."""
-    from nc_jax.data import sources  # pylint: disable=g-import-not-at-top
-    return sources.class_names(sources.check_data_dir(self.info.name,
-                                                      data_dir))
+    """The K class names, in label order (`sources.dataset_class_names`
+    for `sources`' forms)."""
 
   @abc.abstractmethod
   def train_input(self, *, data_dir: str | None, imb_factor: float,
@@ -266,7 +263,7 @@ class Dataset(abc.ABC):
     """Every image of `split` once (see `pipeline.make_eval_input`)."""
 
 
-def get(name: str) -> Dataset:
+def get_dataset(name: str) -> Dataset:
   """The `Dataset` of registry entry `name` (its module loaded on first
   use); ValueError listing the valid names."""
   info = dataset_info(name)
@@ -276,7 +273,7 @@ def get(name: str) -> Dataset:
 def options_of(name: str, config: Any) -> dict[str, Any]:
   """The values of dataset `name`'s own config fields in `config` (a
   ConfigDict or a mapping), None where unset."""
-  return {f: config.get(f) for f in get(name).options}
+  return {f: config.get(f) for f in get_dataset(name).options}
 
 
 def padded_eval_batches(images: np.ndarray, labels: np.ndarray, *,

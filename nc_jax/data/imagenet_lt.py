@@ -172,10 +172,49 @@ def make_train_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
   if n < b:
     raise ValueError(f"The ImageNet-LT list has {n} images, fewer than one "
                      f"batch of {b}.")
-  spe = n // b
-  r0, r1 = rows
   logging.info("ImageNet-LT (%s): %d train images, %d classes present",
                source.kind, n, sum(c > 0 for c in counts))
+
+  if source.kind == "folder":
+    local = file_stream.train_batches(
+        paths, labels, read_files=True, batch_size=b, seed=seed, rows=rows,
+        sampler=sampler, color_jitter=color_jitter, min_area=min_area)
+  else:
+    local = _tfds_train_batches(
+        source, paths, labels, batch_size=b, seed=seed, rows=rows,
+        block=block, color_jitter=color_jitter, min_area=min_area)
+  return Stream(info, counts, n, local, groups["by_count"])
+
+
+def _tfds_train_batches(source: sources.Source, paths: list[str],
+                        labels: np.ndarray, *, batch_size: int, seed: int,
+                        rows: tuple[int, int], block: int, color_jitter: float,
+                        min_area: float) -> Callable[[int], Iterator[Batch]]:
+  """`start_step -> iterator` of this process's rows of the train batches
+  from tfds's ImageNet records: the listed images, in shuffled blocks of
+  `block` (seeded per epoch), `batch_size` to a step."""
+  n, b = labels.size, batch_size
+  spe = n // b
+  r0, r1 = rows
+  names = [os.path.basename(p) for p in paths]
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(names),
+                                          tf.constant(labels, tf.int64)), -1)
+  base = sources.encoded_dataset(source, "train").map(
+      lambda ex: (ex["image"], table.lookup(ex["file_name"]))).filter(
+          lambda img, y: y >= 0)
+
+  def epoch_ds(epoch):
+    def shuffle_block(i, block_data):
+      imgs, ys = block_data
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(tf.shape(ys)[0]),
+          seed=tf.stack([tf.cast(seed, tf.int64), epoch * 1_000_003 + i]))
+      return tf.data.Dataset.from_tensor_slices(
+          (tf.gather(imgs, order), tf.gather(ys, order)))
+    ds = base.batch(block).enumerate().flat_map(shuffle_block)
+    ds = ds.batch(b, drop_remainder=True).take(spe).enumerate()
+    return ds.map(lambda i, ex: (epoch * spe + i, ex[0][r0:r1], ex[1][r0:r1]))
 
   def finish(ds: tf.data.Dataset, start_step: int) -> Iterator[Batch]:
     # ds: per-example (encoded, label, step, row), in batch order.
@@ -197,39 +236,13 @@ def make_train_stream(info: datasets.DatasetInfo, *, data_dir: str | None,
       expected += 1
       yield batch
 
-  if source.kind == "folder":
-    local = file_stream.train_batches(
-        paths, labels, read_files=True, batch_size=b, seed=seed, rows=rows,
-        sampler=sampler, color_jitter=color_jitter, min_area=min_area)
-    return Stream(info, counts, n, local, groups["by_count"])
-
-  names = [os.path.basename(p) for p in paths]
-  table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(tf.constant(names),
-                                          tf.constant(labels, tf.int64)), -1)
-  base = sources.encoded_dataset(source, "train").map(
-      lambda ex: (ex["image"], table.lookup(ex["file_name"]))).filter(
-          lambda img, y: y >= 0)
-
-  def epoch_ds(epoch):
-    def shuffle_block(i, block):
-      imgs, ys = block
-      order = tf.random.experimental.stateless_shuffle(
-          tf.range(tf.shape(ys)[0]),
-          seed=tf.stack([tf.cast(seed, tf.int64), epoch * 1_000_003 + i]))
-      return tf.data.Dataset.from_tensor_slices(
-          (tf.gather(imgs, order), tf.gather(ys, order)))
-    ds = base.batch(block).enumerate().flat_map(shuffle_block)
-    ds = ds.batch(b, drop_remainder=True).take(spe).enumerate()
-    return ds.map(lambda i, ex: (epoch * spe + i, ex[0][r0:r1], ex[1][r0:r1]))
-
   def local(start_step: int) -> Iterator[Batch]:
     epoch, first = divmod(start_step, spe)
     ds = tf.data.Dataset.range(epoch, 2**40).flat_map(epoch_ds).skip(first)
     ds = ds.flat_map(lambda s, imgs, ys: tf.data.Dataset.from_tensor_slices(
         (imgs, ys, tf.fill([r1 - r0], s), tf.range(r0, r1, dtype=tf.int64))))
     return finish(ds, start_step)
-  return Stream(info, counts, n, local, groups["by_count"])
+  return local
 
 
 # --------------------------------------------------------------------- eval
@@ -296,6 +309,12 @@ class ImageNetLT(datasets.Dataset):
   """ImageNet-LT behind `datasets.Dataset`: streamed, its subset a list."""
 
   options = ("imagenet_lt_train_list", "color_jitter", "crop_min_area")
+
+  def check_data(self, data_dir, options) -> None:
+    sources.check_dataset_data(self.info.name, data_dir, options)
+
+  def class_names(self, data_dir) -> tuple[str, ...]:
+    return sources.dataset_class_names(self.info.name, data_dir)
 
   def check_options(self, *, pipeline, imb_factor, options) -> None:
     del imb_factor  # the list is the subset

@@ -254,15 +254,6 @@ def _abspath(data_dir: str | None) -> str | None:
   return None if data_dir is None else os.path.abspath(data_dir)
 
 
-def splits_key(train_splits) -> tuple[str, ...] | None:
-  """None, a tuple or a comma string of split names -> a hashable key."""
-  if not train_splits:
-    return None
-  if isinstance(train_splits, str):
-    train_splits = train_splits.split(",")
-  return tuple(s.strip() for s in train_splits if s.strip()) or None
-
-
 class InMemory(datasets.Dataset):
   """A small dataset behind `datasets.Dataset`, decoded into memory."""
 
@@ -272,6 +263,12 @@ class InMemory(datasets.Dataset):
     del pipeline, options  # both pipelines serve it; splits: at load time
     long_tail.check_imb_factor(imb_factor)
 
+  def check_data(self, data_dir, options) -> None:
+    sources.check_dataset_data(self.info.name, data_dir, options)
+
+  def class_names(self, data_dir) -> tuple[str, ...]:
+    return sources.dataset_class_names(self.info.name, data_dir)
+
   def train_input(self, *, data_dir, imb_factor, profile, selection_seed,
                   batch_size, seed, mesh, pipeline, sampler, rows, options
                   ) -> datasets.TrainInput:
@@ -280,7 +277,7 @@ class InMemory(datasets.Dataset):
     sources.check_data_dir(name, data_dir)
     split = load_train_lt(name, _abspath(data_dir), r, profile,
                           int(selection_seed),
-                          splits_key(options.get("train_splits")))
+                          sources.splits_key(options.get("train_splits")))
     n = split.labels.size
     if n < batch_size:
       raise ValueError(
@@ -317,7 +314,7 @@ class InMemory(datasets.Dataset):
       arrays = load_train_lt(name, root,
                              long_tail.check_imb_factor(imb_factor), profile,
                              int(selection_seed),
-                             splits_key(options.get("train_splits")))
+                             sources.splits_key(options.get("train_splits")))
     else:
       arrays = load_split(name, root, split)
     n = arrays.labels.size

@@ -15,7 +15,7 @@ whatever the number of processes. Two ways to build the batches:
   each batch there (`device.py`); same batches, no host work per step.
 
 Both functions check what is common to every dataset and hand the rest to
-the dataset's module (`datasets.get(name)`); a dataset's own settings come
+the dataset's module (`datasets.get_dataset(name)`); a dataset's own settings come
 in `options` (`datasets.options_of(name, config)`).
 
 `make_eval_input` returns an `EvalInput` whose `iterate()` covers every
@@ -89,7 +89,7 @@ def check_options(name: str, *, pipeline: str, sampler: str,
       the device pipeline for a dataset streamed from disk), naming the
       config field that fixes it.
   """
-  dataset = datasets.get(name)  # raises for unknown datasets
+  dataset = datasets.get_dataset(name)  # raises for unknown datasets
   if pipeline not in PIPELINES:
     raise ValueError(f"pipeline must be one of {PIPELINES}, got "
                      f"{pipeline!r} (--config.pipeline=...).")
@@ -144,7 +144,7 @@ def make_train_input(name: str, *,
                 imb_factor=imb_factor, profile=profile, options=options)
   if not 0 <= int(seed) < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
-  return datasets.get(name).train_input(
+  return datasets.get_dataset(name).train_input(
       data_dir=os.fspath(data_dir) if data_dir is not None else None,
       imb_factor=imb_factor, profile=profile, selection_seed=selection_seed,
       batch_size=batch_size, seed=seed, mesh=mesh, pipeline=pipeline,
@@ -179,7 +179,7 @@ def make_eval_input(name: str, *,
   Returns:
     An `EvalInput`.
   """
-  dataset = datasets.get(name)
+  dataset = datasets.get_dataset(name)
   if split not in EVAL_SPLITS:
     raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
   rows = local_rows(batch_size, mesh, _process)

@@ -1,6 +1,6 @@
 """Dataset registry and raw sources: tfds data directories or image folders.
 
-A dataset is named by a key of `REGISTRY`; its `DatasetInfo` carries what
+A dataset is named by a key of `REGISTRY`; its `datasets.DatasetInfo` carries what
 the rest of the system needs (classes, image shape, normalisation constants,
 train augmentation, head/medium/tail groups). `data_dir` is one of
 
@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import os
 import re
+from typing import Any, Mapping
 
 from absl import logging
 import numpy as np
@@ -41,14 +42,8 @@ from nc_jax.data import cifar_release
 from nc_jax.data import datasets
 from nc_jax.data import folders
 
-# The registry lives in `datasets`; these names stay importable from here.
-CIFAR_MEAN, CIFAR_STD = datasets.CIFAR_MEAN, datasets.CIFAR_STD
-IMAGENET_MEAN, IMAGENET_STD = datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
-DatasetInfo = datasets.DatasetInfo
-REGISTRY = datasets.REGISTRY
-dataset_info = datasets.dataset_info
 # Datasets decoded into host memory (and eligible for the device pipeline).
-IN_MEMORY = tuple(n for n, i in REGISTRY.items() if not i.streamed)
+IN_MEMORY = tuple(n for n, i in datasets.REGISTRY.items() if not i.streamed)
 
 
 # ------------------------------------------------------------------ sources
@@ -71,7 +66,7 @@ class Source:
   root (None: tfds's default data directory)."""
   kind: str
   root: str | None
-  info: DatasetInfo
+  info: datasets.DatasetInfo
 
   def builder(self):
     """The tfds builder (kind "tfds" only)."""
@@ -90,11 +85,11 @@ class Source:
     return split
 
 
-def accepted_forms(info: DatasetInfo, *, unset: bool = True) -> str:
+def accepted_forms(info: datasets.DatasetInfo, *, unset: bool = True) -> str:
   """What `--config.data_dir` accepts for `info`, for error messages
   (`unset`: mention that it may be left unset, for tfds to download)."""
   release = cifar_release.RELEASES.get(info.name)
-  release = f"{cifar_release.describe(release)}; " if release else ""
+  release = f"{cifar_release.describe_forms(release)}; " if release else ""
   unset = (f"; or leave it unset to have tfds download and prepare "
            f"{info.tfds_name} in its data directory (needs internet)"
            if unset and info.name in IN_MEMORY else "")
@@ -105,7 +100,7 @@ def accepted_forms(info: DatasetInfo, *, unset: bool = True) -> str:
           f"holding a prepared {info.tfds_name}/{unset}.")
 
 
-def _expected(info: DatasetInfo) -> str:
+def _expected(info: datasets.DatasetInfo) -> str:
   return accepted_forms(info)
 
 
@@ -125,7 +120,7 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
     ValueError: unknown name, or `data_dir` holds neither.
     FileNotFoundError: `data_dir` does not exist.
   """
-  info = dataset_info(name)
+  info = datasets.dataset_info(name)
   if data_dir is None or str(data_dir) == "":
     return Source("tfds", None, info)
   root = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
@@ -289,7 +284,7 @@ def class_names(source: Source) -> tuple[str, ...]:
   if source.kind == "folder":
     return source.tree().classes
   if source.kind == "release":
-    return cifar_release.class_names(source.info.name, source.root)
+    return cifar_release.read_class_names(source.info.name, source.root)
   names = source.builder().info.features["label"].names
   return tuple(str(n) for n in names)
 
@@ -410,3 +405,33 @@ def decode_images(source: Source, split: str,
   out = np.empty((canon.size,) + shape, np.uint8)
   out[order] = np.concatenate(parts)
   return out
+
+
+# ------------------------------------------- what the datasets share
+
+
+def splits_key(train_splits) -> tuple[str, ...] | None:
+  """None, a tuple or a comma string of split names -> a hashable key."""
+  if not train_splits:
+    return None
+  if isinstance(train_splits, str):
+    train_splits = train_splits.split(",")
+  return tuple(s.strip() for s in train_splits if s.strip()) or None
+
+
+def check_dataset_data(name: str, data_dir: str | None,
+                       options: Mapping[str, Any]) -> None:
+  """A dataset's `check_data` for the forms of this module: `check_data_dir`
+  and, for an image folder or a CIFAR release, `check_source`'s listing
+  and decoded sample.
+
+  Raises:
+    ValueError, FileNotFoundError: naming the problem and the fix.
+  """
+  source = check_data_dir(name, data_dir)
+  check_source(source, splits_key(options.get("train_splits")))
+
+
+def dataset_class_names(name: str, data_dir: str | None) -> tuple[str, ...]:
+  """A dataset's `class_names` for the forms of this module."""
+  return class_names(check_data_dir(name, data_dir))

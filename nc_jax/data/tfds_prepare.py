@@ -13,6 +13,7 @@ from typing import Callable
 
 from absl import logging
 
+from nc_jax.data import datasets
 from nc_jax.data import sources
 
 
@@ -56,7 +57,7 @@ def prepare_tfds(name: str, *,
     ValueError: tfds cannot provide the dataset here (no internet, a manual
       download needed), saying why and naming `--config.data_dir`.
   """
-  info = sources.dataset_info(name)
+  info = datasets.dataset_info(name)
   where = "its default data directory"
 
   def refuse(why: str) -> ValueError:

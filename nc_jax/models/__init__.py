@@ -24,10 +24,11 @@ Usage:
 
 Heads with learnable weights take no `classifier` argument.
 
-Implementations are options, taken as given: `conv_impl` ("xla", default,
-or "onednn" for the CIFAR ResNets) and `norm_impl` ("flax", default, or
-"fused"). `nc_jax.implementations` decides them once per run and the builder
-passes them; a model never decides (and refuses "auto").
+Layers are given, not chosen: a model takes its BatchNorm as the option
+`norm` (a factory with `nc_jax.models.layers.batch_norm`'s signature, the
+default) and the CIFAR ResNets their convolution as `conv` (a factory with
+`nc_jax.models.conv.Conv`'s, the default). Which a run uses is decided
+outside the models, by `nc_jax.kernels`, and passed in by the builder.
 
 References:
   Yang, Chen, Li, Xie, Lin, Tao. Inducing Neural Collapse in Imbalanced
@@ -134,16 +135,15 @@ def backbone_options(name: str) -> dict[str, Any]:
   return _keyword_options(BACKBONES[name])
 
 
-def supports_onednn_convs(name: str) -> bool:
-  """Whether backbone `name` can run nc_jax's oneDNN convolutions.
+def takes_conv(name: str) -> bool:
+  """Whether backbone `name` takes its convolution as an option (`conv`).
 
-  The CIFAR ResNets can (their factories take `conv_impl`); the others use
-  `flax.linen.Conv`, i.e. XLA's.
+  The CIFAR ResNets do; the others use `flax.linen.Conv`.
 
   Raises:
     ValueError: unknown backbone.
   """
-  return "conv_impl" in backbone_options(name)
+  return "conv" in backbone_options(name)
 
 
 def create_model(name: str, *, num_classes: int, head: str,
@@ -156,16 +156,14 @@ def create_model(name: str, *, num_classes: int, head: str,
     head: head name, a key of `HEADS` (`linear` or `etf`).
     **options: backbone options (`dtype` for all, the compute dtype, e.g.
       `jnp.bfloat16`; parameters stay float32 and outputs are float32;
-      `norm_impl` for all, "flax" (default) or "fused", see
-      `nc_jax.models.layers.batch_norm`; `conv_impl` for the CIFAR
-      ResNets, "xla" (default) or "onednn", see `nc_jax.models.conv`;
-      `wide_layer4` for `resnet50`) and head options (`freeze_classifier`
-      for `linear`; `l2_normalize` and `norm_impl` for `etf`). `norm_impl`
-      goes to the backbone and to the head. An option that belongs to the
-      other head is accepted and ignored (so one config can drive both
-      heads; none of them changes the chosen head's meaning). The
-      implementations are taken as given: `nc_jax.implementations` decides them
-      (the builder passes its choice).
+      `norm` for all, the BatchNorm factory, see
+      `nc_jax.models.layers.batch_norm`; `conv` for the CIFAR ResNets, the
+      convolution factory, see `nc_jax.models.conv.Conv`; `wide_layer4`
+      for `resnet50`) and head options (`freeze_classifier` for `linear`;
+      `l2_normalize` and `norm` for `etf`). `norm` goes to the backbone and
+      to the head. An option that belongs to the other head is accepted and
+      ignored (so one config can drive both heads; none of them changes the
+      chosen head's meaning).
 
   Returns:
     An unbound `ImageClassifier` with `num_classes`, `feature_dim` and
@@ -238,6 +236,6 @@ def classifier_weights(module: ImageClassifier,
 
 __all__ = [
     "BACKBONES", "FIXED_CLASSIFIER_HEADS", "HEADS", "ImageClassifier",
-    "backbone_options", "create_model", "supports_onednn_convs",
+    "backbone_options", "create_model", "takes_conv",
     "classifier_weights",
 ]

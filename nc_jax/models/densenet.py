@@ -28,7 +28,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -87,24 +87,24 @@ class DenseLayer(nn.Module):
     growth_rate: k, channels added.
     bottleneck: insert `BN-ReLU-Conv1x1(4k)` before the 3x3 conv.
     dtype: compute dtype.
-    norm_impl: BatchNorm implementation, "flax" or "fused".
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s).
   """
   growth_rate: int
   bottleneck: bool = True
   dtype: Dtype = jnp.float32
-  norm_impl: str = "flax"
+  norm: Callable[..., nn.Module] = batch_norm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """`(B, H, W, C)` -> `(B, H, W, C + k)`."""
     out = x
     if self.bottleneck:
-      out = batch_norm(train, impl=self.norm_impl, activation="relu",
+      out = self.norm(train, activation="relu",
                        dtype=self.dtype, name="bn1")(out)
       out = nn.Conv(4 * self.growth_rate, (1, 1), use_bias=False,
                     kernel_init=KAIMING_NORMAL_FAN_OUT, dtype=self.dtype,
                     name="conv1")(out)
-    out = batch_norm(train, impl=self.norm_impl, activation="relu",
+    out = self.norm(train, activation="relu",
                      dtype=self.dtype, name="bn2")(out)
     out = nn.Conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)),
                   use_bias=False, kernel_init=KAIMING_NORMAL_FAN_OUT,
@@ -118,16 +118,16 @@ class Transition(nn.Module):
   Attributes:
     features: output channels.
     dtype: compute dtype.
-    norm_impl: BatchNorm implementation, "flax" or "fused".
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s).
   """
   features: int
   dtype: Dtype = jnp.float32
-  norm_impl: str = "flax"
+  norm: Callable[..., nn.Module] = batch_norm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """`(B, H, W, C)` -> `(B, floor(H/2), floor(W/2), features)`."""
-    x = batch_norm(train, impl=self.norm_impl, activation="relu",
+    x = self.norm(train, activation="relu",
                    dtype=self.dtype, name="bn")(x)
     x = nn.Conv(self.features, (1, 1), use_bias=False,
                 kernel_init=KAIMING_NORMAL_FAN_OUT, dtype=self.dtype,
@@ -146,15 +146,15 @@ class DenseNet(nn.Module):
     reduction: compression theta of the transitions.
     bottleneck: use bottleneck layers (DenseNet-B).
     dtype: compute dtype (parameters stay float32).
-    norm_impl: BatchNorm implementation, "flax" or "fused"
-      (`nc_jax.models.layers.batch_norm`; `nc_jax.implementations` chooses).
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s
+      signature).
   """
   depth: int = 150
   growth_rate: int = 12
   reduction: float = 0.5
   bottleneck: bool = True
   dtype: Dtype = jnp.float32
-  norm_impl: str = "flax"
+  norm: Callable[..., nn.Module] = batch_norm
 
   @property
   def feature_dim(self) -> int:
@@ -183,19 +183,19 @@ class DenseNet(nn.Module):
     for block in range(NUM_BLOCKS):
       for j in range(n):
         x = DenseLayer(self.growth_rate, self.bottleneck, dtype=self.dtype,
-                       norm_impl=self.norm_impl,
+                       norm=self.norm,
                        name=f"block{block + 1}_{j}")(x, train)
       if block < NUM_BLOCKS - 1:
         x = Transition(plan[block + 1][0], dtype=self.dtype,
-                       norm_impl=self.norm_impl,
+                       norm=self.norm,
                        name=f"trans{block + 1}")(x, train)
-    x = batch_norm(train, impl=self.norm_impl, activation="relu",
+    x = self.norm(train, activation="relu",
                    dtype=self.dtype, name="bn")(x)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def densenet_bc(*, dtype: Dtype = jnp.float32,
-                norm_impl: str = "flax") -> DenseNet:
+                norm: Callable[..., nn.Module] = batch_norm) -> DenseNet:
   """DenseNet-BC, depth 150, growth 12, reduction 0.5: 510-d features."""
   return DenseNet(depth=150, growth_rate=12, reduction=0.5, bottleneck=True,
-                  dtype=dtype, norm_impl=norm_impl)
+                  dtype=dtype, norm=norm)

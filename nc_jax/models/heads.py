@@ -33,7 +33,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -199,8 +199,8 @@ class ETFHead(nn.Module):
     feature_dim: d; must be at least K - 1 (checked by `nc_jax.etf`).
     l2_normalize: if False, skip the normalisation (the reference's
       ImageNet-LT setting: BatchNorm only).
-    norm_impl: the BatchNorm's implementation, "flax" or "fused"
-      (`nc_jax.models.layers.batch_norm`; same variables).
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s
+      signature; another implementation has the same variables).
 
   Variables: `params/bn/{scale,bias} (d,)`, `batch_stats/bn/{mean,var} (d,)`.
   The ETF itself is the `classifier` argument, so it is never a variable,
@@ -210,7 +210,7 @@ class ETFHead(nn.Module):
   num_classes: int
   feature_dim: int
   l2_normalize: bool = True
-  norm_impl: str = "flax"
+  norm: Callable[..., nn.Module] = batch_norm
 
   head_name = "etf"
 
@@ -241,8 +241,7 @@ class ETFHead(nn.Module):
           f"classifier= of shape {want}, got {got}. Build it with "
           "nc_jax.etf.replica_etfs (the builder does) and pass it to "
           "model.apply(..., classifier=etf).")
-    h = batch_norm(train, impl=self.norm_impl, name="bn")(
-        features.astype(jnp.float32))
+    h = self.norm(train, name="bn")(features.astype(jnp.float32))
     if self.l2_normalize:
       h = _l2_normalize(h)
     # HIGHEST: on accelerators the default float32 matmul may round inputs to
@@ -265,12 +264,13 @@ def cosine_head(num_classes: int, feature_dim: int) -> CosineHead:
 
 
 def etf_head(num_classes: int, feature_dim: int, *,
-             l2_normalize: bool = True, norm_impl: str = "flax") -> ETFHead:
-  """Registry factory for `ETFHead` (options: `l2_normalize`, `norm_impl`).
+             l2_normalize: bool = True,
+             norm: Callable[..., nn.Module] = batch_norm) -> ETFHead:
+  """Registry factory for `ETFHead` (options: `l2_normalize`, `norm`).
 
   Checks `(K, d)` eagerly so an impossible pair fails here, with
   `nc_jax.etf`'s ValueError, rather than at the first trace.
   """
   etf_lib.check_dims(num_classes, feature_dim)
   return ETFHead(num_classes=num_classes, feature_dim=feature_dim,
-                 l2_normalize=l2_normalize, norm_impl=norm_impl)
+                 l2_normalize=l2_normalize, norm=norm)

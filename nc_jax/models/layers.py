@@ -1,15 +1,13 @@
 """Layer conventions every backbone and head shares: inits and BatchNorm.
 
 The initialisers reproduce the reference code's PyTorch inits, and
-`batch_norm` its BatchNorm (momentum, epsilon) in one of two
-implementations with the same variables (`params/scale`, `params/bias`,
-`batch_stats/mean`, `batch_stats/var`), so checkpoints move between them:
-
-  flax   `flax.linen.BatchNorm`, then the residual add and the activation
-         as plain jnp ops, differentiated by autodiff. The default, and what
-         `nc_jax.implementations` picks on GPU and TPU.
-  fused  `nc_jax.models.norm.BatchNorm`: BatchNorm, residual and ReLU in one
-         hand-written VJP shaped for XLA's CPU fusion; picked on CPU.
+`batch_norm` its BatchNorm (momentum 0.1 in PyTorch's sense, epsilon
+1e-5): `flax.linen.BatchNorm`, then the residual add and the activation as
+plain jnp ops. Models take their BatchNorm as a factory with
+`batch_norm`'s signature (`norm=`, default `batch_norm`), so another
+implementation with the same variables (`params/scale`, `params/bias`,
+`batch_stats/mean`, `batch_stats/var`) can be given instead;
+`nc_jax.kernels` decides which a run uses.
 
 References:
   He, Zhang, Ren, Sun. Delving Deep into Rectifiers. ICCV 2015. (The
@@ -24,8 +22,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from nc_jax.models import norm
 
 Dtype = Any
 
@@ -48,9 +44,7 @@ KAIMING_NORMAL_FAN_OUT = nn.initializers.variance_scaling(
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
-# The BatchNorm implementations a model can be given (resolved; "auto" is a
-# request that `nc_jax.implementations` turns into one of these).
-NORM_IMPLS = ("flax", "fused")
+ACTIVATIONS = ("none", "relu")
 
 
 def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
@@ -80,9 +74,9 @@ class FlaxBatchNorm(nn.BatchNorm):
 
   def __call__(self, x: jax.Array,  # pytype: disable=signature-mismatch
                residual: jax.Array | None = None) -> jax.Array:
-    if self.activation not in norm.ACTIVATIONS:
+    if self.activation not in ACTIVATIONS:
       raise ValueError(f"Unknown activation {self.activation!r}; expected "
-                       f"one of {norm.ACTIVATIONS}.")
+                       f"one of {ACTIVATIONS}.")
     if residual is not None and residual.shape != x.shape:
       raise ValueError(f"residual shape {residual.shape} != input shape "
                        f"{x.shape}.")
@@ -94,39 +88,31 @@ class FlaxBatchNorm(nn.BatchNorm):
     return y
 
 
-def batch_norm(train: bool, *, impl: str = "flax", dtype: Dtype = jnp.float32,
+def batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
                activation: str = "none",
                name: str | None = None) -> nn.Module:
-  """A BatchNorm with the reference's momentum and epsilon.
+  """A BatchNorm with the reference's momentum and epsilon (`FlaxBatchNorm`).
 
   Train mode normalises with the batch's statistics and updates the running
   ones in `batch_stats` (which must then be mutable); eval mode uses the
   running statistics. Statistics are reduced in float32 even for bfloat16
   inputs. Scale starts at 1, bias at 0, as in PyTorch. The module is called
   as `bn(x)` or `bn(x, residual)`; `activation="relu"` applies a ReLU after
-  the residual add (fused into the layer's gradient with `impl="fused"`).
-  One small difference from PyTorch remains: Flax's convention folds the
-  biased batch variance into the running variance, PyTorch the unbiased one
-  (a factor B / (B - 1), under 1% at batch 128). Under `jit` with a batch
-  sharded over a mesh the statistics are those of the global batch, as in
-  single-device PyTorch; no `axis_name` is needed.
+  the residual add. One small difference from PyTorch remains: Flax's
+  convention folds the biased batch variance into the running variance,
+  PyTorch the unbiased one (a factor B / (B - 1), under 1% at batch 128).
+  Under `jit` with a batch sharded over a mesh the statistics are those of
+  the global batch, as in single-device PyTorch; no `axis_name` is needed.
+
+  This is the models' default `norm` factory; any factory with this
+  signature whose module has the same variables and call can replace it.
 
   Args:
     train: batch statistics (True) or running ones (False).
-    impl: "flax" or "fused" (see the module docstring).
     dtype: the output dtype.
     activation: "relu" or "none".
     name: the module's name (its variables' scope).
   """
-  if impl == "fused":
-    return norm.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                          epsilon=BN_EPSILON, activation=activation,
-                          dtype=dtype, name=name)
-  if impl == "flax":
-    return FlaxBatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                         epsilon=BN_EPSILON, activation=activation,
-                         dtype=dtype, param_dtype=jnp.float32, name=name)
-  hint = (" Resolve 'auto' first with nc_jax.implementations.resolve (the builder "
-          "does)." if impl == "auto" else "")
-  raise ValueError(f"A model's norm_impl must be one of {NORM_IMPLS}, got "
-                   f"{impl!r}.{hint}")
+  return FlaxBatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                       epsilon=BN_EPSILON, activation=activation,
+                       dtype=dtype, param_dtype=jnp.float32, name=name)

@@ -32,7 +32,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -61,31 +61,32 @@ class Bottleneck(nn.Module):
     planes: p; the block outputs `4p` channels.
     stride: stride of the 3x3 conv and of the projection shortcut.
     dtype: compute dtype.
-    norm_impl: BatchNorm implementation, "flax" or "fused".
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s
+      signature).
   """
   planes: int
   stride: int = 1
   dtype: Dtype = jnp.float32
-  norm_impl: str = "flax"
+  norm: Callable[..., nn.Module] = batch_norm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """`(B, H, W, C)` -> `(B, ceil(H/stride), ceil(W/stride), 4 * planes)`."""
     out_planes = self.planes * EXPANSION
     kw = dict(dtype=self.dtype)
-    bn = dict(impl=self.norm_impl, **kw)
     out = _conv(self.planes, 1, name="conv1", **kw)(x)
-    out = batch_norm(train, activation="relu", name="bn1", **bn)(out)
+    out = self.norm(train, activation="relu", name="bn1", **kw)(out)
     out = _conv(self.planes, 3, self.stride, name="conv2", **kw)(out)
-    out = batch_norm(train, activation="relu", name="bn2", **bn)(out)
+    out = self.norm(train, activation="relu", name="bn2", **kw)(out)
     out = _conv(out_planes, 1, name="conv3", **kw)(out)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != out_planes:
       shortcut = _conv(out_planes, 1, self.stride, name="downsample_conv",
                        **kw)(x)
-      shortcut = batch_norm(train, name="downsample_bn", **bn)(shortcut)
-    # relu(bn3(out) + shortcut): one layer (one fused gradient with "fused").
-    return batch_norm(train, activation="relu", name="bn3", **bn)(
+      shortcut = self.norm(train, name="downsample_bn", **kw)(shortcut)
+    # relu(bn3(out) + shortcut): one layer, so that a BatchNorm with its own
+    # gradient can fuse the residual and the ReLU into it.
+    return self.norm(train, activation="relu", name="bn3", **kw)(
         out, shortcut)
 
 
@@ -96,15 +97,15 @@ class ResNet(nn.Module):
     stage_sizes: bottlenecks per stage, `(3, 4, 6, 3)` for ResNet-50.
     planes: planes p per stage; features are `4 * planes[-1]`.
     dtype: compute dtype (parameters stay float32).
-    norm_impl: BatchNorm implementation, "flax" or "fused"
-      (`nc_jax.models.layers.batch_norm`; `nc_jax.implementations` chooses).
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s
+      signature).
 
   Submodule names follow torchvision (`conv1`, `bn1`, `layer{1..4}_{j}`).
   """
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   planes: Sequence[int] = (64, 128, 256, 512)
   dtype: Dtype = jnp.float32
-  norm_impl: str = "flax"
+  norm: Callable[..., nn.Module] = batch_norm
 
   @property
   def feature_dim(self) -> int:
@@ -128,37 +129,35 @@ class ResNet(nn.Module):
                        f"{self.planes} must have the same length.")
     x = x.astype(self.dtype)
     x = _conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
-    x = batch_norm(train, impl=self.norm_impl, activation="relu",
-                   dtype=self.dtype, name="bn1")(x)
+    x = self.norm(train, activation="relu", dtype=self.dtype, name="bn1")(x)
     # Flax pads max_pool with -inf, like PyTorch's MaxPool2d(3, 2, 1).
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, planes) in enumerate(zip(self.stage_sizes,
                                                  self.planes)):
       for j in range(blocks):
         stride = 2 if stage > 0 and j == 0 else 1
-        x = Bottleneck(planes, stride, dtype=self.dtype,
-                       norm_impl=self.norm_impl,
+        x = Bottleneck(planes, stride, dtype=self.dtype, norm=self.norm,
                        name=f"layer{stage + 1}_{j}")(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def resnet50(*, wide_layer4: bool = True, dtype: Dtype = jnp.float32,
-             norm_impl: str = "flax") -> ResNet:
+             norm: Callable[..., nn.Module] = batch_norm) -> ResNet:
   """ResNet-50; `wide_layer4` (default) doubles layer4 to 4096-d features.
 
   Args:
     wide_layer4: True for the reference's ImageNet-LT backbone (layer4
       planes 1024, 4096-d features), False for the standard 2048-d one.
     dtype: compute dtype.
-    norm_impl: BatchNorm implementation, "flax" or "fused".
+    norm: the BatchNorm factory.
   """
   last = 1024 if wide_layer4 else 512
   return ResNet(stage_sizes=(3, 4, 6, 3), planes=(64, 128, 256, last),
-                dtype=dtype, norm_impl=norm_impl)
+                dtype=dtype, norm=norm)
 
 
 def resnet50_standard(*, dtype: Dtype = jnp.float32,
-                      norm_impl: str = "flax") -> ResNet:
+                      norm: Callable[..., nn.Module] = batch_norm) -> ResNet:
   """torchvision's ResNet-50 (2048-d features): `resnet50(wide_layer4=False)`.
 
   A registry entry of its own, so that the width is fixed by the name (and
@@ -167,6 +166,6 @@ def resnet50_standard(*, dtype: Dtype = jnp.float32,
 
   Args:
     dtype: compute dtype.
-    norm_impl: BatchNorm implementation, "flax" or "fused".
+    norm: the BatchNorm factory.
   """
-  return resnet50(wide_layer4=False, dtype=dtype, norm_impl=norm_impl)
+  return resnet50(wide_layer4=False, dtype=dtype, norm=norm)

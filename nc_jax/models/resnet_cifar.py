@@ -26,7 +26,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,17 +39,19 @@ Dtype = Any
 
 
 def conv3x3(features: int, stride: int = 1, *, dtype: Dtype = jnp.float32,
-            impl: str = "xla", name: str | None = None) -> Conv:
+            conv: Callable[..., nn.Module] = Conv,
+            name: str | None = None) -> nn.Module:
   """A bias-free 3x3 conv with PyTorch's symmetric padding of 1.
 
   Explicit padding, not 'SAME': for stride 2 on an even size, 'SAME' pads
   only after the image, which shifts every sampled window by one pixel
-  relative to the reference. `impl` ("xla" or "onednn") picks the kernels
-  (`nc_jax.models.conv`); the parameters are the same for both.
+  relative to the reference. `conv` is the convolution factory
+  (`nc_jax.models.conv.Conv`'s signature); the parameters are the same
+  whichever computes it.
   """
-  return Conv(features, (3, 3), strides=(stride, stride),
+  return conv(features, (3, 3), strides=(stride, stride),
               padding=((1, 1), (1, 1)), kernel_init=KAIMING_NORMAL,
-              dtype=dtype, impl=impl, name=name)
+              dtype=dtype, name=name)
 
 
 def option_a_shortcut(x: jax.Array, planes: int, stride: int) -> jax.Array:
@@ -82,30 +84,31 @@ class BasicBlock(nn.Module):
     planes: output channels.
     stride: stride of the first conv (and of the shortcut's subsampling).
     dtype: compute dtype.
-    conv_impl: convolution kernels, "xla" or "onednn".
-    norm_impl: BatchNorm implementation, "flax" or "fused".
+    conv: the convolution factory (`nc_jax.models.conv.Conv`'s signature).
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s).
   """
   planes: int
   stride: int = 1
   dtype: Dtype = jnp.float32
-  conv_impl: str = "xla"
-  norm_impl: str = "flax"
+  conv: Callable[..., nn.Module] = Conv
+  norm: Callable[..., nn.Module] = batch_norm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """`(B, H, W, C)` -> `(B, ceil(H/stride), ceil(W/stride), planes)`."""
-    out = conv3x3(self.planes, self.stride, dtype=self.dtype,
-                  impl=self.conv_impl, name="conv1")(x)
-    out = batch_norm(train, impl=self.norm_impl, activation="relu",
-                     dtype=self.dtype, name="bn1")(out)
-    out = conv3x3(self.planes, dtype=self.dtype, impl=self.conv_impl,
+    out = conv3x3(self.planes, self.stride, dtype=self.dtype, conv=self.conv,
+                  name="conv1")(x)
+    out = self.norm(train, activation="relu", dtype=self.dtype,
+                    name="bn1")(out)
+    out = conv3x3(self.planes, dtype=self.dtype, conv=self.conv,
                   name="conv2")(out)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.planes:
       shortcut = option_a_shortcut(x, self.planes, self.stride)
-    # relu(bn2(out) + shortcut): one layer (one fused gradient with "fused").
-    return batch_norm(train, impl=self.norm_impl, activation="relu",
-                      dtype=self.dtype, name="bn2")(out, shortcut)
+    # relu(bn2(out) + shortcut): one layer, so that a BatchNorm with its own
+    # gradient can fuse the residual and the ReLU into it.
+    return self.norm(train, activation="relu", dtype=self.dtype,
+                     name="bn2")(out, shortcut)
 
 
 class ResNetCifar(nn.Module):
@@ -115,10 +118,8 @@ class ResNetCifar(nn.Module):
     widths: channels of the three stages; the stem has `widths[0]`.
     blocks_per_stage: n; depth is 6n + 2 (n = 5 gives ResNet-32).
     dtype: compute dtype (parameters stay float32).
-    conv_impl: convolution kernels, "xla" or "onednn" (`nc_jax.models.conv`;
-      `nc_jax.implementations` chooses).
-    norm_impl: BatchNorm implementation, "flax" or "fused"
-      (`nc_jax.models.layers.batch_norm`; `nc_jax.implementations` chooses).
+    conv: the convolution factory (`nc_jax.models.conv.Conv`'s signature).
+    norm: the BatchNorm factory (`nc_jax.models.layers.batch_norm`'s).
 
   Submodule names follow the PyTorch reference (`conv1`, `bn1`,
   `layer{1,2,3}_{j}`) so that ported weights map one to one.
@@ -126,8 +127,8 @@ class ResNetCifar(nn.Module):
   widths: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 5
   dtype: Dtype = jnp.float32
-  conv_impl: str = "xla"
-  norm_impl: str = "flax"
+  conv: Callable[..., nn.Module] = Conv
+  norm: Callable[..., nn.Module] = batch_norm
 
   @property
   def feature_dim(self) -> int:
@@ -148,43 +149,44 @@ class ResNetCifar(nn.Module):
       8x8 `avg_pool2d`, which is the same thing on 32x32 inputs).
     """
     x = x.astype(self.dtype)
-    x = conv3x3(self.widths[0], dtype=self.dtype, impl=self.conv_impl,
+    x = conv3x3(self.widths[0], dtype=self.dtype, conv=self.conv,
                 name="conv1")(x)
-    x = batch_norm(train, impl=self.norm_impl, activation="relu",
-                   dtype=self.dtype, name="bn1")(x)
+    x = self.norm(train, activation="relu", dtype=self.dtype, name="bn1")(x)
     for stage, planes in enumerate(self.widths):
       for j in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and j == 0 else 1
-        x = BasicBlock(planes, stride, dtype=self.dtype,
-                       conv_impl=self.conv_impl, norm_impl=self.norm_impl,
-                       name=f"layer{stage + 1}_{j}")(x, train)
+        x = BasicBlock(planes, stride, dtype=self.dtype, conv=self.conv,
+                       norm=self.norm, name=f"layer{stage + 1}_{j}")(x, train)
     # Pool in float32: a bfloat16 mean over many positions loses precision.
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def resnet32(*, dtype: Dtype = jnp.float32,
-             conv_impl: str = "xla", norm_impl: str = "flax") -> ResNetCifar:
+Factory = Callable[..., nn.Module]
+
+
+def resnet32(*, dtype: Dtype = jnp.float32, conv: Factory = Conv,
+             norm: Factory = batch_norm) -> ResNetCifar:
   """ResNet-32, widths 16/32/64, 64-d features (CIFAR-10, SVHN, STL-10)."""
   return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=5, dtype=dtype,
-                     conv_impl=conv_impl, norm_impl=norm_impl)
+                     conv=conv, norm=norm)
 
 
-def resnet32_c100(*, dtype: Dtype = jnp.float32, conv_impl: str = "xla",
-                  norm_impl: str = "flax") -> ResNetCifar:
+def resnet32_c100(*, dtype: Dtype = jnp.float32, conv: Factory = Conv,
+                  norm: Factory = batch_norm) -> ResNetCifar:
   """ResNet-32, widths 32/64/128, 128-d features (the reference's CIFAR-100)."""
   return ResNetCifar(widths=(32, 64, 128), blocks_per_stage=5, dtype=dtype,
-                     conv_impl=conv_impl, norm_impl=norm_impl)
+                     conv=conv, norm=norm)
 
 
-def resnet8(*, dtype: Dtype = jnp.float32,
-            conv_impl: str = "xla", norm_impl: str = "flax") -> ResNetCifar:
+def resnet8(*, dtype: Dtype = jnp.float32, conv: Factory = Conv,
+            norm: Factory = batch_norm) -> ResNetCifar:
   """ResNet-8 (one block per stage), 16/32/64: for tests and smoke runs."""
   return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=1, dtype=dtype,
-                     conv_impl=conv_impl, norm_impl=norm_impl)
+                     conv=conv, norm=norm)
 
 
-def resnet20(*, dtype: Dtype = jnp.float32, conv_impl: str = "xla",
-             norm_impl: str = "flax") -> ResNetCifar:
+def resnet20(*, dtype: Dtype = jnp.float32, conv: Factory = Conv,
+             norm: Factory = batch_norm) -> ResNetCifar:
   """ResNet-20 (three blocks per stage), 16/32/64."""
   return ResNetCifar(widths=(16, 32, 64), blocks_per_stage=3, dtype=dtype,
-                     conv_impl=conv_impl, norm_impl=norm_impl)
+                     conv=conv, norm=norm)

@@ -1,8 +1,8 @@
-"""The oneDNN convolution kernels (nc_jax.cpu_kernels) against XLA's.
+"""The oneDNN convolution kernels (nc_jax.kernels.onednn_*) against XLA's.
 
 They are CPU custom calls built for x86-64 Linux: these tests run where the
 default backend is the CPU on such a machine, and skip elsewhere (on a GPU
-or TPU host, the kernels are never chosen; `tests/test_implementations.py` checks
+or TPU host, the kernels are never chosen; `tests/test_kernels.py` checks
 that decision on every backend).
 """
 
@@ -20,11 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nc_jax import cpu_kernels
+import types
+
 from nc_jax import etf as etf_lib
-from nc_jax import implementations as impl_lib
+from nc_jax import kernels
 from nc_jax import models
+from nc_jax.kernels import fused_norm
+from nc_jax.kernels import onednn_build
+from nc_jax.kernels import onednn_conv
 from nc_jax.models import conv as conv_lib
+
+RESNET32 = types.SimpleNamespace(backbone="resnet32", compute_dtype="float32",
+                                 conv_impl="auto", norm_impl="auto")
 
 BACKEND = jax.default_backend()
 pytestmark = [
@@ -43,7 +50,7 @@ pytestmark = [
 def loaded():
   # CI installs the oneDNN wheels (the test extra) and has g++: the fast
   # path must be there, not silently replaced by the fallback.
-  cpu_kernels.load()
+  onednn_build.load_kernels()
 
 
 def _xla_conv(x, k, strides, padding):
@@ -53,9 +60,9 @@ def _xla_conv(x, k, strides, padding):
 
 
 def test_kernels_are_built_here():
-  assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
-  assert os.path.exists(cpu_kernels.library_path())
-  assert impl_lib.resolve(backbone="resnet32").conv == "onednn"
+  assert onednn_build.available(), onednn_build.unavailable_reason()
+  assert os.path.exists(onednn_build.library_path())
+  assert kernels.resolve(RESNET32).conv == "onednn"
 
 
 # (N, H, W, Ci, Co, KH, KW, strides, padding)
@@ -78,8 +85,8 @@ def test_onednn_matches_xla_values_and_gradients(n, h, w, ci, co, kh, kw,
                   jnp.float32)
   y_ref, vjp_ref = jax.vjp(lambda a, b: _xla_conv(a, b, strides, padding),
                            x, k)
-  f = jax.jit(lambda a, b: conv_lib.conv2d(a, b, strides=strides,
-                                           padding=padding, impl="onednn"))
+  f = jax.jit(lambda a, b: onednn_conv.conv2d(a, b, strides=strides,
+                                               padding=padding))
   y, vjp = jax.vjp(f, x, k)
   chex.assert_shape(y, y_ref.shape)
   chex.assert_trees_all_close(y, y_ref, atol=1e-5, rtol=1e-5)
@@ -95,8 +102,8 @@ def test_a_wrong_gradient_would_be_caught():
   k = jnp.asarray(rng.normal(size=(3, 3, 16, 16)) / 12, jnp.float32)
   pad = ((1, 1), (1, 1))
   g = jnp.asarray(rng.normal(size=(8, 16, 16, 16)), jnp.float32)
-  _, vjp = jax.vjp(lambda b: conv_lib.conv2d(x, b, strides=(1, 1),
-                                             padding=pad, impl="onednn"), k)
+  _, vjp = jax.vjp(lambda b: onednn_conv.conv2d(x, b, strides=(1, 1),
+                                                 padding=pad), k)
   _, vjp_ref = jax.vjp(lambda b: _xla_conv(x, b, (1, 1), pad), k)
   (dk,), (dk_ref,) = vjp(g), vjp_ref(g)
   chex.assert_trees_all_close(dk, dk_ref, atol=1e-4, rtol=1e-5)
@@ -111,12 +118,12 @@ def test_vmap_over_replicas():
   ks = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)), jnp.float32)
   pad = ((1, 1), (1, 1))
 
-  def loss(k, impl):
-    return jnp.sum(conv_lib.conv2d(x, k, strides=(1, 1), padding=pad,
-                                   impl=impl) ** 2)
+  def loss(k, compute):
+    return jnp.sum(compute(x, k, strides=(1, 1), padding=pad) ** 2)
 
-  got = jax.jit(jax.vmap(jax.grad(lambda k: loss(k, "onednn"))))(ks)
-  want = jax.vmap(jax.grad(lambda k: loss(k, "xla")))(ks)
+  got = jax.jit(jax.vmap(jax.grad(lambda k: loss(k, onednn_conv.conv2d))))(
+      ks)
+  want = jax.vmap(jax.grad(lambda k: loss(k, conv_lib.xla_conv2d)))(ks)
   chex.assert_trees_all_close(got, want, atol=1e-3, rtol=1e-5)
 
 
@@ -126,9 +133,10 @@ def test_model_is_the_same_with_either_kernels():
                        jnp.float32)
   labels = jnp.arange(8) % 10
   outs = {}
-  for impl in ("xla", "onednn"):
+  for impl, conv in (("xla", conv_lib.Conv),
+                     ("onednn", onednn_conv.onednn_conv)):
     model = models.create_model("resnet8", num_classes=10, head="etf",
-                                conv_impl=impl, norm_impl="fused")
+                                conv=conv, norm=fused_norm.fused_batch_norm)
     etf = etf_lib.simplex_etf(10, model.feature_dim)
     variables = model.init(jax.random.PRNGKey(0), images, train=False,
                            classifier=etf)
@@ -150,24 +158,22 @@ def test_model_is_the_same_with_either_kernels():
 
 def test_conv_arguments_are_checked():
   with pytest.raises(ValueError, match="matching channels"):
-    conv_lib.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)),
-                    strides=(1, 1), padding=((1, 1), (1, 1)), impl="onednn")
-  with pytest.raises(ValueError, match="conv_impl must be one of"):
-    conv_lib.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 4)),
-                    strides=(1, 1), padding=((1, 1), (1, 1)), impl="cudnn")
+    onednn_conv.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 4)),
+                       strides=(1, 1), padding=((1, 1), (1, 1)))
 
 
 def test_tracing_compiles_nothing(monkeypatch):
   # The kernels are built at start-up (the `loaded` fixture, as
-  # `implementations.resolve` in training); a trace with the injected impl only
+  # `kernels.resolve` in training); a trace with the given convolution only
   # emits the registered custom calls.
   def no_compiling(*args, **kwargs):
     raise AssertionError("the C++ compiler ran while tracing")
 
-  monkeypatch.setattr(cpu_kernels.build, "_compile", no_compiling)
-  monkeypatch.setattr(cpu_kernels.build, "_build", no_compiling)
+  monkeypatch.setattr(onednn_build, "_compile", no_compiling)
+  monkeypatch.setattr(onednn_build, "_build", no_compiling)
   model = models.create_model("resnet8", num_classes=10, head="etf",
-                              conv_impl="onednn", norm_impl="fused")
+                              conv=onednn_conv.onednn_conv,
+                              norm=fused_norm.fused_batch_norm)
   etf = etf_lib.simplex_etf(10, model.feature_dim)
   x = jnp.zeros((2, 16, 16, 3))
   variables = model.init(jax.random.PRNGKey(0), x, classifier=etf)
@@ -185,13 +191,12 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 def test_a_trace_before_loading_stops_instead_of_building(tmp_path):
   r = _run("""
       import jax, jax.numpy as jnp
-      from nc_jax import cpu_kernels
-      from nc_jax.models import conv
+      from nc_jax.kernels import onednn_build, onednn_conv
       try:
-        jax.jit(lambda x, k: conv.conv2d(x, k, strides=(1, 1),
-                padding=((1, 1), (1, 1)), impl="onednn")).lower(
+        jax.jit(lambda x, k: onednn_conv.conv2d(x, k, strides=(1, 1),
+                padding=((1, 1), (1, 1)))).lower(
             jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)))
-      except cpu_kernels.KernelsNotLoaded as e:
+      except onednn_build.KernelsNotLoaded as e:
         print("NOT LOADED:", e)
   """, NC_JAX_CACHE=str(tmp_path))
   assert r.returncode == 0, r.stderr[-2000:]
@@ -200,14 +205,18 @@ def test_a_trace_before_loading_stops_instead_of_building(tmp_path):
 
 
 CHECK_FALLBACK = """
-    from nc_jax import cpu_kernels, implementations
-    assert not cpu_kernels.available()
-    print("REASON:", cpu_kernels.unavailable_reason())
-    k = implementations.resolve(backbone="resnet32", backend="cpu", device_count=1)
+    import types
+    from nc_jax import kernels
+    from nc_jax.kernels import onednn_build
+    assert not onednn_build.available()
+    print("REASON:", onednn_build.unavailable_reason())
+    config = types.SimpleNamespace(backbone="resnet32", compute_dtype="float32",
+                                   conv_impl="auto", norm_impl="auto")
+    k = kernels.resolve(config, backend="cpu", device_count=1)
     print("AUTO:", k.describe())
     try:
-      implementations.resolve(backbone="resnet32", conv_impl="onednn", backend="cpu",
-                      device_count=1)
+      config.conv_impl = "onednn"
+      kernels.resolve(config, backend="cpu", device_count=1)
     except ValueError as e:
       print("ERROR:", e)
 """
@@ -240,9 +249,9 @@ def test_missing_compiler_falls_back_to_xla_and_says_so(tmp_path):
 @pytest.mark.slow
 def test_build_goes_to_the_cache_dir(tmp_path):
   r = _run("""
-      from nc_jax import cpu_kernels
-      assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
-      print(cpu_kernels.library_path())
+      from nc_jax.kernels import onednn_build
+      assert onednn_build.available(), onednn_build.unavailable_reason()
+      print(onednn_build.library_path())
   """, NC_JAX_CACHE=str(tmp_path))
   assert r.returncode == 0, r.stderr[-2000:]
   path = r.stdout.strip().splitlines()[-1]
@@ -255,9 +264,9 @@ def test_build_goes_to_the_cache_dir(tmp_path):
 @pytest.mark.slow
 def test_damaged_cache_entry_is_rebuilt(tmp_path):
   code = """
-      from nc_jax import cpu_kernels
-      assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
-      print(cpu_kernels.library_path())
+      from nc_jax.kernels import onednn_build
+      assert onednn_build.available(), onednn_build.unavailable_reason()
+      print(onednn_build.library_path())
   """
   first = _run(code, NC_JAX_CACHE=str(tmp_path))
   assert first.returncode == 0, first.stderr[-2000:]

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from nc_jax.cli import xla_defaults
-from nc_jax import cpu_kernels
+from nc_jax.kernels import onednn_build
+from nc_jax.kernels import xla_setup
 
 pytestmark = pytest.mark.slow  # subprocesses that start XLA with other flags
 
@@ -36,7 +36,7 @@ def _run(**env_overrides) -> dict:
 def test_default_flags_match_xla_cpu_defaults():
   fast = _run()
   plain = _run(NC_JAX_NO_XLA_DEFAULTS="1")
-  assert fast["xla_flags"] == " ".join(xla_defaults.CPU_FLAGS)
+  assert fast["xla_flags"] == " ".join(xla_setup.CPU_FLAGS)
   assert plain["xla_flags"] == ""
   np.testing.assert_allclose(fast["losses"], plain["losses"], rtol=1e-5)
   np.testing.assert_allclose(fast["params"], plain["params"], atol=2e-5)
@@ -53,34 +53,34 @@ def cpu_run(monkeypatch):
   to the test process."""
   calls = []
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setattr(xla_defaults, "tune_malloc", lambda: calls.append(1))
+  monkeypatch.setattr(xla_setup, "tune_malloc", lambda: calls.append(1))
   return calls
 
 
 KERNELS_BUILDABLE = pytest.mark.skipif(
-    cpu_kernels.problem() is not None,
+    onednn_build.problem() is not None,
     reason=f"the oneDNN kernels cannot be built here "
-    f"({cpu_kernels.problem()}), so no run expects them")
+    f"({onednn_build.problem()}), so no run expects them")
 
 
 @KERNELS_BUILDABLE
 def test_user_flags_are_kept(monkeypatch, cpu_run):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS", raising=False)
-  xla_defaults.apply()
+  xla_setup.apply()
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
   monkeypatch.delenv("XLA_FLAGS")
   monkeypatch.setenv("NC_JAX_NO_XLA_DEFAULTS", "1")
-  xla_defaults.apply()
+  xla_setup.apply()
   assert "XLA_FLAGS" not in os.environ
   monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS")
-  xla_defaults.apply(backbone="resnet32")
+  xla_setup.apply(dict(backbone="resnet32"))
   assert "XLA_FLAGS" not in os.environ
-  xla_defaults.apply(backbone="resnet32", compute_dtype="bfloat16")
-  assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
+  xla_setup.apply(dict(backbone="resnet32", compute_dtype="bfloat16"))
+  assert os.environ["XLA_FLAGS"] == " ".join(xla_setup.CPU_FLAGS)
   monkeypatch.delenv("XLA_FLAGS")
-  xla_defaults.apply()
-  assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
+  xla_setup.apply()
+  assert os.environ["XLA_FLAGS"] == " ".join(xla_setup.CPU_FLAGS)
 
 
 def test_nothing_is_tuned_for_an_accelerator(monkeypatch, cpu_run):
@@ -89,18 +89,18 @@ def test_nothing_is_tuned_for_an_accelerator(monkeypatch, cpu_run):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv("NC_JAX_NO_XLA_DEFAULTS", raising=False)
-    assert xla_defaults.apply(backbone="resnet50") == backend
+    assert xla_setup.apply(dict(backbone="resnet50")) == backend
     assert "XLA_FLAGS" not in os.environ
   assert not cpu_run  # the malloc tuning never ran
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  assert xla_defaults.apply(backbone="resnet50") == "cpu"
+  assert xla_setup.apply(dict(backbone="resnet50")) == "cpu"
   assert cpu_run == [1]
-  assert os.environ["XLA_FLAGS"] == " ".join(xla_defaults.CPU_FLAGS)
+  assert os.environ["XLA_FLAGS"] == " ".join(xla_setup.CPU_FLAGS)
 
 
 @KERNELS_BUILDABLE
 def test_which_runs_expect_onednn_convolutions():
-  expects = xla_defaults.expects_onednn_convs
+  expects = xla_setup.expects_onednn_convs
   assert expects("resnet32", "float32", "auto")
   assert expects("resnet32_c100", "float32", "onednn")
   assert not expects("resnet32", "float32", "xla")
@@ -112,8 +112,8 @@ def test_which_runs_expect_onednn_convolutions():
 MALLOC_PROBE = """
 import os
 os.environ["JAX_PLATFORMS"] = os.environ.pop("PROBE_PLATFORMS", "cpu")
-from nc_jax.cli import xla_defaults
-xla_defaults.apply()
+from nc_jax.kernels import xla_setup
+xla_setup.apply()
 os.environ["JAX_PLATFORMS"] = "cpu"
 import resource
 import jax

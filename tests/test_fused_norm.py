@@ -1,5 +1,6 @@
-"""The fused BatchNorm(+residual+ReLU) against flax.linen.BatchNorm, and the
-two implementations of `layers.batch_norm` inside a model: same variables
+"""The fused BatchNorm(+residual+ReLU) of `nc_jax.kernels.fused_norm`
+against flax.linen.BatchNorm, and both norm factories inside a model
+(`layers.batch_norm`, `fused_norm.fused_batch_norm`): same variables
 (checkpoints move between them), same numbers."""
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import pytest
 
 from nc_jax import etf as etf_lib
 from nc_jax import models
-from nc_jax.models import layers, norm
+from nc_jax.kernels import fused_norm as norm
+from nc_jax.models import layers
+
+FACTORIES = {"fused": norm.fused_batch_norm, "flax": layers.batch_norm}
 
 
 def _inputs(seed=0, shape=(6, 5, 4, 7)):
@@ -48,7 +52,7 @@ def _reference(train, activation):
 
 
 def _ours(train, activation, impl="fused"):
-  bn = layers.batch_norm(train, impl=impl, activation=activation)
+  bn = FACTORIES[impl](train, activation=activation)
 
   def apply(variables, x, res):
     return bn.apply(variables, x, res, mutable=["batch_stats"])
@@ -139,13 +143,6 @@ def test_bad_arguments_raise():
         jax.random.PRNGKey(0), x, res[:, :2])
 
 
-def test_bad_impl_names_the_choice():
-  with pytest.raises(ValueError, match="Resolve 'auto' first"):
-    layers.batch_norm(True, impl="auto")
-  with pytest.raises(ValueError, match="norm_impl must be one of"):
-    layers.batch_norm(True, impl="cudnn")
-
-
 @pytest.mark.parametrize("backbone,head", [("resnet8", "etf"),
                                            ("resnet8", "linear")])
 def test_models_with_either_batchnorm_share_checkpoints_and_numbers(backbone,
@@ -156,7 +153,7 @@ def test_models_with_either_batchnorm_share_checkpoints_and_numbers(backbone,
   images = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
   labels = jnp.arange(8) % 10
   built = {impl: models.create_model(backbone, num_classes=10, head=head,
-                                     norm_impl=impl)
+                                     norm=FACTORIES[impl])
            for impl in ("fused", "flax")}
   etf = (etf_lib.simplex_etf(10, built["flax"].feature_dim)
          if head == "etf" else None)

@@ -1,20 +1,20 @@
 """Build, load and register the oneDNN kernels (the native side).
 
-`load()` compiles `csrc/onednn_conv.cc` (three typed XLA FFI handlers:
+`load_kernels()` compiles `csrc/onednn_conv.cc` (three typed XLA FFI handlers:
 forward, backward-data, backward-weights, on NHWC activations and HWIO
 kernels) against the oneDNN of the `onednn-cpu-gomp` /
 `onednn-devel-cpu-gomp` wheels (the `cpu-kernels` extra), loads the shared
 library and registers the handlers with `jax.ffi` for the CPU platform.
-It is called once, at start-up, by `nc_jax.implementations.resolve` (never while a
-model is traced: the JAX side, `nc_jax.cpu_kernels.conv`, only checks that
-the handlers are registered).
+It is called once, at start-up, by `nc_jax.kernels.resolve` (never while a
+model is traced: the JAX side, `nc_jax.kernels.onednn_conv`, only checks
+that the handlers are registered).
 
 The library is built once per (source, jaxlib, oneDNN, compiler) into
 `$NC_JAX_CACHE/kernels` (`nc_jax.cache`; default `~/.cache/nc_jax/kernels`),
 through a temporary file renamed into place, so concurrent processes may
 race safely. When it cannot be built here (`NC_JAX_NO_ONEDNN=1`, not x86-64
 Linux, no C++ compiler, no oneDNN wheels, an unwritable cache, a failed
-compile) `load()` raises `KernelsUnavailable` with a one-line reason that
+compile) `load_kernels()` raises `KernelsUnavailable` with a one-line reason that
 names the fix, and the failure is remembered for the process.
 """
 
@@ -54,7 +54,7 @@ class KernelsUnavailable(RuntimeError):
 
 
 class KernelsNotLoaded(RuntimeError):
-  """A oneDNN convolution was traced before `load()` ran in this process."""
+  """A oneDNN convolution was traced before `load_kernels()` ran in this process."""
 
 
 def _dist_file(dist: str, suffix: str) -> pathlib.Path | None:
@@ -115,7 +115,7 @@ def problem() -> str | None:
   """Why the kernels could not be built here, from cheap checks only.
 
   Looks at the switch, the platform, the compiler and the oneDNN wheels;
-  compiles nothing and starts no jax backend (`nc_jax.cli.xla_defaults`
+  compiles nothing and starts no jax backend (`nc_jax.kernels.xla_setup`
   asks before the backends start). None does not promise that a build
   succeeds.
   """
@@ -200,7 +200,7 @@ def _load() -> None:
   _state["path"] = str(path)
 
 
-def load() -> None:
+def load_kernels() -> None:
   """Builds (if needed), loads and registers the kernels, once per process.
 
   Raises:
@@ -221,9 +221,9 @@ def load() -> None:
 
 
 def available() -> bool:
-  """`load()` succeeded (it is attempted by this call if it has not been)."""
+  """`load_kernels()` succeeded (it is attempted by this call if it has not been)."""
   try:
-    load()
+    load_kernels()
   except KernelsUnavailable:
     return False
   return True
@@ -232,7 +232,7 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
   """Why `available()` is False (one line, with the fix), or None."""
   try:
-    load()
+    load_kernels()
   except KernelsUnavailable as e:
     return str(e)
   return None
@@ -249,12 +249,13 @@ def library_path() -> str | None:
 
 
 def require_loaded() -> None:
-  """Raises `KernelsNotLoaded` unless `load()` has succeeded.
+  """Raises `KernelsNotLoaded` unless `load_kernels()` has succeeded.
 
   What the JAX side calls while tracing: it never builds anything.
   """
   if not is_loaded():
     raise KernelsNotLoaded(
         "nc_jax's oneDNN kernels are not loaded in this process; call "
-        "nc_jax.cpu_kernels.load() at start-up (nc_jax.implementations.resolve does) "
-        "before tracing a model with conv_impl='onednn'.")
+        "nc_jax.kernels.onednn_build.load_kernels() at start-up "
+        "(nc_jax.kernels.resolve does) before tracing a model with "
+        "conv_impl='onednn'.")

@@ -1,4 +1,4 @@
-"""The one decider of convolution and BatchNorm implementations.
+"""The kernels plugin's one decision: which layers a run's model is given.
 
 Backend-independent: the backend is passed in, so the GPU/TPU decisions are
 checked on any machine.
@@ -6,12 +6,20 @@ checked on any machine.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
-from nc_jax import cpu_kernels
-from nc_jax import implementations as impl_lib
+from nc_jax import kernels
+from nc_jax.kernels import onednn_build
+from nc_jax.kernels import xla_setup
 
-choose = impl_lib.choose
+choose = kernels.choose
+
+
+def _config(backbone="resnet32", conv_impl="auto", norm_impl="auto"):
+  return types.SimpleNamespace(backbone=backbone, compute_dtype="float32",
+                               conv_impl=conv_impl, norm_impl=norm_impl)
 
 
 def test_cpu_float32_single_device_gets_the_cpu_kernels():
@@ -68,22 +76,22 @@ def test_impossible_requests_name_the_fix():
 
 def _unbuildable(monkeypatch, reason):
   def load():
-    raise cpu_kernels.KernelsUnavailable(reason)
-  monkeypatch.setattr(cpu_kernels, "load", load)
+    raise onednn_build.KernelsUnavailable(reason)
+  monkeypatch.setattr(onednn_build, "load_kernels", load)
 
 
 def test_auto_falls_back_with_one_reason(monkeypatch):
   _unbuildable(monkeypatch, "no C++ compiler (g++ not on PATH; install g++ "
                "or set CXX)")
-  k = impl_lib.resolve(backbone="resnet32", backend="cpu", device_count=1)
+  k = kernels.resolve(_config(), backend="cpu", device_count=1)
   assert (k.conv, k.norm) == ("xla", "fused")
   assert k.describe() == (
       "xla convolutions (oneDNN kernels unavailable: no C++ compiler (g++ "
       "not on PATH; install g++ or set CXX)), fused BatchNorm")
   assert k.record() == {"conv_impl": "xla", "norm_impl": "fused"}
   with pytest.raises(ValueError) as e:
-    impl_lib.resolve(backbone="resnet32", conv_impl="onednn",
-                        backend="cpu", device_count=1)
+    kernels.resolve(_config(conv_impl="onednn"), backend="cpu",
+                    device_count=1)
   assert "\n" not in str(e.value)
   assert "oneDNN kernels unavailable: no C++ compiler" in str(e.value)
 
@@ -91,8 +99,7 @@ def test_auto_falls_back_with_one_reason(monkeypatch):
 def test_resolve_loads_only_what_it_chooses(monkeypatch):
   _unbuildable(monkeypatch, "must not be asked")
   for backend, backbone in (("gpu", "resnet32"), ("cpu", "resnet50")):
-    k = impl_lib.resolve(backbone=backbone, backend=backend,
-                            device_count=1)
+    k = kernels.resolve(_config(backbone), backend=backend, device_count=1)
     assert k.conv == "xla" and k.note is None
 
 
@@ -103,19 +110,54 @@ def test_resolve_loads_only_what_it_chooses(monkeypatch):
     ({"JAX_PLATFORMS": "tpu"}, "tpu"),
 ])
 def test_likely_backend_follows_jax_platforms(env, want):
-  assert impl_lib.likely_backend(env) == want
+  assert xla_setup.likely_backend(env) == want
 
 
 def test_likely_backend_needs_a_plugin_and_a_device(monkeypatch):
-  monkeypatch.setattr(impl_lib, "_jax_plugins", lambda: ["xla_cuda12"])
-  monkeypatch.setattr(impl_lib.glob, "glob",
+  monkeypatch.setattr(xla_setup, "_jax_plugins", lambda: ["xla_cuda12"])
+  monkeypatch.setattr(xla_setup.glob, "glob",
                       lambda pattern: ["/dev/nvidia0"]
                       if pattern.startswith("/dev/nvidia") else [])
-  assert impl_lib.likely_backend({}) == "gpu"
-  monkeypatch.setattr(impl_lib.glob, "glob", lambda pattern: [])
-  monkeypatch.setattr(impl_lib.os.path, "exists", lambda path: False)
-  assert impl_lib.likely_backend({}) == "cpu"  # plugin, but no GPU
-  monkeypatch.setattr(impl_lib, "_jax_plugins", lambda: [])
-  monkeypatch.setattr(impl_lib.glob, "glob", lambda pattern: ["/dev/x"])
-  monkeypatch.setattr(impl_lib, "_has_module", lambda name: False)
-  assert impl_lib.likely_backend({}) == "cpu"  # device, but no plugin
+  assert xla_setup.likely_backend({}) == "gpu"
+  monkeypatch.setattr(xla_setup.glob, "glob", lambda pattern: [])
+  monkeypatch.setattr(xla_setup.os.path, "exists", lambda path: False)
+  assert xla_setup.likely_backend({}) == "cpu"  # plugin, but no GPU
+  monkeypatch.setattr(xla_setup, "_jax_plugins", lambda: [])
+  monkeypatch.setattr(xla_setup.glob, "glob", lambda pattern: ["/dev/x"])
+  monkeypatch.setattr(xla_setup, "_has_module", lambda name: False)
+  assert xla_setup.likely_backend({}) == "cpu"  # device, but no plugin
+
+
+def test_for_loading_falls_back_where_the_request_cannot_run():
+  """A trained model is evaluated with what runs here: the parameters are
+  the same whichever implementation computes them."""
+  asked = _config(conv_impl="onednn", norm_impl="fused")
+  with pytest.raises(ValueError, match="the backend is gpu"):
+    kernels.resolve(asked, backend="gpu", device_count=1)
+  k = kernels.resolve(asked, backend="gpu", device_count=1, for_loading=True)
+  assert (k.conv, k.norm) == ("xla", "flax")
+
+
+def test_layers_give_the_models_their_factories():
+  from nc_jax.kernels import fused_norm  # pylint: disable=g-import-not-at-top
+  from nc_jax.models import conv, layers  # pylint: disable=g-import-not-at-top
+  opts = kernels.Layers("xla", "fused").model_options("resnet32")
+  assert opts == {"norm": fused_norm.fused_batch_norm, "conv": conv.Conv}
+  assert kernels.Layers("xla", "flax").model_options("resnet50") == {
+      "norm": layers.batch_norm}
+  with pytest.raises(ValueError, match="runs XLA's convolutions only"):
+    kernels.Layers("onednn", "fused").model_options("densenet_bc")
+
+
+def test_few_modules_name_the_kernels():
+  """The plugin is one seam: the models never name it, and at most eight
+  modules of nc_jax/ and experiments/ (its own files included) do."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(kernels.__file__).parents[2]
+  pattern = re.compile(r"conv_impl|norm_impl|onednn|cpu_kernels", re.I)
+  naming = sorted(str(p.relative_to(repo)) for d in ("nc_jax", "experiments")
+                  for p in (repo / d).rglob("*.py")
+                  if pattern.search(p.read_text()))
+  assert len(naming) <= 8, naming
+  assert not [n for n in naming if n.startswith("nc_jax/models/")], naming

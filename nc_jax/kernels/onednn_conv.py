@@ -4,7 +4,9 @@
 numbers and explicit padding, in float32, whose forward pass and both
 gradients are oneDNN's own primitives (`csrc/onednn_conv.cc`). Tracing it
 builds nothing: the handlers must already be registered by
-`nc_jax.cpu_kernels.load()` (`KernelsNotLoaded` otherwise).
+`nc_jax.kernels.onednn_build.load_kernels()` (`KernelsNotLoaded`
+otherwise). `onednn_conv` is the models' convolution factory
+(`nc_jax.models.conv.Conv` computed by `conv2d`).
 
 Under `vmap` (replicas of a multi-seed run) each FFI call runs once per
 replica (`vmap_method="sequential"`).
@@ -18,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nc_jax.cpu_kernels import build
+from nc_jax.kernels import onednn_build as build
+from nc_jax.models.conv import Conv
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -109,8 +112,19 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: tuple[int, int],
   """Differentiable NHWC x HWIO cross-correlation through oneDNN, float32.
 
   Inputs are cast to float32; the result is float32.
+
+  Raises:
+    ValueError: `x` not NHWC, `kernel` not HWIO, or their channels differ.
   """
+  if x.ndim != 4 or kernel.ndim != 4 or x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f"conv2d needs NHWC x and HWIO kernel with matching "
+                     f"channels; got {x.shape} and {kernel.shape}.")
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(a), int(b)) for a, b in padding)
   return _conv(x.astype(jnp.float32), kernel.astype(jnp.float32), strides,
                padding)
+
+
+# The CIFAR ResNets' convolution factory with oneDNN computing it: the same
+# module and parameters as XLA's (`Conv`), another `compute`.
+onednn_conv = functools.partial(Conv, compute=conv2d)

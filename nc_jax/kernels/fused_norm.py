@@ -1,8 +1,9 @@
 """BatchNorm fused with its ReLU (and residual add), with a hand-written VJP.
 
-The CPU implementation of the backbones' BatchNorm (`norm_impl="fused"`,
-which `nc_jax.implementations` picks on CPU; accelerators get `flax.linen.BatchNorm`,
-see `nc_jax.models.layers.batch_norm`). `BatchNorm` here is a drop-in for
+The CPU BatchNorm of the backbones, which `nc_jax.kernels` gives the
+models on CPU (`fused_batch_norm`, a factory with
+`nc_jax.models.layers.batch_norm`'s signature; accelerators get Flax's
+BatchNorm). `BatchNorm` here is a drop-in for
 `flax.linen.BatchNorm`: same variables (`params/scale`, `params/bias`,
 `batch_stats/mean`, `batch_stats/var`), same running-statistics update (Flax's convention: the
 biased batch variance from `E[x^2] - E[x]^2`, clipped at 0, weighted by
@@ -66,7 +67,7 @@ def _channel_vector(v: jax.Array) -> jax.Array:
   the elementwise op that computed the vector, which writes the broadcast
   out as a full `(N, C)` array and reads it back; broadcasting the result
   of a dot instead happens inside the elementwise fusion. A CPU trick: on
-  accelerators `norm_impl="flax"` is used. Exact for finite `v` (each entry
+  accelerators get Flax's BatchNorm. Exact for finite `v` (each entry
   is `v_i * 1` plus zeros).
   """
   eye = jnp.eye(v.shape[-1], dtype=v.dtype)
@@ -219,3 +220,14 @@ class BatchNorm(nn.Module):
       ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
       ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
     return y.astype(self.dtype)
+
+
+def fused_batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
+                     activation: str = "none",
+                     name: str | None = None) -> BatchNorm:
+  """`nc_jax.models.layers.batch_norm` with this module's `BatchNorm`: the
+  same momentum, epsilon and variables, the fused gradient."""
+  from nc_jax.models import layers  # pylint: disable=g-import-not-at-top
+  return BatchNorm(use_running_average=not train, momentum=layers.BN_MOMENTUM,
+                   epsilon=layers.BN_EPSILON, activation=activation,
+                   dtype=dtype, name=name)
