@@ -232,7 +232,6 @@ def test_options_are_checked_before_any_work(override, match):
 
 def test_preset_needs_the_weights_and_names_them():
   from nc_jax.configs import cifar_lt as cfg_lib  # pylint: disable=g-import-not-at-top
-  from nc_jax import builder  # pylint: disable=g-import-not-at-top
   config = cfg_lib.get_config("cub200_etf_dr")
   assert (config.backbone, config.batch_size, config.optim.lr,
           config.optim.backbone_lr_scale, config.optim.nesterov) == (

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from nc_jax import best as best_lib
-from nc_jax import checkpoint as ckpt_lib
 from nc_jax import etf as etf_lib
 from nc_jax import runs
 from nc_jax import train

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-from nc_jax import checkpoint as ckpt_lib
 from nc_jax import run_config
 from nc_jax import train
 from nc_jax import workdir as workdir_lib

@@ -229,7 +229,7 @@ def read_split(release_name: str, folder: str, split: str
   if split not in release.splits:
     raise ValueError(f"The {release.folder}/ release has splits "
                      f"{sorted(release.splits)}, not {split!r}.")
-  k = len(class_names(release_name, folder))
+  k = len(read_class_names(release_name, folder))
   images, labels = [], []
   for name in release.splits[split]:
     obj = _unpickle(release, folder, name)
