@@ -1,4 +1,4 @@
-"""Run by test_xla_defaults.py in a subprocess: a few train steps, as JSON.
+"""Run by test_xla_setup.py in a subprocess: a few train steps, as JSON.
 
 Applies `nc_jax.kernels.xla_setup` first, exactly as the entry points do,
 so the environment decides which XLA flags compile the step; CONV_IMPL
