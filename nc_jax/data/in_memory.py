@@ -298,7 +298,8 @@ class InMemory(datasets.Dataset):
           mesh=mesh, augment=info.train_augment, sampler=sampler)
       return datasets.TrainInput(
           info, counts, n, batch_size, n // batch_size, pipeline, mesh,
-          dev.iterate, None, split.subset_record(), groups_note=_RANGE_NOTE)
+          dev.iterate, None, split.subset_record(), groups_note=_RANGE_NOTE,
+          _chunks=dev.iterate_chunks)
     local = _array_tfdata(split, batch_size=batch_size, seed=seed,
                           augment=info.train_augment, rows=rows,
                           sampler=sampler)
