@@ -198,9 +198,8 @@ class Built(BuiltModel):
     tx, schedule: the optimiser and its learning-rate schedule.
     train_step: compiled `(state, batch, etf) -> (state, metrics)`; donates
       the state.
-    train_chunk: compiled `(state, batches, etf, sums, fresh) -> (state,
-      sums, last)`: as many steps as `batches` stacks, in one call
-      (`steps.compile_train_chunk`; used when `steps_per_dispatch > 1`).
+    train_chunk: compiled k steps per call over k stacked batches
+      (`steps.compile_train_chunk`; compiled on first use, k > 1 only).
     init_state: `() -> TrainState`, the initial state (stacked over S),
       replicated over the mesh; replica r draws from
       `fold_in(PRNGKey(config.seed), r)`.
@@ -440,7 +439,6 @@ def build(config: ConfigDict, *, num_classes: int,
   one_step = steps_lib.make_train_step(model, tx, schedule, part.step_config)
   train_step = steps_lib.compile_train_step(
       one_step, mesh, num_replicas=s, replica_mode=config.seeds_mode)
-  # Compiled on first use only (jit is lazy): runs with k = 1 never do.
   train_chunk = steps_lib.compile_train_chunk(
       one_step, mesh, num_replicas=s, replica_mode=config.seeds_mode)
 
@@ -457,4 +455,5 @@ def build(config: ConfigDict, *, num_classes: int,
   return Built(**{f.name: getattr(part, f.name)
                   for f in dataclasses.fields(BuiltModel)},
                tx=tx, schedule=schedule, train_step=train_step,
-               train_chunk=train_chunk, init_state=init_state, pretrained=config.get("pretrained"))
+               train_chunk=train_chunk, init_state=init_state,
+               pretrained=config.get("pretrained"))

@@ -261,6 +261,7 @@ class _Loop:
     self.seconds["set_up"] = time.perf_counter() - self.setup.started
     step = self.start
     k = int(config.get("steps_per_dispatch", 1))
+    t_loop = time.perf_counter()
     try:
       if (0 < step and (step % eval_every == 0 or step == total)
           and not any(h["step"] == step for h in self.history)):
@@ -272,7 +273,6 @@ class _Loop:
                                               eval_every, ckpt_every))
       runner = dispatch.Runner(self.built, self.setup.train_input, chunks, k)
       sums, n_sum = None, 0
-      t_loop = time.perf_counter()
       for first, n in chunks:
         t = time.perf_counter()
         self.state, sums, out = runner.run(self.state, n, sums)
@@ -296,8 +296,7 @@ class _Loop:
           raise self.stop.stopped(step, str(self.checkpointer.directory))
     finally:
       self.progress.close()
-      if "t_loop" in locals():
-        self.seconds["loop"] = time.perf_counter() - t_loop
+      self.seconds["loop"] = time.perf_counter() - t_loop
 
   def _log(self, step: int, sums: dict, n_sum: int, out: dict) -> None:
     """The progress line and train record: means over the interval."""
