@@ -21,7 +21,9 @@ overrides fields):
    through `train.train_and_evaluate`: process start-up, set-up,
    compilation, training, evaluation and checkpoint seconds, the training
    split into step, input and the rest (dispatch and the loop's own work)
-   with stage 1's step times, and a projection to the full length;
+   with stage 1's step times, and a projection to `--full_epochs` (or,
+   when 0, the preset's length) at one evaluation per epoch and one
+   checkpoint per 5;
 3. `seeds`: vmapped seeds (`--seeds`, default 1,3,8; `seeds_mode=vmap`)
    at the largest k: ms per step for all seeds, and against one seed;
 4. `dtype`: `--dtypes` (default float32,bfloat16) at the largest k;
@@ -190,9 +192,10 @@ def profile(args, k: int, step_ms: dict, spe: int) -> dict:
   step_s = step_ms["ms_per_step_step_alone"] * steps / 1e3
   input_s = step_ms["ms_per_step_input_alone"] * steps / 1e3
   evals, saves = epochs, epochs
-  full = args.full_epochs * spe
+  length = args.full_epochs or _config(args).num_epochs  # the preset's
+  full = length * spe
   per_step = s["training"] / steps
-  ckpts = max(1, int(args.full_epochs // 5))  # the recipe saves every 5
+  ckpts = max(1, int(length // 5))  # the recipe saves every 5 epochs
   out.update(
       k=k, epochs=epochs, steps=steps,
       split_training_s={"step": round(step_s, 2), "input": round(input_s, 2),
@@ -200,9 +203,9 @@ def profile(args, k: int, step_ms: dict, spe: int) -> dict:
                                                    - input_s, 2)},
       per_evaluation_s=round(s["evaluation"] / evals, 3),
       per_checkpoint_s=round(s["checkpoints"] / saves, 3),
-      projected_full_s=round(
+      projected_epochs=length, projected_full_s=round(
           s["set_up"] + s["first_dispatch"] + per_step * full
-          + args.full_epochs * s["evaluation"] / evals
+          + length * s["evaluation"] / evals
           + ckpts * s["checkpoints"] / saves, 1))
   return out
 
