@@ -106,6 +106,8 @@ class Built(BuiltModel):
     tx, schedule: the optimiser and its learning-rate schedule.
     train_step: compiled `(state, batch, etf) -> (state, metrics)`; donates
       the state.
+    train_chunk: compiled k steps per call over k stacked batches
+      (`steps.compile_train_chunk`; compiled on first use, k > 1 only).
     init_state: `() -> TrainState`, the initial state (stacked over S),
       replicated over the mesh; replica r draws from
       `fold_in(PRNGKey(config.seed), r)`.
@@ -113,6 +115,7 @@ class Built(BuiltModel):
   tx: optax.GradientTransformation | None = None
   schedule: optax.Schedule | None = None
   train_step: Callable | None = None
+  train_chunk: Callable | None = None
   init_state: Callable[[], steps_lib.TrainState] | None = None
   pretrained: str | None = None
 
@@ -267,9 +270,11 @@ def build(config: ConfigDict, *, num_classes: int,
       mesh)
   tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch,
                                       total_steps)
+  one_step = steps_lib.make_train_step(model, tx, schedule, part.step_config)
   train_step = steps_lib.compile_train_step(
-      steps_lib.make_train_step(model, tx, schedule, part.step_config),
-      mesh, num_replicas=s, replica_mode=config.seeds_mode)
+      one_step, mesh, num_replicas=s, replica_mode=config.seeds_mode)
+  train_chunk = steps_lib.compile_train_chunk(
+      one_step, mesh, num_replicas=s, replica_mode=config.seeds_mode)
 
   def init_one(key):
     return steps_lib.init_state(model, tx, key, tuple(image_shape))
@@ -284,4 +289,5 @@ def build(config: ConfigDict, *, num_classes: int,
   return Built(**{f.name: getattr(part, f.name)
                   for f in dataclasses.fields(BuiltModel)},
                tx=tx, schedule=schedule, train_step=train_step,
-               init_state=init_state, pretrained=config.get("pretrained"))
+               train_chunk=train_chunk, init_state=init_state,
+               pretrained=config.get("pretrained"))

@@ -8,7 +8,8 @@ over seeds with its `epoch`; `history` (every evaluation, per seed: top-1,
 head / medium / tail and per-class accuracy); with several seeds also
 `final_std`, `best_std` and `per_seed`; the kernels that ran (`resolved`,
 and `resolved_before` after an accepted change); and `provenance`
-(versions, commit, devices, wall time, resumes).
+(versions, commit, devices, wall time, resumes, this process's seconds
+by phase).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def assemble(config: ConfigDict, train_input, history: Sequence[dict],
       metrics]}` each, in order.
     num_replicas: S.
     kernel_record: `run_config.record`'s record keys.
-    provenance: `provenance.describe(...)` plus wall time and resumes.
+    provenance: `provenance.describe(...)` plus wall time, resumes and
+      seconds by phase.
   """
   per_seed = []
   for r in range(num_replicas):

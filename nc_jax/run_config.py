@@ -43,6 +43,9 @@ from nc_jax import workdir as workdir_lib
 RESUMABLE_CHANGES = frozenset({"log_every_steps", "data_dir",
                                *kernels.REQUEST_FIELDS, "allow_kernel_change",
                                "preemption_grace_seconds",
+                               # How many steps one call runs, not what
+                               # they compute (nc_jax.dispatch).
+                               "steps_per_dispatch",
                                # Read at step 0 only; a resume restores the
                                # weights from the checkpoint.
                                "pretrained", "pretrained_required"})
@@ -53,7 +56,7 @@ MISSING_MEANS = {"etf_rotation": "gaussian", "preemption_grace_seconds": 25.0,
                  "pretrained": None, "pretrained_required": False,
                  "crop_min_area": 0.08, "optim.backbone_lr_scale": 1.0,
                  "optim.fit_to_run": [], "optim.fit_from_epochs": None,
-                 "evals": ["classification"]}
+                 "evals": ["classification"], "steps_per_dispatch": 1}
 
 
 def with_missing_fields(d: dict) -> dict:

@@ -69,6 +69,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """k stacked batches `(k, B, ...)`: B split over the data axis."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   """Raises a ValueError naming the fix if the batch cannot be split evenly."""
   n = mesh.devices.size
@@ -96,6 +101,17 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   return {
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in batch.items()
+  }
+
+
+def to_global_stacked(batches: Mapping[str, Any], mesh: Mesh
+                      ) -> dict[str, jax.Array]:
+  """`to_global` for k stacked host batches `(k, b, ...)`: axis 1 holds this
+  process's rows, which become the global `(k, B, ...)` split along B."""
+  sharding = stacked_batch_sharding(mesh)
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in batches.items()
   }
 
 

@@ -313,6 +313,51 @@ def compile_train_step(train_step: Callable, mesh: Mesh, *,
                  out_shardings=(rep, rep), donate_argnums=(0,))
 
 
+def _scan_steps(fn: Callable) -> Callable:
+  """`fn(state, batch, etf) -> (state, metrics)` over k stacked batches.
+
+  Returns `chunk(state, batches, etf, sums, fresh) -> (state, sums, last)`:
+  `batches` leaves are `(k, B, ...)` (k global batches, in step order);
+  `sums` is the running per-step metric sum of the log interval, which the
+  chunk continues (or starts anew from its first step when `fresh`, a
+  traced bool scalar), adding in step order exactly as the loop's one-step
+  path adds (`sums = out` at an interval's first step, `sums + out` after);
+  `last` is the metrics of the chunk's last step (the current `lr`).
+  """
+
+  def chunk(state, batches, etf, sums, fresh):
+    def body(carry, batch):
+      state, acc, _, first = carry
+      state, out = fn(state, batch, etf)
+      acc = jax.tree.map(lambda a, o: jnp.where(first, o, a + o), acc, out)
+      return (state, acc, out, jnp.zeros((), bool)), None
+    (state, sums, last, _), _ = jax.lax.scan(
+        body, (state, sums, sums, jnp.asarray(fresh, bool)), batches)
+    return state, sums, last
+
+  return chunk
+
+
+def compile_train_chunk(train_step: Callable, mesh: Mesh, *,
+                        num_replicas: int, replica_mode: str = "auto"
+                        ) -> Callable:
+  """k train steps in one compiled call: `jax.lax.scan` of the replicas'
+  step (as `compile_train_step` batches them) over k stacked batches.
+
+  The returned `chunk(state, batches, etf, sums, fresh) -> (state, sums,
+  last)` (see `_scan_steps`) donates the state and the sums; state, ETF and
+  metrics are replicated, the batches `(k, B, ...)` split over the data axis
+  along B. k is read from the batches' shape, so each chunk length
+  compiles once (`nc_jax.dispatch` keeps their number small).
+  """
+  rep = sharding.replicated_sharding(mesh)
+  return jax.jit(
+      _scan_steps(_over_replicas(train_step, num_replicas, replica_mode)),
+      in_shardings=(rep, sharding.stacked_batch_sharding(mesh), rep, rep,
+                    rep),
+      out_shardings=(rep, rep, rep), donate_argnums=(0, 3))
+
+
 def init_variables(model, rng: jax.Array, image_shape: tuple[int, int, int]
                    ) -> tuple[Any, dict]:
   """`(params, model_state)` of one replica, initialised from `rng`.

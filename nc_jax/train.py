@@ -16,14 +16,12 @@ from nc_jax import extras
 extras.require(__name__)  # before the imports it checks
 
 import contextlib
-import dataclasses
 import json
 import pathlib
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -31,16 +29,14 @@ from nc_jax import best as best_lib
 from nc_jax import builder as builder_lib
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import data as data_lib
+from nc_jax import dispatch
 from nc_jax import evaluators as evaluators_lib
-from nc_jax.data.archive import resolve_data_dir
-from nc_jax import optim
 from nc_jax import pretrained as pretrained_lib
 from nc_jax import preemption
 from nc_jax import provenance
 from nc_jax import reporting
 from nc_jax import results as results_lib
-from nc_jax import run_config
-from nc_jax import sharding
+from nc_jax import run_setup
 from nc_jax import steps as steps_lib
 from nc_jax import validation
 from nc_jax import workdir as workdir_lib
@@ -52,24 +48,6 @@ SCALAR_KEYS = ("top1", "top5", "head", "medium", "tail", "ece", "loss")
 
 # The checks live in `validation`; its error is the run's.
 ConfigError = validation.ConfigError
-
-
-@dataclasses.dataclass
-class _Setup:
-  """What the set-up phase hands to the loop: checked, loaded, claimed."""
-  config: ConfigDict
-  workdir: pathlib.Path
-  mesh: Any
-  data_dir: str | None
-  train_input: Any
-  eval_input: Any
-  steps_per_epoch: int
-  total: int
-  eval_every: int
-  ckpt_every: int
-  kernel_record: dict
-  layers: Any  # kernels.Layers, as validation resolved them
-  built: builder_lib.Built
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
@@ -90,6 +68,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
     preemption.Preempted: stopped by a signal after saving a checkpoint.
     preemption.Diverged: training produced non-finite numbers.
   """
+  started = time.perf_counter()
   with contextlib.ExitStack() as held:
     stop = held.enter_context(preemption.StopSignals(
         grace_seconds=config.get("preemption_grace_seconds", 25.0),
@@ -101,8 +80,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       say(f"{workdir} already holds a finished run ({results_path}); nothing "
           "to do. Use another --workdir to train again.")
       return json.loads(results_path.read_text())
-    _check_workdir(config, workdir, layers)
-    setup = _set_up(config, workdir, layers, held)
+    run_setup.check_workdir(config, workdir, layers)
+    setup = run_setup.set_up(config, workdir, layers, held)
+    setup.started = started
     loop = _Loop(setup, stop)
     held.callback(loop.close)  # before the lock and the signal handlers
     try:
@@ -115,109 +95,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
       raise loop.no_space(e) from None
 
 
-def _check_workdir(config: ConfigDict, workdir: pathlib.Path,
-                   layers: Any) -> None:
-  """The workdir can take this run (read-only): not a file or a folder of
-  something else, not a checkpointed run of another config or other
-  layers, not held by a live run; and a fresh run has its pretrained file.
-  """
-  try:
-    workdir_lib.check_target(workdir, lambda wd: run_config.check_resume(
-        wd, config, layers.record(), why=layers.note))
-    if "://" not in str(workdir):
-      workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
-                           "use the workdir")
-    # A resume restores its checkpoint: only a fresh run needs the file.
-    if not ckpt_lib.has_checkpoint(workdir):
-      pretrained_lib.check_request(config)
-  except (ValueError, workdir_lib.WorkdirLocked) as e:
-    raise ConfigError(str(e)) from e
-
-
-def _load_data(config: ConfigDict, mesh) -> tuple[str | None, Any, Any]:
-  """(data_dir, train input, test input); ConfigError for data problems."""
-  t0 = time.perf_counter()
-  try:
-    data_dir = resolve_data_dir(config.data_dir)
-    if data_dir is None:
-      data_lib.prepare_tfds(config.dataset, notify=say)
-    train_input = data_lib.make_train_input(
-        config.dataset, data_dir=data_dir, imb_factor=config.imb_factor,
-        profile=config.imb_profile, selection_seed=config.selection_seed,
-        batch_size=config.batch_size, seed=config.seed, mesh=mesh,
-        pipeline=config.pipeline, sampler=config.sampler,
-        options=data_lib.options_of(config.dataset, config))
-    eval_input = data_lib.make_eval_input(
-        config.dataset, data_dir=data_dir,
-        batch_size=config.eval_batch_size, mesh=mesh,
-        options=data_lib.options_of(config.dataset, config))
-  except (ValueError, FileNotFoundError) as e:
-    # Data problems (a file that does not decode, too few images for one
-    # batch, a missing ImageNet-LT list): nothing has been written yet.
-    raise ConfigError(str(e)) from e
-  say(f"data: {config.dataset}-LT r={config.imb_factor} ({config.imb_profile}) "
-      f"{train_input.num_examples} train images, per class "
-      f"{list(train_input.counts)}; {eval_input.num_examples} test images "
-      f"[{time.perf_counter() - t0:.1f}s, pipeline={config.pipeline}]")
-  return data_dir, train_input, eval_input
-
-
-def _set_up(config: ConfigDict, workdir: pathlib.Path, layers: Any,
-            held: contextlib.ExitStack) -> _Setup:
-  """Loads the data, checks the run's length, builds the model, then claims
-  the workdir and writes its config."""
-  mesh = sharding.make_mesh()
-  data_dir, train_input, eval_input = _load_data(config, mesh)
-  spe = train_input.steps_per_epoch
-  # `request` is what config.json records and a resume compares; `config`
-  # the schedule this run trains (scaled to a run shorter than its recipe),
-  # what results.json records.
-  request = config
-  config, total, note = validation.validate_length(request, spe)
-  if note:
-    say(note)
-  info = train_input.info
-  built = builder_lib.build(
-      config, num_classes=info.num_classes, image_shape=info.image_shape,
-      mean=info.mean, std=info.std, class_counts=train_input.counts,
-      steps_per_epoch=spe, total_steps=total, mesh=mesh, layers=layers)
-
-  # Config, data and model are good: from here on the run writes into
-  # workdir.
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    if "://" not in str(workdir):
-      workdir_lib.on_chief(
-          lambda: held.enter_context(workdir_lib.hold(workdir)),
-          "take the workdir's lock")
-    fresh = not ckpt_lib.has_checkpoint(workdir)
-    kernel_record = run_config.record(workdir, request, layers.record(),
-                                      why=layers.note)
-    if fresh and reporting.is_chief():
-      # Starts from step 0: records of an attempt that never saved a
-      # checkpoint are redone, as a resume redoes those past its checkpoint.
-      (workdir / "metrics.jsonl").unlink(missing_ok=True)
-    if train_input.subset is not None and reporting.is_chief():
-      workdir_lib.write_json_atomic(workdir / "train_subset.json",
-                                    train_input.subset)
-  except (ValueError, OSError, workdir_lib.WorkdirLocked) as e:
-    if preemption.is_no_space(e):
-      raise preemption.no_space(
-          "the run's first files", workdir, step=None, needed=None,
-          kept="Nothing was trained yet.") from None
-    raise ConfigError(str(e)) from e
-
-  return _Setup(
-      config, workdir, mesh, data_dir, train_input, eval_input, spe, total,
-      optim.duration_steps(config, "eval_every", spe, default=total),
-      optim.duration_steps(config, "checkpoint_every", spe, default=total),
-      kernel_record, layers, built)
-
-
 class _Loop:
   """The run after set-up: restore, train, evaluate, checkpoint, finish."""
 
-  def __init__(self, setup: _Setup, stop: preemption.StopSignals):
+  def __init__(self, setup: run_setup.Setup, stop: preemption.StopSignals):
     self.setup, self.stop = setup, stop
     config, built = setup.config, setup.built
     self.config, self.spe = config, setup.steps_per_epoch
@@ -241,6 +122,10 @@ class _Loop:
     self.t_start, self.wall_before, self.resumes = time.perf_counter(), 0.0, 0
     self.start = self.at_step = 0
     self.evaluators = self._make_evaluators()
+    # Where this process's time went (results.json's provenance.seconds).
+    self.seconds = {"set_up": 0.0,
+                    "first_dispatch": 0.0, "loop": 0.0, "evaluation": 0.0,
+                    "checkpoints": 0.0}
 
   def _make_evaluators(self) -> dict[str, list[Any]]:
     """Split -> the evaluators `config.evals` names, built on that split:
@@ -359,6 +244,7 @@ class _Loop:
     self._check_finite(step)
     self.best.update(step, self.state, self.history[-1])
     self.progress.exclude(time.perf_counter() - t, evaluation=True)
+    self.seconds["evaluation"] += time.perf_counter() - t
 
   # --------------------------------------------------------- checkpoint
   def _check_finite(self, step: int) -> None:
@@ -378,6 +264,7 @@ class _Loop:
         "wall_s": self.wall_before + time.perf_counter() - self.t_start})
     self.stop.mark_saved(step)
     self.progress.exclude(time.perf_counter() - t)
+    self.seconds["checkpoints"] += time.perf_counter() - t
 
   # -------------------------------------------------------------- train
   def train(self) -> None:
@@ -390,25 +277,32 @@ class _Loop:
     self.progress = reporting.Progress(
         total_steps=total, steps_per_epoch=spe, batch_size=config.batch_size,
         start_step=self.start, eval_every=eval_every)
+    self.seconds["set_up"] = time.perf_counter() - self.setup.started
     step = self.start
+    k = int(config.get("steps_per_dispatch", 1))
+    t_loop = time.perf_counter()
     try:
       if (0 < step and (step % eval_every == 0 or step == total)
           and not any(h["step"] == step for h in self.history)):
         self.evaluate(step)  # a stop interrupted it before the checkpoint
-      batches = self.setup.train_input.iterate(step)
-      # Per-step metrics summed on device over the log interval (no host
+      # Chunks of up to k steps that end at every event (nc_jax.dispatch);
+      # per-step metrics summed on device over the log interval (no host
       # sync per step); the logged values are interval means.
+      chunks = dispatch.plan(step, total, k, (config.log_every_steps,
+                                              eval_every, ckpt_every))
+      runner = dispatch.Runner(self.built, self.setup.train_input, chunks, k)
       sums, n_sum = None, 0
-      add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-      while step < total:
-        self.state, out = self.built.train_step(self.state, next(batches),
-                                                self.built.etf)
-        step += 1
+      for first, n in chunks:
+        t = time.perf_counter()
+        self.state, sums, out = runner.run(self.state, n, sums)
+        if first == self.start:  # tracing and compiling, then dispatch
+          self.seconds["first_dispatch"] = time.perf_counter() - t
+        step = first + n
         self.at_step = step
         self.stop.mark_trained()
-        sums = out if sums is None else add(sums, out)
-        n_sum += 1
-        self.progress.step()
+        n_sum += n
+        self.progress.step(n)
+        stop = dispatch.stop_requested(self.stop.requested, first, step)
         if step % config.log_every_steps == 0 or step == total:
           self._log(step, sums, n_sum, out)
           sums, n_sum = None, 0
@@ -416,11 +310,12 @@ class _Loop:
           self.evaluate(step)
         if step % ckpt_every == 0 or step == total:
           self.save(step)
-        if self.stop.requested(step) and step < total:
+        if stop and step < total:
           self.save(step)
           raise self.stop.stopped(step, str(self.checkpointer.directory))
     finally:
       self.progress.close()
+      self.seconds["loop"] = time.perf_counter() - t_loop
 
   def _log(self, step: int, sums: dict, n_sum: int, out: dict) -> None:
     """The progress line and train record: means over the interval."""
@@ -462,6 +357,17 @@ class _Loop:
         except Exception:  # pylint: disable=broad-except
           pass  # on the way out after another error: that one is reported
 
+  def _phase_seconds(self) -> dict[str, float]:
+    """This process's seconds by phase: set-up (checks, data, model,
+    restore), the first dispatch (tracing and compiling the step), the
+    training loop, and of that loop the evaluations and checkpoints (each
+    after waiting for the steps queued before it, which count as
+    training); `training` is the loop less those three."""
+    s = dict(self.seconds)
+    s["training"] = (s["loop"] - s["first_dispatch"] - s["evaluation"]
+                     - s["checkpoints"])
+    return {k: round(v, 3) for k, v in s.items()}
+
   # ------------------------------------------------------------- finish
   def finish(self) -> dict[str, Any]:
     """Writes results.json (process 0) and returns it."""
@@ -473,7 +379,7 @@ class _Loop:
             provenance.describe(jax.devices()),
             wall_s=round(self.wall_before + time.perf_counter()
                          - self.t_start, 1),
-            resumes=self.resumes))
+            resumes=self.resumes, seconds=self._phase_seconds()))
     if reporting.is_chief():
       workdir_lib.write_json_atomic(path, out)
     say(results_lib.summary_line(out, str(path)))

@@ -209,6 +209,9 @@ def _check_run_fields(config: ConfigDict) -> None:
   _positive_int(config, "log_every_steps", "steps between progress lines")
   _positive_int(config, "keep_checkpoints", "checkpoints kept on disk")
   _positive_int(config, "ece_bins", "calibration bins")
+  if "steps_per_dispatch" in config:  # configs older than the field: 1
+    _positive_int(config, "steps_per_dispatch", "train steps per compiled "
+                  "call")
   if not config.preemption_grace_seconds > 0:
     raise ValueError(
         f"preemption_grace_seconds must be > 0 (25: inside a 30 s "

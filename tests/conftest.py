@@ -210,8 +210,11 @@ def shuffled_image_folder(tmp_path_factory) -> pathlib.Path:
 # count), starting them first keeps one worker from finishing alone with a
 # long module at the end. Others keep their order. The order changes only
 # the wall time, never a result.
+# Added 2026-12-07 beside a long training run: test_dispatch 60 s,
+# test_gpu_lease 48 s.
 _LONGEST_FIRST = ("test_train", "test_distributed", "test_methods",
-                  "test_models", "test_cli", "test_runs", "test_data_cub",
+                  "test_models", "test_dispatch", "test_cli",
+                  "test_gpu_lease", "test_runs", "test_data_cub",
                   "test_data_imagenet_lt", "test_xla_setup", "test_fused_norm")
 
 

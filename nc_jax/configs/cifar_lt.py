@@ -288,6 +288,12 @@ def _run_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
   c.checkpoint_every_steps = ml_collections.FieldReference(None, field_type=int)
   c.keep_checkpoints = 2
   c.log_every_steps = 20
+  # Train steps per compiled call (nc_jax.dispatch): k > 1 runs up to k
+  # steps in one jax.lax.scan over k batches already on the devices, cutting
+  # the host's per-step dispatch; the same numbers as 1. Chunks stop at
+  # every log, evaluation and checkpoint step, so k > log_every_steps gains
+  # nothing; a stop signal waits for the chunk in flight (up to k steps).
+  c.steps_per_dispatch = 1
   # After SIGTERM/SIGINT the run saves a checkpoint at the next step
   # boundary; if none comes within this many seconds (a long compilation)
   # it exits without one (nc_jax.preemption). Fits a 30 s notice.

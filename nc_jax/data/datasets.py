@@ -30,7 +30,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -159,6 +159,8 @@ class TrainInput:
   extra_groups: dict[str, tuple[int, ...]] = dataclasses.field(
       default_factory=dict)
   groups_note: str = ""
+  _chunks: Callable[[Iterable[tuple[int, int]]], Iterator[Batch]] | None = (
+      None)
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Endless global batches from global step `start_step` on.
@@ -172,6 +174,39 @@ class TrainInput:
       return
     for batch in self._local(int(start_step)):
       yield sharding.to_global(batch, self.mesh)
+
+  def iterate_chunks(self, chunks: Iterable[tuple[int, int]]
+                     ) -> Iterator[dict[str, jax.Array]]:
+    """k consecutive global batches at a time, stacked, for a training loop
+    that runs several steps per dispatch (`nc_jax.dispatch`).
+
+    Args:
+      chunks: consecutive `(first step, length)` pairs, e.g.
+        `dispatch.plan(...)`; each chunk starts where the one before ended.
+
+    Yields:
+      {'image': uint8 `(length, B, H, W, C)`, 'label': int32
+      `(length, B)`}: the batches `iterate(first)` yields next, stacked,
+      split over the mesh's data axis along B. The device pipeline builds
+      each stack in one jitted call; tf.data's batches are stacked on the
+      host (`length` batches of host memory at a time).
+    """
+    chunks = list(chunks)
+    if self._chunks is not None:
+      yield from self._chunks(chunks)
+      return
+    if not chunks:
+      return
+    local = self.iterate_local(chunks[0][0])
+    expected = chunks[0][0]
+    for first, length in chunks:
+      if first != expected:
+        raise ValueError(f"Chunks must be consecutive: one starts at step "
+                         f"{first}, after one that ended at {expected}.")
+      rows = [next(local) for _ in range(length)]
+      expected = first + length
+      yield sharding.to_global_stacked(
+          {k: np.stack([r[k] for r in rows]) for k in rows[0]}, self.mesh)
 
   def iterate_local(self, start_step: int = 0) -> Iterator[Batch]:
     """This process's rows of each global batch, as numpy (tf.data only)."""

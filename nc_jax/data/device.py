@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +189,33 @@ def _make_batch(images: jax.Array, labels: jax.Array, perm: jax.Array,
   return {"image": image, "label": labels[idx]}
 
 
+def _make_chunk(images: jax.Array, labels: jax.Array, seed: jax.Array,
+                start: jax.Array, *, length: int, batch_size: int,
+                steps_per_epoch: int, augment: str,
+                epoch_order: Callable[[jax.Array, jax.Array], jax.Array]
+                ) -> dict[str, jax.Array]:
+  """Global batches `start .. start + length - 1` of the plan, stacked.
+
+  The orders of the (at most `(length - 1) // S + 2`) epochs the chunk
+  touches are drawn here, and each step's batch is `_make_batch`'s, so the
+  stack equals `length` batches of `DeviceTrainPipeline.iterate`.
+
+  Returns:
+    {'image': uint8 `(length, B, H, W, C)`, 'label': int32 `(length, B)`}.
+  """
+  spe = steps_per_epoch
+  first_epoch = start // spe
+  spanned = (length - 1) // spe + 2
+  perms = jax.vmap(lambda e: epoch_order(seed, e))(
+      first_epoch + jnp.arange(spanned, dtype=jnp.int32))   # (spanned, N)
+
+  def one(step):
+    return _make_batch(images, labels, perms[step // spe - first_epoch],
+                       seed, step, batch_size=batch_size,
+                       steps_per_epoch=spe, augment=augment)
+  return jax.vmap(one)(start + jnp.arange(length, dtype=jnp.int32))
+
+
 def host_context() -> contextlib.AbstractContextManager:
   """Runs the host-side plan on the CPU backend when there is one.
 
@@ -269,6 +296,15 @@ class DeviceTrainPipeline:
                           steps_per_epoch=self.steps_per_epoch,
                           augment=augment),
         out_shardings={"image": out, "label": out})
+    stacked = sharding.stacked_batch_sharding(mesh)
+    # One compiled gather per chunk length (`nc_jax.dispatch`).
+    self._chunk = jax.jit(
+        functools.partial(_make_chunk, batch_size=self.batch_size,
+                          steps_per_epoch=self.steps_per_epoch,
+                          augment=augment,
+                          epoch_order=epoch_order_fn(sampler, labels)),
+        static_argnames="length",
+        out_shardings={"image": stacked, "label": stacked})
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Endless global batches {'image': uint8 (B,H,W,C), 'label': int32 (B,)}
@@ -281,3 +317,18 @@ class DeviceTrainPipeline:
       yield self._batch(self._images, self._labels, perm, self._seed,
                         np.int32(step))
       step += 1
+
+  def iterate_chunks(self, chunks: Iterable[tuple[int, int]]
+                     ) -> Iterator[dict[str, jax.Array]]:
+    """Stacked global batches, one jitted call per chunk.
+
+    Args:
+      chunks: consecutive `(first step, length)` pairs (`dispatch.plan`).
+
+    Yields:
+      {'image': uint8 `(length, B, H, W, C)`, 'label': int32
+      `(length, B)`}, B split over the mesh's data axis.
+    """
+    for first, length in chunks:
+      yield self._chunk(self._images, self._labels, self._seed,
+                        np.int32(first), length=int(length))

@@ -85,6 +85,26 @@ def load_train_lt(name: str, data_dir: str, imb_factor: float,
                         tuple(train_splits) if train_splits else None)
 
 
+def subset_indices(labels: np.ndarray, num_classes: int, imb_factor: float,
+                   profile: str, selection_seed: int
+                   ) -> tuple[np.ndarray, list[int], list[int]]:
+  """The reference's long-tailed selection from one train split.
+
+  Args:
+    labels: `(N,)` the split's labels in canonical order.
+    num_classes: K (the profile's n_max is N / K).
+    imb_factor, profile, selection_seed: the subset.
+
+  Returns:
+    `(indices, got, wanted)`: ascending canonical positions, and the K
+    per-class counts kept and asked for.
+  """
+  want = long_tail.long_tail_counts(labels.size / num_classes, imb_factor,
+                                    num_classes=num_classes, profile=profile)
+  idx, got = long_tail.select_long_tail(labels, want, seed=selection_seed)
+  return idx, got, want
+
+
 @functools.lru_cache(maxsize=4)
 def _load_train_lt(name: str, data_dir: str, imb_factor: float,
                    profile: str, selection_seed: int,
@@ -108,10 +128,8 @@ def _load_train_lt(name: str, data_dir: str, imb_factor: float,
   canonical = True
   for split in splits:
     index = sources.split_index(source, split)
-    want = long_tail.long_tail_counts(index.labels.size / k, imb_factor,
-                                      num_classes=k, profile=profile)
-    idx, got = long_tail.select_long_tail(index.labels, want,
-                                          seed=selection_seed)
+    idx, got, want = subset_indices(index.labels, k, imb_factor, profile,
+                                    selection_seed)
     if got != want:
       logging.warning("%s/%s: some classes have fewer images than the "
                       "long-tail profile asks for; kept %s of %s.", name,
@@ -295,7 +313,8 @@ class InMemory(datasets.Dataset):
           mesh=mesh, augment=info.train_augment, sampler=sampler)
       return datasets.TrainInput(
           info, counts, n, batch_size, n // batch_size, pipeline, mesh,
-          dev.iterate, None, split.subset_record(), groups_note=_RANGE_NOTE)
+          dev.iterate, None, split.subset_record(), groups_note=_RANGE_NOTE,
+          _chunks=dev.iterate_chunks)
     local = _array_tfdata(split, batch_size=batch_size, seed=seed,
                           augment=info.train_augment, rows=rows,
                           sampler=sampler)

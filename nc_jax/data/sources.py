@@ -41,6 +41,7 @@ import numpy as np
 from nc_jax.data import cifar_release
 from nc_jax.data import datasets
 from nc_jax.data import folders
+from nc_jax.data import pack
 
 # Datasets decoded into host memory (and eligible for the device pipeline).
 IN_MEMORY = tuple(n for n, i in datasets.REGISTRY.items() if not i.streamed)
@@ -62,8 +63,9 @@ def _tfds():
 @dataclasses.dataclass(frozen=True)
 class Source:
   """Where a dataset's files are: kind "release" (a CIFAR python release;
-  root is its folder), "folder" (an image-folder tree) or "tfds", and the
-  root (None: tfds's default data directory)."""
+  root is its folder), "folder" (an image-folder tree), "pack" (an nc_jax
+  data pack, `pack.py`; root is the file) or "tfds", and the root (None:
+  tfds's default data directory)."""
   kind: str
   root: str | None
   info: datasets.DatasetInfo
@@ -96,7 +98,8 @@ def accepted_forms(info: datasets.DatasetInfo, *, unset: bool = True) -> str:
   return (f"Pass --config.data_dir= one of: {release}an image-folder tree "
           f"with train/ and test/ holding one folder of images per class "
           f"(DIR/train/<class>/*.jpg|png); such a tree as a "
-          f".tar.gz/.tgz/.tar/.zip archive; a tfds data directory "
+          f".tar.gz/.tgz/.tar/.zip archive; an nc_jax data pack (.npz, "
+          f"benchmarks/pack_data.py); a tfds data directory "
           f"holding a prepared {info.tfds_name}/{unset}.")
 
 
@@ -124,6 +127,13 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
   if data_dir is None or str(data_dir) == "":
     return Source("tfds", None, info)
   root = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+  if pack.is_pack(root):
+    if info.name not in IN_MEMORY:
+      raise ValueError(f"data_dir {root} is a data pack; packs hold the "
+                       f"small datasets ({', '.join(IN_MEMORY)}), not "
+                       f"{name!r}. " + _expected(info))
+    pack.check(root, name)
+    return Source("pack", root, info)
   if os.path.isfile(root):
     raise ValueError(f"data_dir {root} is a file, not a folder or an archive "
                      "(.tar.gz, .tgz, .tar, .zip). " + _expected(info))
@@ -173,6 +183,16 @@ def check_source(source: Source, train_splits: tuple[str, ...] | None = None
   """
   if source.kind == "release":
     cifar_release.check(source.info.name, source.root)
+    return
+  if source.kind == "pack":
+    meta = pack.check(source.root, source.info.name)
+    if tuple(meta["image_shape"]) != source.info.image_shape:
+      raise ValueError(
+          f"data_dir {source.root} packs {tuple(meta['image_shape'])} "
+          f"images; {source.info.name!r} needs {source.info.image_shape}. "
+          "Pack the dataset again.")
+    for split in available_splits(source, train_splits) + ("test",):
+      split_index(source, split)
     return
   if source.kind != "folder" or source.info.name not in IN_MEMORY:
     return
@@ -265,6 +285,9 @@ def split_index(source: Source, split: str) -> SplitIndex:
       raise ValueError(f"{source.root} has no {split}/ folder of classes.")
     fs = tree.splits[split]
     idx = SplitIndex(fs.labels, fs.ids, np.arange(fs.labels.size), True)
+  elif source.kind == "pack":
+    labels, ids, canonical = pack.split_index(source.root, split)
+    idx = SplitIndex(labels, ids, np.arange(labels.size), canonical)
   elif source.kind == "release":
     _, labels = cifar_release.read_split(source.info.name, source.root, split)
     n = labels.size
@@ -285,6 +308,8 @@ def class_names(source: Source) -> tuple[str, ...]:
     return source.tree().classes
   if source.kind == "release":
     return cifar_release.read_class_names(source.info.name, source.root)
+  if source.kind == "pack":
+    return tuple(pack.meta(source.root)["class_names"])
   names = source.builder().info.features["label"].names
   return tuple(str(n) for n in names)
 
@@ -349,8 +374,12 @@ def available_splits(source: Source,
   wanted = tuple(wanted or source.info.train_splits)
   if source.kind == "tfds":
     return wanted
-  present = (cifar_release.RELEASES[source.info.name].splits
-             if source.kind == "release" else source.tree().splits)
+  if source.kind == "pack":
+    present = pack.meta(source.root)["splits"]
+  elif source.kind == "release":
+    present = cifar_release.RELEASES[source.info.name].splits
+  else:
+    present = source.tree().splits
   missing = [s for s in wanted if s not in present]
   if missing:
     raise ValueError(
@@ -383,6 +412,8 @@ def decode_images(source: Source, split: str,
   if source.kind == "release":
     images, _ = cifar_release.read_split(source.info.name, source.root, split)
     return images[canon]
+  if source.kind == "pack":
+    return pack.images(source.root, split, canon)
   if canon.size == 0:
     return np.zeros((0,) + shape, np.uint8)
   stored = index.stored[canon]
