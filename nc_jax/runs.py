@@ -122,7 +122,7 @@ class Run:
     source: the workdir or file it was loaded from.
   """
 
-  def __init__(self, src: run_sources.Source, replica: int = 0):
+  def __init__(self, src: run_sources.RunSource, replica: int = 0):
     if isinstance(replica, bool) or not isinstance(replica, (int, np.integer)
                                                    ) or not (
         0 <= replica < src.num_replicas):

@@ -20,6 +20,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import types
 
 import pytest
 
@@ -74,31 +75,50 @@ def pytest_configure(config):
 
 
 def _leave_out_real_data(config, items):
-  """Without the release, the real-data tier is not collected (counted as
-  deselected, and said in the summary), unless it was asked for by name."""
+  """Without the release, the real-data tier is not collected (counted, and
+  said on the summary line), unless it was asked for by name."""
   if os.environ.get(RELEASE_VARIABLE) or _real_data_selected(config):
     return
   out = [i for i in items if i.get_closest_marker(REAL_DATA)]
   if out:
     items[:] = [i for i in items if not i.get_closest_marker(REAL_DATA)]
-    config.hook.pytest_deselected(items=out)
     config.stash[_LEFT_OUT] = len(out)
 
 
 _LEFT_OUT = pytest.StashKey[int]()
 
 
+def pytest_sessionfinish(session):
+  # An xdist worker collected (and left out); it tells the controller.
+  output = getattr(session.config, "workeroutput", None)
+  if output is not None:
+    output["real_data_left_out"] = session.config.stash.get(_LEFT_OUT, 0)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+  """xdist's controller: every worker collects the whole suite, so each
+  reports the same number."""
+  del error
+  n = getattr(node, "workeroutput", {}).get("real_data_left_out", 0)
+  config = node.config
+  config.stash[_LEFT_OUT] = max(config.stash.get(_LEFT_OUT, 0), n)
+
+
 def pytest_terminal_summary(terminalreporter, config):
-  n = config.stash.get(_LEFT_OUT, 0)
-  if not n and hasattr(config, "workerinput"):
+  if hasattr(config, "workerinput"):
     return
-  if n or (not os.environ.get(RELEASE_VARIABLE)
-           and not _real_data_selected(config)):
-    terminalreporter.write_line(
-        f"real-data tier left out ({n or 'its'} tests deselected): "
-        f"{RELEASE_VARIABLE} is not set. Set it to the path of the CIFAR-10 "
-        f"python release (cifar-10-python.tar.gz) and run pytest -m "
-        f"{REAL_DATA} to run them.")
+  n = config.stash.get(_LEFT_OUT, 0)
+  if not n:
+    return
+  # On the summary line itself: "... N real-data tests left out (...)".
+  terminalreporter.stats.setdefault(
+      f"real-data tests left out ({RELEASE_VARIABLE} unset)", []).extend(
+          types.SimpleNamespace() for _ in range(n))
+  terminalreporter.write_line(
+      f"{n} real-data tests left out: {RELEASE_VARIABLE} is not set. Set it "
+      "to the path of the CIFAR-10 python release (cifar-10-python.tar.gz) "
+      f"to run them (pytest -m {REAL_DATA}).")
 
 
 def cifar10_release_path() -> pathlib.Path:

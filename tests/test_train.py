@@ -404,8 +404,10 @@ def test_drw_epoch_past_a_length_in_steps_is_refused(tiny_image_folder,
                                                      tmp_path):
   """With the length in steps, the epoch length is known only once the data
   is read; the run still stops before writing anything."""
+  # drw_epoch set explicitly (the command line drops such a field from
+  # fit_to_run, so the run's length does not scale it).
   config = tiny_config(tiny_image_folder, arg="method=ldam_drw,steps=3",
-                       **{"loss.drw_epoch": 1})
+                       **{"loss.drw_epoch": 1, "optim.fit_to_run": ()})
   with pytest.raises(train.ConfigError, match="past the end of training"):
     train.train_and_evaluate(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()  # nothing written

@@ -120,11 +120,11 @@ def main(argv: list[str]) -> None:
 
 def write_outputs(record: dict, out: pathlib.Path) -> None:
   """eval.json and the two figures into `out`, with a summary on stdout."""
-  from nc_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  from nc_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from nc_jax import reporting  # pylint: disable=g-import-not-at-top
   out.mkdir(parents=True, exist_ok=True)
   block = record[record["block"]]
-  ckpt.write_json_atomic(out / "eval.json", record)
+  workdir_lib.write_json_atomic(out / "eval.json", record)
   plot_confusion(record, out / "confusion_matrix.png")
   plot_class_bars(record, out / "per_class_accuracy.png")
   epoch = record["epoch"]
