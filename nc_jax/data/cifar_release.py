@@ -256,7 +256,7 @@ def read_split(release_name: str, folder: str, split: str
   return x, y
 
 
-def check(release_name: str, folder: str) -> None:
+def check_release(release_name: str, folder: str) -> None:
   """Reads (and so checks) every file of the release; raises ValueError."""
   for split in RELEASES[release_name].splits:
     read_split(release_name, folder, split)

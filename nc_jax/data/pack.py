@@ -143,7 +143,7 @@ def meta(path: str) -> dict[str, Any]:
   return _meta(_key(path))
 
 
-def check(path: str, dataset: str) -> dict[str, Any]:
+def check_pack(path: str, dataset: str) -> dict[str, Any]:
   """The pack's header, after checking it is a pack of `dataset`.
 
   Raises:
@@ -173,7 +173,7 @@ def _index(key: tuple[str, int, int], split: str
   return labels, ids, stored
 
 
-def split_index(path: str, split: str
+def read_split_index(path: str, split: str
                 ) -> tuple[np.ndarray, tuple[str, ...], bool]:
   """`(labels (N,) int64, ids, canonical)` of a packed split, canonical
   order."""

@@ -132,7 +132,7 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
       raise ValueError(f"data_dir {root} is a data pack; packs hold the "
                        f"small datasets ({', '.join(IN_MEMORY)}), not "
                        f"{name!r}. " + _expected(info))
-    pack.check(root, name)
+    pack.check_pack(root, name)
     return Source("pack", root, info)
   if os.path.isfile(root):
     raise ValueError(f"data_dir {root} is a file, not a folder or an archive "
@@ -182,10 +182,10 @@ def check_source(source: Source, train_splits: tuple[str, ...] | None = None
     ValueError: naming the problem and the fix.
   """
   if source.kind == "release":
-    cifar_release.check(source.info.name, source.root)
+    cifar_release.check_release(source.info.name, source.root)
     return
   if source.kind == "pack":
-    meta = pack.check(source.root, source.info.name)
+    meta = pack.check_pack(source.root, source.info.name)
     if tuple(meta["image_shape"]) != source.info.image_shape:
       raise ValueError(
           f"data_dir {source.root} packs {tuple(meta['image_shape'])} "
@@ -286,7 +286,7 @@ def split_index(source: Source, split: str) -> SplitIndex:
     fs = tree.splits[split]
     idx = SplitIndex(fs.labels, fs.ids, np.arange(fs.labels.size), True)
   elif source.kind == "pack":
-    labels, ids, canonical = pack.split_index(source.root, split)
+    labels, ids, canonical = pack.read_split_index(source.root, split)
     idx = SplitIndex(labels, ids, np.arange(labels.size), canonical)
   elif source.kind == "release":
     _, labels = cifar_release.read_split(source.info.name, source.root, split)
