@@ -98,6 +98,7 @@ def test_a_pack_refuses_what_it_lacks(folder_pack, tmp_path):
     sources.check_data_dir("cifar10", bad)
 
 
+@pytest.mark.slow  # the command in a subprocess
 def test_pack_data_command_checks_the_size(tiny_image_folder, tmp_path):
   cmd = [sys.executable, str(REPO / "benchmarks" / "pack_data.py"),
          "--dataset", "cifar10", "--data_dir", str(tiny_image_folder),
