@@ -198,17 +198,17 @@ def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:
   diff = sorted(k for k in set(a) | set(b)
                 if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
   if diff:
-    lines = [f"  {k}: {a.get(k)!r} in the workdir, {b.get(k)!r} now"
+    # One line: the error is printed as the run's single `error:` line.
+    parts = [f"{k}: {a.get(k)!r} in the workdir, {b.get(k)!r} now"
              for k in diff]
     for k in diff:
       if k in CHANGED_DEFAULTS and a.get(k) == CHANGED_DEFAULTS[k][0]:
-        lines.append(f"  ({k}'s default was {a.get(k)!r} until "
-                     f"{CHANGED_DEFAULTS[k][1]}: this run was trained with "
-                     "it)")
+        parts.append(f"{k}'s default was {a.get(k)!r} until "
+                     f"{CHANGED_DEFAULTS[k][1]}: this run was trained with it")
     flags = [_override(k, a.get(k)) for k in diff if k in b]
     fix = ("Resume it with the same config"
            + (f" ({' '.join(flags)})" if flags and None not in flags else "")
            + ", or start the new run in another --workdir.")
     raise ValueError(
-        f"{workdir} holds a run with a different config:\n" + "\n".join(lines)
-        + "\n" + fix)
+        f"{workdir} holds a run with a different config ({'; '.join(parts)})."
+        f" {fix}")
