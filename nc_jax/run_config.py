@@ -56,7 +56,14 @@ MISSING_MEANS = {"etf_rotation": "gaussian", "preemption_grace_seconds": 25.0,
                  "pretrained": None, "pretrained_required": False,
                  "crop_min_area": 0.08, "optim.backbone_lr_scale": 1.0,
                  "optim.fit_to_run": [], "optim.fit_from_epochs": None,
-                 "evals": ["classification"], "steps_per_dispatch": 1}
+                 "evals": ["classification"], "steps_per_dispatch": 1,
+                 # Older still (the first committed runs): none of these
+                 # changed what those runs computed.
+                 "allow_kernel_change": False, "norm_impl": "flax",
+                 "eval_logit_adjust_tau": 0.0, "sampler": "random",
+                 "loss.cb_beta": 0.9999, "loss.drw_epoch": 160,
+                 "loss.la_tau": 1.0, "loss.ldam_max_margin": 0.5,
+                 "loss.ldam_scale": 30.0}
 
 
 def with_missing_fields(d: dict) -> dict:
