@@ -1,30 +1,21 @@
-"""Dataset registry and raw sources: tfds data directories or image folders.
+"""What a `data_dir` holds, for the small datasets and the streamed ones.
 
-A dataset is named by a key of `REGISTRY`; its `datasets.DatasetInfo` carries what
-the rest of the system needs (classes, image shape, normalisation constants,
-train augmentation, head/medium/tail groups). `data_dir` is one of
+`data_dir` is one of: the CIFAR python release (`cifar_release.py`: the
+original pixels in the release's order); an image-folder tree
+`{train,test}/<class>/<image>` (`folders.py`: class folders sorted by name
+give the labels, files in natural order); a data pack (`pack.py`); a tfds
+data directory holding the prepared dataset; or None, tfds's default data
+directory (`tfds_prepare.prepare_tfds` downloads there). `check_data_dir`
+names the form (a `Source`), `check_source` makes the cheap checks before
+any work (a listing and a decoded sample, a release's md5s).
 
-- the CIFAR python release (`cifar-10-batches-py/`, `cifar-100-python/`;
-  `cifar_release.py`): the original pixels in the release's order, or
-- an image-folder tree `data_dir/{train,test}/<class>/<image>` (listed by
-  `folders.py` in canonical order: class folders sorted by name give the
-  labels, files in natural order), which is how the shared CIFAR-10 JPEG
-  archive is used, or
-- a tfds data directory holding the prepared dataset (`data_dir/cifar10/...`),
-  read with `tfds.builder(tfds_name, data_dir=data_dir)`, or
-- None (unset): the dataset through tfds in its default data directory
-  (`~/tensorflow_datasets`, or `$TFDS_DATA_DIR`), downloaded and prepared
-  there by `tfds_prepare.prepare_tfds` when the machine can reach the
-  dataset's host.
-
-Small datasets are decoded once into uint8 numpy arrays (`load_train_lt`,
-`load_split`): CIFAR-10-LT is 12,406 images, 38 MB. Labels are read first
-without decoding images, in the dataset's canonical order (`SplitIndex`:
-natural file order for folders, the original index in the `id` of tfds
-examples), the long-tailed selection is computed in numpy as the reference
-does, and only the selected images are decoded. TensorFlow is imported only
-where it is used (tfds sources, tf.data pipelines), so image folders with
-the device pipeline also run on a host without it.
+Labels are read first, without decoding, in the dataset's canonical order
+(`split_index`); the long-tailed selection is computed in numpy as the
+reference does, and only the selected images are decoded
+(`decode_images`). What every dataset implementation shares (`splits_key`,
+`check_dataset_data`, `dataset_class_names`) lives here, not in the
+`datasets` interface. TensorFlow is imported only where it is used (tfds
+sources), so image folders and packs run on a host without it.
 """
 
 from __future__ import annotations
