@@ -5,7 +5,7 @@ the commands and job scripts that use it: it trains every dataset, not
 only CIFAR, with the same flags.
 """
 
-from nc_jax.cli.train import run
+from nc_jax.cli import nc_jax_train
 
 if __name__ == "__main__":
-  run()
+  nc_jax_train()  # checks the `train` extra, then nc_jax.cli.train.run()

@@ -54,6 +54,7 @@ from nc_jax import kernels
 from nc_jax import methods as methods_lib
 from nc_jax import models
 from nc_jax import optim
+from nc_jax import schedule_fit
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
 
@@ -261,7 +262,7 @@ def build(config: ConfigDict, *, num_classes: int,
   # A config asking for its recipe's schedule scaled to a shorter run gets
   # it here too (`validation.validate_length` gives training the same).
   method = methods_lib.get_method(config.method)
-  config, _ = optim.fit_schedule(config, total_steps / max(steps_per_epoch, 1),
+  config, _ = schedule_fit.fit_schedule(config, total_steps / max(steps_per_epoch, 1),
                                  epoch_options=method.epoch_options)
   part = build_model(config, num_classes=num_classes, mean=mean, std=std,
                      class_counts=class_counts, mesh=mesh, layers=layers,

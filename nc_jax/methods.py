@@ -161,7 +161,7 @@ class Method:
       class lengths; None for the cross entropy of the eval logits.
     epoch_options: loss options that are epochs of the schedule (LDAM-DRW's
       `drw_epoch`): a run shorter than its recipe scales them with the
-      learning-rate schedule (`nc_jax.optim.fit_schedule`).
+      learning-rate schedule (`nc_jax.schedule_fit.fit_schedule`).
   """
   head: str
   loss: LossFn

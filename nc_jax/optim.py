@@ -11,7 +11,7 @@ follows MiSLAS's per-epoch schedule: linear warm-up over the first epochs
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -198,91 +198,6 @@ def check_schedule(config: ConfigDict, *, total_epochs: float,
     raise ValueError(
         f"optim.decay_epochs={decay} has {late} at or past the end of the run "
         f"({total_epochs:g} epochs): those decays would never happen. {fix}")
-
-
-# The fields a run shorter than its recipe scales (`fit_schedule`): epochs
-# of the step schedule, and loss options that are epochs of it (a method's
-# `epoch_options`, e.g. "loss.drw_epoch").
-FIT_FIELDS = ("optim.warmup_epochs", "optim.decay_epochs", "loss.drw_epoch")
-
-
-_FIT_LABELS = {"optim.warmup_epochs": "warm-up epochs",
-               "optim.decay_epochs": "decays after epochs",
-               "loss.drw_epoch": "re-weighting from epoch"}
-
-
-def _text(value: Any) -> str:
-  if isinstance(value, (tuple, list)):
-    return ", ".join(map(str, value)) or "none"
-  return str(value or 0)
-
-
-def _scaled(name: str, value: Any, f: float, total_epochs: float) -> Any:
-  """`value` of field `name` scaled by `f` (whole epochs, rounded down; a
-  decay that lands on epoch 0 or at the end is dropped)."""
-  if name == "optim.decay_epochs":
-    return tuple(e for e in sorted({int(e * f) for e in value or ()})
-                 if 1 <= e < total_epochs)
-  return int((value or 0) * f)
-
-
-def fit_schedule(config: ConfigDict, total_epochs: float, *,
-                 epoch_options: Sequence[str] = ()
-                 ) -> tuple[ConfigDict, str | None]:
-  """The config with its recipe's schedule scaled to a shorter run.
-
-  A config asks for it with `optim.fit_to_run` (the fields to scale, a
-  subset of `FIT_FIELDS`) and `optim.fit_from_epochs` (the length the
-  recipe's epochs were written for); the configs set both when the config
-  argument gives `epochs=N` or `steps=N`, and the command line drops a
-  field the user sets explicitly, which is then checked as given. Each
-  field is multiplied by `total_epochs / fit_from_epochs` and rounded down
-  to whole epochs, as `nc-jax-paper-table --epochs` always did: the
-  warm-up, the decays (those that land at epoch 0 or at the end are
-  dropped) and the loss's epoch options that the method uses. A run as
-  long as its recipe, or longer, is left as it is.
-
-  Args:
-    config: the run's config (not changed).
-    total_epochs: the run's length in epochs (fractional for `steps=N`).
-    epoch_options: the method's loss options that are epochs
-      (`Method.epoch_options`); other `loss.` fields are left alone.
-
-  Returns:
-    (config, note): a locked copy with the scaled fields and an empty
-    `fit_to_run`, and one line saying what changed; `(config, None)` when
-    there is nothing to scale.
-  """
-  o = config.optim
-  names = [n for n in (o.get("fit_to_run") or ()) if n in FIT_FIELDS and (
-      not n.startswith("loss.") or n.split(".", 1)[1] in epoch_options)]
-  recipe = o.get("fit_from_epochs")
-  if not names or not recipe or total_epochs >= recipe:
-    return config, None
-  f = total_epochs / recipe
-  out = config.copy_and_resolve_references()
-  out.unlock()
-  changes = []
-  for name in names:
-    if name == "optim.decay_epochs" and o.schedule != "step":
-      continue  # only the step schedule has decay epochs
-    section, field = name.split(".")
-    old = out[section][field]
-    new = _scaled(name, old, f, total_epochs)
-    out[section][field] = new
-    if _text(new) != _text(old):
-      changes.append(f"{_FIT_LABELS.get(name, name)} {_text(new)} (recipe "
-                     f"{_text(old)})")
-  if not changes:
-    return config, None
-  out.optim.fit_to_run = ()
-  out.optim.fit_from_epochs = None
-  out.lock()
-  steps = config.get("num_steps")
-  length = (f"{steps} steps ({total_epochs:.3g} epochs)" if steps
-            else f"{total_epochs:g} epochs")
-  return out, (f"schedule scaled to {length}, {f:.3g} of the recipe's "
-               f"{recipe:g} epochs: " + "; ".join(changes))
 
 
 def make_schedule(config: ConfigDict, steps_per_epoch: int,

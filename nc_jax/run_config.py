@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import kernels
+from nc_jax import schedule_fit
 from nc_jax import workdir as workdir_lib
 
 # Fields that may differ between a run and its resumption: they change how
@@ -111,12 +112,23 @@ def _kernels_text(record: dict) -> str:
           f"{record.get('norm_impl')} BatchNorm")
 
 
+# What a run shorter than its recipe scales (`schedule_fit`): compared
+# only once the run's length is known, in the schedule the run trains.
+SCHEDULE_FIELDS = (*schedule_fit.FIT_FIELDS, "optim.fit_to_run",
+                   "optim.fit_from_epochs")
+
+
 def check_resume(workdir: pathlib.Path, config: ConfigDict,
                  resolved: dict | None = None, *,
-                 why: str | None = None) -> None:
+                 why: str | None = None, before_fit: bool = False) -> None:
   """Raises ValueError if `workdir` holds a checkpointed run of another
   config, or one that resolved to other kernels (read-only; a config
   without a checkpoint does not count).
+
+  `config.json` records the config a run trains, its schedule scaled to
+  its length (`schedule_fit`); so does `config` here, except `before_fit`
+  (the request, before the data gives the length), when the schedule's
+  fields wait for the comparison that `record` makes.
 
   Args:
     workdir: the run directory.
@@ -125,13 +137,15 @@ def check_resume(workdir: pathlib.Path, config: ConfigDict,
       (`nc_jax.kernels.Layers.record()`), or None not to
       compare them.
     why: a note on the new ones for the message (`Layers.note`).
+    before_fit: leave out `SCHEDULE_FIELDS`.
   """
   path = workdir / "config.json"
   if not path.exists() or not ckpt_lib.has_checkpoint(workdir):
     return
   old = _read_config_json(path)
   _compare(workdir, {k: v for k, v in old.items() if k not in RECORD_KEYS},
-           config_to_dict(config))
+           config_to_dict(config),
+           ignore=SCHEDULE_FIELDS if before_fit else ())
   before = old.get("resolved")
   if (resolved is None or before is None or before == resolved
       or config.get("allow_kernel_change")):
@@ -147,9 +161,10 @@ def check_resume(workdir: pathlib.Path, config: ConfigDict,
 
 
 def record(workdir: pathlib.Path, config: ConfigDict,
-                          resolved: dict | None = None, *,
-                          why: str | None = None) -> dict:
-  """Writes `config.json`, or checks the existing one matches `config`.
+           resolved: dict | None = None, *,
+           why: str | None = None) -> dict:
+  """Writes `config.json`, or checks the existing one matches `config`
+  (the config the run trains: its schedule fitted to its length).
 
   A `config.json` beside no checkpoint (a run that stopped before its first
   checkpoint) is replaced: that run starts from step 0 again either way.
@@ -200,10 +215,12 @@ def _override(name: str, value: Any) -> str | None:
   return f"--config.{name}={value}"
 
 
-def _compare(workdir: pathlib.Path, old: dict, new: dict) -> None:
+def _compare(workdir: pathlib.Path, old: dict, new: dict, *,
+             ignore: tuple[str, ...] = ()) -> None:
   a, b = {**MISSING_MEANS, **_flatten(old)}, _flatten(new)
   diff = sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+                if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+                and k not in ignore)
   if diff:
     # One line: the error is printed as the run's single `error:` line.
     parts = [f"{k}: {a.get(k)!r} in the workdir, {b.get(k)!r} now"

@@ -13,7 +13,11 @@ before any of it. Every problem before the workdir is written raises
 
 from __future__ import annotations
 
-import contextlib
+from nc_jax import extras
+
+extras.require(__name__)  # before the imports it checks
+
+import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import pathlib
 import time
@@ -64,7 +68,7 @@ def check_workdir(config: ConfigDict, workdir: pathlib.Path,
   """
   try:
     workdir_lib.check_target(workdir, lambda wd: run_config.check_resume(
-        wd, config, layers.record(), why=layers.note))
+        wd, config, layers.record(), why=layers.note, before_fit=True))
     if "://" not in str(workdir):
       workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
                            "use the workdir")
@@ -110,11 +114,10 @@ def set_up(config: ConfigDict, workdir: pathlib.Path, layers: Any,
   mesh = sharding.make_mesh()
   data_dir, train_input, eval_input = load_data(config, mesh)
   spe = train_input.steps_per_epoch
-  # `request` is what config.json records and a resume compares; `config`
-  # the schedule this run trains (scaled to a run shorter than its recipe),
-  # what results.json records.
-  request = config
-  config, total, note = validation.validate_length(request, spe)
+  # From here `config` is what the run trains: its recipe's schedule scaled
+  # to a shorter run (what config.json and results.json record, and what a
+  # resume compares).
+  config, total, note = validation.validate_length(config, spe)
   if note:
     say(note)
   info = train_input.info
@@ -132,7 +135,7 @@ def set_up(config: ConfigDict, workdir: pathlib.Path, layers: Any,
           lambda: held.enter_context(workdir_lib.hold(workdir)),
           "take the workdir's lock")
     fresh = not ckpt_lib.has_checkpoint(workdir)
-    kernel_record = run_config.record(workdir, request, layers.record(),
+    kernel_record = run_config.record(workdir, config, layers.record(),
                                       why=layers.note)
     if fresh and reporting.is_chief():
       # Starts from step 0: records of an attempt that never saved a

@@ -38,7 +38,6 @@ from nc_jax import steps as steps_lib
 
 FORMAT = "nc_jax.run"
 FORMAT_VERSION = 1
-PREDICT_BATCH = 500
 WHICH = ("final", "best")
 
 

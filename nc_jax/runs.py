@@ -62,7 +62,7 @@ from nc_jax import models
 from nc_jax import nc_metrics
 from nc_jax import run_sources
 from nc_jax import steps as steps_lib
-from nc_jax.data import datasets
+from nc_jax.data import registry
 from nc_jax.data.archive import resolve_data_dir
 # Part of this module's API (runs.RunError, runs.parse_which, ...).
 from nc_jax.run_sources import FORMAT
@@ -400,7 +400,7 @@ def _test_input(src: run_sources.RunSource, given: Any, *,
         config.dataset, data_dir=resolved,
         batch_size=int(config.eval_batch_size), mesh=src.mesh,
         options=options)
-    names = list(datasets.get_dataset(config.dataset).class_names(resolved))
+    names = list(registry.get_dataset(config.dataset).class_names(resolved))
   except (ValueError, FileNotFoundError) as e:
     origin = ("--data_dir" if user_given
               else f"the run's data_dir {given!r}")

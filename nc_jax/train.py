@@ -50,8 +50,8 @@ SCALAR_KEYS = ("top1", "top5", "head", "medium", "tail", "ece", "loss")
 ConfigError = validation.ConfigError
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
-                       ) -> dict[str, Any]:
+def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path, *,
+                       validated: Any = None) -> dict[str, Any]:
   """Trains and evaluates per `config` in `workdir`; returns results.json.
 
   Phases: set up (checks, data, workdir, model), restore, train (with the
@@ -73,7 +73,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
     stop = held.enter_context(preemption.StopSignals(
         grace_seconds=config.get("preemption_grace_seconds", 25.0),
         multi_process=jax.process_count() > 1, say=say))
-    layers = validation.validate_config(config)
+    # `validated`: the `kernels.Layers` of a caller that has validated this
+    # config already (`nc-jax-paper-table` checks every cell first).
+    layers = validated or validation.validate_config(config)
     workdir = workdir_lib.resolve_path(workdir)
     results_path = workdir / "results.json"
     if results_path.is_file():
@@ -81,6 +83,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path
           "to do. Use another --workdir to train again.")
       return json.loads(results_path.read_text())
     run_setup.check_workdir(config, workdir, layers)
+    saved = ckpt_lib.saved_steps(workdir / "checkpoints")
+    if saved:  # a stop before the restore says where the rerun resumes
+      stop.mark_saved(saved[-1])
     setup = run_setup.set_up(config, workdir, layers, held)
     setup.started = started
     loop = _Loop(setup, stop)

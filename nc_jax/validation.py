@@ -14,7 +14,7 @@ once the data's size is:
   a CIFAR release). It returns the resolved `kernels.Layers`.
 - `validate_length(config, steps_per_epoch)`, once the training set's size
   is known and before anything is written: the run's length in steps, the
-  recipe's schedule scaled to a shorter run (`optim.fit_schedule`), and
+  recipe's schedule scaled to a shorter run (`schedule_fit.fit_schedule`), and
   what must fit in it (warm-up, decays, a method's epoch options such as
   LDAM-DRW's `drw_epoch`).
 
@@ -41,6 +41,7 @@ from nc_jax import kernels
 from nc_jax import methods as methods_lib
 from nc_jax import models
 from nc_jax import optim
+from nc_jax import schedule_fit
 from nc_jax import sharding
 from nc_jax import steps as steps_lib
 
@@ -83,7 +84,7 @@ def validate_length(config: ConfigDict, steps_per_epoch: int
 
   Returns:
     `(config, total_steps, note)`: the config with the recipe's schedule
-    scaled to a shorter run (`optim.fit_schedule`; the same config when
+    scaled to a shorter run (`schedule_fit.fit_schedule`; the same config when
     there is nothing to scale), the run's length in steps, and the one line
     that says what was scaled (or None).
 
@@ -94,7 +95,7 @@ def validate_length(config: ConfigDict, steps_per_epoch: int
     total = optim.duration_steps(config, "num", steps_per_epoch)
     epochs = total / max(steps_per_epoch, 1)
     method = methods_lib.get_method(config.method)
-    fitted, note = optim.fit_schedule(config, epochs,
+    fitted, note = schedule_fit.fit_schedule(config, epochs,
                                       epoch_options=method.epoch_options)
     optim.check_schedule(fitted.optim, total_epochs=epochs,
                          steps_per_epoch=steps_per_epoch,

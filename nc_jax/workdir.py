@@ -226,7 +226,7 @@ def hold(workdir: os.PathLike | str) -> Iterator[pathlib.Path]:
 # Files and folders a run writes into its workdir.
 RUN_FILES = frozenset({
     "config.json", "checkpoints", "metrics.jsonl", "tensorboard",
-    "results.json", "train_subset.json", "best", LOCK_NAME})
+    "results.json", "train_subset.json", "best", "damaged", LOCK_NAME})
 
 
 def resolve_path(workdir: str | os.PathLike) -> pathlib.Path:

@@ -85,6 +85,8 @@ def test_the_dataset_interface_imports_no_implementation():
                      "nc_jax.data.cub", "nc_jax.data.sources",
                      "nc_jax.data.pack", "nc_jax.data.file_stream"}
   assert not _import_graph()["nc_jax.data.datasets"] & implementations
+  # Not by name either: one module loads them (`registry`).
+  assert "import_module" not in (PACKAGE / "data" / "datasets.py").read_text()
 
 
 def test_no_function_is_longer_than_80_lines():

@@ -22,7 +22,7 @@ from nc_jax import validation
 from nc_jax import sharding
 from nc_jax.data import archive
 from nc_jax.data import cub
-from nc_jax.data import datasets
+from nc_jax.data import registry
 from nc_jax.data import long_tail
 
 MESH = sharding.make_mesh(jax.devices()[:1])
@@ -227,7 +227,7 @@ def test_options_are_checked_before_any_work(override, match):
   for k, v in override.items():
     (kw if k in kw else options)[k] = v
   with pytest.raises(ValueError, match=match):
-    datasets.get_dataset("cub200").check_options(options=options, **kw)
+    registry.get_dataset("cub200").check_options(options=options, **kw)
 
 
 def test_preset_needs_the_weights_and_names_them():

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from nc_jax.configs import cifar_lt
-from nc_jax import train
 from nc_jax import validation
 from nc_jax.data import in_memory
 from nc_jax.data import long_tail

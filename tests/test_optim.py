@@ -19,6 +19,7 @@ import pytest
 
 from nc_jax.configs import cifar_lt
 from nc_jax import optim
+from nc_jax import schedule_fit
 
 SPE = 96  # CIFAR-10-LT r = 0.01 at batch 128: 12406 images, 96 steps
 
@@ -209,7 +210,7 @@ def test_a_short_run_scales_the_recipes_schedule_like_the_paper_table():
   epoch 0 or at the end dropped), and DRW's epoch for a method using it."""
   c = cifar_lt.get_config("cifar10_r0.01_ce,epochs=20")
   assert c.optim.fit_from_epochs == 200.0
-  fitted, note = optim.fit_schedule(c, 20.0)
+  fitted, note = schedule_fit.fit_schedule(c, 20.0)
   assert fitted.optim.warmup_epochs == 0  # int(5 * 0.1)
   assert fitted.optim.decay_epochs == (16, 18)
   assert fitted.loss.drw_epoch == 160  # ce does not use it
@@ -219,7 +220,7 @@ def test_a_short_run_scales_the_recipes_schedule_like_the_paper_table():
                          "after epochs 16, 18 (recipe 160, 180)")
   # The request itself is not changed.
   assert c.optim.decay_epochs == (160, 180) and c.optim.warmup_epochs == 5
-  ldam, note = optim.fit_schedule(
+  ldam, note = schedule_fit.fit_schedule(
       cifar_lt.get_config("cifar10_r0.01_ce,method=ldam_drw,epochs=100"),
       100.0, epoch_options=("drw_epoch",))
   assert (ldam.optim.warmup_epochs, ldam.optim.decay_epochs,
@@ -229,7 +230,7 @@ def test_a_short_run_scales_the_recipes_schedule_like_the_paper_table():
 
 def test_a_run_of_a_few_steps_drops_what_cannot_fit():
   c = cifar_lt.get_config("quick,steps=20")
-  fitted, note = optim.fit_schedule(c, 20 / SPE)
+  fitted, note = schedule_fit.fit_schedule(c, 20 / SPE)
   assert (fitted.optim.warmup_epochs, fitted.optim.decay_epochs) == (0, ())
   assert note.startswith("schedule scaled to 20 steps (0.208 epochs)")
   # The fitted schedule passes the checks against the run's length.
@@ -246,14 +247,31 @@ def test_a_run_of_a_few_steps_drops_what_cannot_fit():
 ])
 def test_the_schedule_is_kept_unless_a_shorter_length_asks(arg, total):
   c = cifar_lt.get_config(arg)
-  fitted, note = optim.fit_schedule(c, total)
-  assert fitted is c and note is None
+  fitted, note = schedule_fit.fit_schedule(c, total)
+  assert note is None
+  assert (fitted.optim.warmup_epochs, fitted.optim.decay_epochs) == (5, (160,
+                                                                          180))
+  # What the run records says what it trains: the request is answered.
+  assert fitted.optim.fit_to_run == () and fitted.optim.fit_from_epochs is None
+  if not c.optim.fit_to_run:
+    assert fitted is c
+
+
+def test_a_field_the_user_changed_is_not_scaled():
+  """From Python, as from the command line: a schedule field that is no
+  longer the recipe's value was set by the user and is kept."""
+  c = cifar_lt.get_config("cifar10_r0.01_etf_dr,steps=300")
+  c.optim.warmup_epochs = 1
+  fitted, note = schedule_fit.fit_schedule(c, 300 / SPE)
+  assert fitted.optim.warmup_epochs == 1
+  assert fitted.optim.decay_epochs == (2,)  # still the recipe's: scaled
+  assert "warm-up" not in note and "decays after epochs 2" in note
 
 
 def test_fitting_twice_is_fitting_once():
   c = cifar_lt.get_config("cifar10_r0.01_etf_dr,epochs=10")
-  once, _ = optim.fit_schedule(c, 10.0)
-  twice, note = optim.fit_schedule(once, 10.0)
+  once, _ = schedule_fit.fit_schedule(c, 10.0)
+  twice, note = schedule_fit.fit_schedule(once, 10.0)
   assert twice is once and note is None
 
 
@@ -261,7 +279,7 @@ def test_a_field_left_out_of_fit_to_run_is_kept_as_given():
   """What nc-jax-train does with a field given by --config.FIELD=."""
   c = cifar_lt.get_config("cifar10_r0.01_etf_dr,epochs=10")
   c.optim.fit_to_run = ("optim.decay_epochs",)
-  fitted, _ = optim.fit_schedule(c, 10.0)
+  fitted, _ = schedule_fit.fit_schedule(c, 10.0)
   assert fitted.optim.warmup_epochs == 5 and fitted.optim.decay_epochs == (8, 9)
   with pytest.raises(ValueError, match="set explicitly and is kept as given"):
     optim.check_schedule(fitted.optim, total_epochs=3.0, steps_per_epoch=SPE,

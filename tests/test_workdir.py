@@ -156,6 +156,35 @@ def test_config_json_from_before_etf_rotation_resumes(tmp_path):
   assert loaded.optim.backbone_lr_scale == 1.0
 
 
+@pytest.mark.parametrize("arg,steps_per_epoch", [
+    ("tiny,steps=4", 9),  # the fingerprint runs' form
+    ("cifar10_r0.01_etf_dr,steps=300", 96),
+    ("cifar10_r0.01_etf_dr,epochs=20", 96),  # nc-jax-paper-table --epochs
+])
+def test_a_short_run_written_before_the_schedule_fit_resumes(
+    tmp_path, arg, steps_per_epoch):
+  """A workdir written before `epochs=N`/`steps=N` scaled the schedule
+  recorded the schedule it trained, without `fit_to_run`: the same command
+  resumes it, in the schedule it trains, and another schedule is refused."""
+  from nc_jax import schedule_fit  # pylint: disable=g-import-not-at-top
+  from nc_jax import validation  # pylint: disable=g-import-not-at-top
+  from nc_jax.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+  request = cifar_lt.get_config(arg)
+  fitted, _, note = validation.validate_length(request, steps_per_epoch)
+  assert (note is None) == arg.startswith("tiny")  # tiny has no schedule
+  old = run_config.config_to_dict(fitted)
+  del old["optim"]["fit_to_run"], old["optim"]["fit_from_epochs"]
+  (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  run_config.check_resume(tmp_path, request, before_fit=True)
+  run_config.check_resume(tmp_path, fitted)
+  changed = fitted.copy_and_resolve_references()
+  changed.optim.warmup_epochs = 3
+  with pytest.raises(ValueError, match="optim.warmup_epochs"):
+    run_config.check_resume(tmp_path, changed)
+  assert schedule_fit.FIT_FIELDS[0] == "optim.warmup_epochs"
+
+
 def test_config_mismatch_names_the_flags_that_resume(tmp_path):
   """The refusal quotes each differing field's recorded value as the
   override that resumes the run, shell-quoted where it is a tuple."""

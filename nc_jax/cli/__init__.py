@@ -18,15 +18,22 @@ _COMMANDS = {"train": "nc-jax-train", "evaluate": "nc-jax-evaluate",
              "report": "nc-jax-report", "paper_table": "nc-jax-paper-table"}
 
 
-def _run(module: str) -> None:
-  if module == "train":  # a signal during the imports: one line, no trace
-    preemption.exit_early_on_signals()
+def exit_without_extra(module: str) -> None:
+  """Ends the process with one `error:` line (status 2) when the command
+  in `nc_jax.cli.<module>` cannot run without a missing extra; called
+  before that module's own imports (the console scripts, `python -m`)."""
   needs = extras.REPORT if module == "report" else extras.TRAIN
   try:
     extras.require(_COMMANDS[module], needs)
   except ImportError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _run(module: str) -> None:
+  if module == "train":  # a signal during the imports: one line, no trace
+    preemption.exit_early_on_signals()
+  exit_without_extra(module)
   importlib.import_module(f"nc_jax.cli.{module}").run()
 
 

@@ -30,6 +30,10 @@ ETF, the config, metadata; replica --replica of a num_seeds run) that
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: the extra first, in one line
+  from nc_jax.cli import exit_without_extra
+  exit_without_extra("evaluate")
+
 import json
 import pathlib
 import sys

@@ -21,6 +21,10 @@ accelerator); a last call naming all of them then writes the table.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: the extra first, in one line
+  from nc_jax.cli import exit_without_extra
+  exit_without_extra("paper_table")
+
 import difflib
 import json
 import os
@@ -114,7 +118,7 @@ def cell_config(cell: str, *, seeds: int, epochs: float | None,
   if steps is not None:
     arg += f",steps={steps}"
   # epochs=/steps= in the argument scale the recipe's warm-up and decays to
-  # the budget when the run starts (nc_jax.optim.fit_schedule).
+  # the budget when the run starts (nc_jax.schedule_fit.fit_schedule).
   config = cfg_lib.get_config(arg)
   config.unlock()
   config.num_seeds = int(seeds)
@@ -230,12 +234,13 @@ def main(argv: list[str]) -> None:
   root = pathlib.Path(_ROOT.value).expanduser().resolve()
   cell = cells[0]
   try:
-    for cell in cells:  # every cell is checked before any trains
-      validation.validate_config(configs[cell])
+    # Every cell is checked before any trains, once.
+    layers = {c: validation.validate_config(configs[c]) for c in cells}
     for i, cell in enumerate(cells):
       print(f"== cell {i + 1}/{len(cells)}: {cell} -> {root / cell}",
             flush=True)
-      train.train_and_evaluate(configs[cell], root / cell)
+      train.train_and_evaluate(configs[cell], root / cell,
+                               validated=layers[cell])
   except (train.ConfigError, checkpoint.CheckpointError) as e:
     print(f"error: cell {cell}: {e}", file=sys.stderr)
     sys.exit(2)

@@ -19,6 +19,10 @@ the report with one `error:` line (exit status 2).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: the extra first, in one line
+  from nc_jax.cli import exit_without_extra
+  exit_without_extra("report")
+
 import json
 import pathlib
 from typing import Any

@@ -15,6 +15,10 @@ Several hosts: start the same command on each with --coordinator_address,
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: the extra first, in one line
+  from nc_jax.cli import exit_without_extra
+  exit_without_extra("train")
+
 import sys
 
 from absl import flags
@@ -24,6 +28,7 @@ from ml_collections import config_flags
 from nc_jax.cli import app as cli
 from nc_jax.kernels import xla_setup
 from nc_jax import preemption
+from nc_jax import schedule_fit
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A preset name (cifar10_r0.01_etf_dr), a config argument "
@@ -73,7 +78,8 @@ def _keep_explicit_schedule(config):
   warm-up and decays, never a value the user typed."""
   given = config_flags.get_override_values(flags.FLAGS["config"])
   fit = tuple(config.optim.fit_to_run)
-  keep = tuple(n for n in fit if n not in given)
+  keep = tuple(e for e, n in zip(fit, schedule_fit.entry_names(fit))
+               if n not in given)
   if keep != fit:
     config.optim.fit_to_run = keep
   return config

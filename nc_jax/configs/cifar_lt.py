@@ -38,6 +38,8 @@ import difflib
 
 import ml_collections
 
+from nc_jax import schedule_fit
+
 # Per-dataset defaults: the reference's backbone and class groups live in the
 # data and model registries; only choices made by the recipe are here.
 DATASET_BACKBONE = {
@@ -52,8 +54,6 @@ VARIANTS = ("quick", "imagenet_lt", "cub200", "tiny")
 PAPER_DATASETS = ("cifar10", "cifar100", "svhn", "stl10")
 PAPER_RATIOS = ("0.005", "0.01", "0.02")
 PAPER_METHODS = ("ce", "etf_dr")
-# What `epochs=N`/`steps=N` scale to the run (nc_jax.optim.FIT_FIELDS).
-FIT_FIELDS = ("optim.warmup_epochs", "optim.decay_epochs", "loss.drw_epoch")
 KEYS = ("dataset", "imb", "method", "backbone", "mixup", "seed", "profile",
         "pipeline", "sampler", "epochs", "steps")
 
@@ -159,7 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError("Give epochs= or steps=, not both.")
   if "epochs" in kv or "steps" in kv:
     recipe = c.num_epochs or None  # None: a variant that counts steps
-    c.optim.fit_to_run = FIT_FIELDS if recipe else ()
+    c.optim.fit_to_run = schedule_fit.recipe_entries(c) if recipe else ()
     c.optim.fit_from_epochs = recipe
   if "epochs" in kv:
     c.num_epochs, c.num_steps = float(kv["epochs"]), None
@@ -269,10 +269,10 @@ def _optim_fields(c: ml_collections.ConfigDict, kv: dict[str, str]) -> None:
   c.optim.decay_factor = 0.1
   # The backbone's learning rate relative to the head's (fine-tuning).
   c.optim.backbone_lr_scale = 1.0
-  # A run shorter than the recipe it came from scales these schedule fields
-  # to its length (nc_jax.optim.fit_schedule): set when the config argument
-  # gives epochs=N or steps=N, from the recipe's length; nc-jax-train drops
-  # a field given with --config.FIELD=..., which then stays as given.
+  # A run shorter than the recipe it came from scales the recipe's schedule
+  # to its length (nc_jax.schedule_fit): set, with the recipe's values and
+  # length, when the config argument gives epochs=N or steps=N; a field
+  # set to another value (or given with --config.FIELD=) stays as given.
   c.optim.fit_to_run = ()
   c.optim.fit_from_epochs = ml_collections.FieldReference(None,
                                                           field_type=float)

@@ -38,8 +38,8 @@ from nc_jax.data.pipeline import make_train_input
 from nc_jax.data.datasets import REGISTRY
 from nc_jax.data.datasets import DatasetInfo
 from nc_jax.data.datasets import dataset_info
-from nc_jax.data.datasets import get_dataset
-from nc_jax.data.datasets import options_of
+from nc_jax.data.registry import get_dataset
+from nc_jax.data.registry import options_of
 from nc_jax.data.sources import check_data_dir
 from nc_jax.data.tfds_prepare import prepare_tfds
 

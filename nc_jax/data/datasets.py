@@ -2,8 +2,8 @@
 
 A dataset is one registry entry (`REGISTRY`: its static `DatasetInfo`, and
 the module that implements it) and one module whose `make(info)` returns a
-`Dataset`. The rest of the system asks `get_dataset(name)` and never names a
-dataset:
+`Dataset`. The rest of the system asks `registry.get_dataset(name)` and
+never names a dataset:
 
     dataset = get_dataset("cifar10")
     train = dataset.train_input(data_dir=..., imb_factor=0.01, ...,
@@ -17,10 +17,11 @@ own settings (ImageNet-LT's list and colour jitter, SVHN's extra split) are
 config fields that the dataset names in `Dataset.options`; the data layer
 hands it those fields and nothing else reads them.
 
-This module imports neither TensorFlow nor any implementation: `get`
-loads a dataset's module on first use, so the small datasets run on a host
-without TensorFlow (image folders with the device pipeline) and asking for
-a dataset's `DatasetInfo` costs nothing. What the implementations share
+This module imports neither TensorFlow nor any implementation, not even
+by name: `registry.get_dataset` loads a dataset's module on first use, so
+the small datasets run on a host without TensorFlow (image folders with
+the device pipeline) and asking for a dataset's `DatasetInfo` costs
+nothing. What the implementations share
 (the `data_dir` forms, their checks and class names) is `sources`, which
 imports this module, never the other way round.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -296,19 +296,6 @@ class Dataset(abc.ABC):
                  profile: str, selection_seed: int,
                  options: Mapping[str, Any]) -> EvalInput:
     """Every image of `split` once (see `pipeline.make_eval_input`)."""
-
-
-def get_dataset(name: str) -> Dataset:
-  """The `Dataset` of registry entry `name` (its module loaded on first
-  use); ValueError listing the valid names."""
-  info = dataset_info(name)
-  return importlib.import_module(info.module).make(info)
-
-
-def options_of(name: str, config: Any) -> dict[str, Any]:
-  """The values of dataset `name`'s own config fields in `config` (a
-  ConfigDict or a mapping), None where unset."""
-  return {f: config.get(f) for f in get_dataset(name).options}
 
 
 def padded_eval_batches(images: np.ndarray, labels: np.ndarray, *,

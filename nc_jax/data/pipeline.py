@@ -15,8 +15,8 @@ whatever the number of processes. Two ways to build the batches:
   each batch there (`device.py`); same batches, no host work per step.
 
 Both functions check what is common to every dataset and hand the rest to
-the dataset's module (`datasets.get_dataset(name)`); a dataset's own settings come
-in `options` (`datasets.options_of(name, config)`).
+the dataset's module (`registry.get_dataset(name)`); a dataset's own settings come
+in `options` (`registry.options_of(name, config)`).
 
 `make_eval_input` returns an `EvalInput` whose `iterate()` covers every
 image once in fixed order, in global batches with a 'mask' (False on the
@@ -34,6 +34,7 @@ from nc_jax import sharding
 from nc_jax.data import device as device_lib
 from nc_jax.data import long_tail
 from nc_jax.data import datasets
+from nc_jax.data import registry
 
 PIPELINES = ("tfdata", "device")
 SAMPLERS = device_lib.SAMPLERS
@@ -89,7 +90,7 @@ def check_options(name: str, *, pipeline: str, sampler: str,
       the device pipeline for a dataset streamed from disk), naming the
       config field that fixes it.
   """
-  dataset = datasets.get_dataset(name)  # raises for unknown datasets
+  dataset = registry.get_dataset(name)  # raises for unknown datasets
   if pipeline not in PIPELINES:
     raise ValueError(f"pipeline must be one of {PIPELINES}, got "
                      f"{pipeline!r} (--config.pipeline=...).")
@@ -131,7 +132,7 @@ def make_train_input(name: str, *,
       (N draws with replacement, every class equally likely; see
       `device.py`); both pipelines yield the same batches either way.
     options: the dataset's own settings by config field name
-      (`datasets.options_of`): `train_splits` for the in-memory sets (None:
+      (`registry.options_of`): `train_splits` for the in-memory sets (None:
       the dataset's, e.g. SVHN's train + extra), `imagenet_lt_train_list`
       and `color_jitter` for ImageNet-LT; unset ones take their defaults.
     _process: `(index, count)` to simulate a process (tests only).
@@ -144,7 +145,7 @@ def make_train_input(name: str, *,
                 imb_factor=imb_factor, profile=profile, options=options)
   if not 0 <= int(seed) < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
-  return datasets.get_dataset(name).train_input(
+  return registry.get_dataset(name).train_input(
       data_dir=os.fspath(data_dir) if data_dir is not None else None,
       imb_factor=imb_factor, profile=profile, selection_seed=selection_seed,
       batch_size=batch_size, seed=seed, mesh=mesh, pipeline=pipeline,
@@ -179,7 +180,7 @@ def make_eval_input(name: str, *,
   Returns:
     An `EvalInput`.
   """
-  dataset = datasets.get_dataset(name)
+  dataset = registry.get_dataset(name)
   if split not in EVAL_SPLITS:
     raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
   rows = local_rows(batch_size, mesh, _process)

@@ -45,9 +45,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nc_jax.models import layers
+
 Dtype = Any
 
-ACTIVATIONS = ("relu", "none")
+ACTIVATIONS = layers.ACTIVATIONS
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -227,7 +229,6 @@ def fused_batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
                      name: str | None = None) -> BatchNorm:
   """`nc_jax.models.layers.batch_norm` with this module's `BatchNorm`: the
   same momentum, epsilon and variables, the fused gradient."""
-  from nc_jax.models import layers  # pylint: disable=g-import-not-at-top
   return BatchNorm(use_running_average=not train, momentum=layers.BN_MOMENTUM,
                    epsilon=layers.BN_EPSILON, activation=activation,
                    dtype=dtype, name=name)

@@ -40,11 +40,13 @@ import jax
 import jax.numpy as jnp
 
 from nc_jax import etf as etf_lib
+from nc_jax import losses as losses_lib
 from nc_jax.models.layers import (KAIMING_NORMAL, batch_norm,
                                   torch_linear_bias_init)
 
-# The reference clamps ||h|| from below by this before dividing by it.
-NORM_EPS = 1e-8
+# The reference clamps ||h|| from below by this before dividing by it (the
+# DR loss's own clamp, `losses.NORM_EPS`).
+NORM_EPS = losses_lib.NORM_EPS
 
 Dtype = Any
 
