@@ -157,6 +157,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The training length from the argument wins over the variants' defaults.
   if "epochs" in kv and "steps" in kv:
     raise ValueError("Give epochs= or steps=, not both.")
+  for key, kind in (("epochs", float), ("steps", int)):
+    if key in kv:
+      try:
+        ok = kind(kv[key]) > 0
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(f"{key}={kv[key]} must be a number > 0 (the "
+                         f"training length), e.g. {key}=20.")
   if "epochs" in kv or "steps" in kv:
     recipe = c.num_epochs or None  # None: a variant that counts steps
     c.optim.fit_to_run = schedule_fit.recipe_entries(c) if recipe else ()
