@@ -332,6 +332,45 @@ def test_kernels_are_recorded_and_a_change_on_resume_is_refused(
     assert {k: got.get(k) for k in record} == record
 
 
+def test_a_stop_while_a_resume_sets_up_names_the_step_it_resumes_from(
+    tiny_image_folder, tmp_path, monkeypatch):
+  """SIGTERM while a resumed run loads its data: nothing new to save, and
+  the message names the checkpoint the rerun resumes from, not "the
+  start"."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from nc_jax import preemption, run_setup  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tiny_image_folder, arg="steps=6",
+                       checkpoint_every_steps=2, checkpoint_every_epochs=None)
+  with monkeypatch.context() as m:
+    _crash_after(m, 5)
+    with pytest.raises(_Crash):
+      train.train_and_evaluate(config, tmp_path)
+  exits = []
+
+  def record_exit(self, code, text):  # the watchdog's os._exit, recorded
+    del self
+    exits.append((code, text))
+  real = run_setup.load_data
+
+  def signalled_load(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not exits and time.monotonic() < deadline:
+      time.sleep(0.01)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(preemption.StopSignals, "_exit", record_exit)
+  monkeypatch.setattr(run_setup, "load_data", signalled_load)
+  with pytest.raises(preemption.Preempted):  # (the exit was only recorded)
+    train.train_and_evaluate(config, tmp_path)
+  assert exits, "the watchdog did not answer the signal"
+  code, text = exits[0]
+  assert code == preemption.EXIT_PREEMPTED
+  assert "nothing trained since the last checkpoint" in text
+  assert "resumes from step 4" in text, text
+
+
 def test_a_damaged_checkpoint_is_set_aside_and_the_run_ends_as_if_intact(
     tiny_image_folder, tmp_path, monkeypatch, capsys):
   """The newest checkpoint's data files garbled: the run says so in one
