@@ -214,7 +214,8 @@ class Checkpointer:
           f"The checkpoint at step {step} in {self.directory} cannot be "
           f"restored ({type(e).__name__}: {short_error(e)}). It was left as it "
           "is. If the model or the code changed since it was written, use "
-          "the version that wrote it or a new --workdir.") from e
+          "the version that wrote it; if it is damaged, read an older step or "
+          "the best one (training resumes past a damaged one by itself).") from e
     return out["state"], dict(out["record"])
 
   def readable(self, step: int) -> bool:

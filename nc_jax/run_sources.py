@@ -154,9 +154,10 @@ def _pick_checkpoint(wd: pathlib.Path, which: str | int
   if which == "best":
     if best is None:
       raise RunError(
-          f"{wd} has no best checkpoint (best/{best_lib.BEST_FILE}): runs "
-          "save one at their evaluations from this version of nc_jax on, and "
-          "this run saved none. Use --which final (which='final').")
+          f"{wd} has no best checkpoint (best/{best_lib.BEST_FILE}): a run "
+          "writes it at its first evaluation (and runs from before 2026-11-25 "
+          "wrote none), and this one has none yet. Use --which final "
+          "(which='final').")
     return best_step, "best", best
   if which in steps:
     return which, "step", None
