@@ -193,12 +193,7 @@ class BatchNorm(nn.Module):
   def __call__(self, x: jax.Array,
                residual: jax.Array | None = None) -> jax.Array:
     """`(..., C)` (and optional same-shape `residual`) -> `(..., C)`."""
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"Unknown activation {self.activation!r}; expected "
-                       f"one of {ACTIVATIONS}.")
-    if residual is not None and residual.shape != x.shape:
-      raise ValueError(f"residual shape {residual.shape} != input shape "
-                       f"{x.shape}.")
+    layers.check_norm_inputs(self.activation, x, residual)
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)

@@ -47,6 +47,18 @@ BN_EPSILON = 1e-5
 ACTIVATIONS = ("none", "relu")
 
 
+def check_norm_inputs(activation: str, x: jax.Array,
+                      residual: jax.Array | None) -> None:
+  """Raises ValueError for an unknown activation or a residual whose shape
+  differs from `x`'s; shared by every batch-norm layer of the models."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {activation!r}; expected one of "
+                     f"{ACTIVATIONS}.")
+  if residual is not None and residual.shape != x.shape:
+    raise ValueError(f"residual shape {residual.shape} != input shape "
+                     f"{x.shape}.")
+
+
 def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
   """PyTorch `nn.Linear`'s default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
@@ -74,12 +86,7 @@ class FlaxBatchNorm(nn.BatchNorm):
 
   def __call__(self, x: jax.Array,  # pytype: disable=signature-mismatch
                residual: jax.Array | None = None) -> jax.Array:
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f"Unknown activation {self.activation!r}; expected "
-                       f"one of {ACTIVATIONS}.")
-    if residual is not None and residual.shape != x.shape:
-      raise ValueError(f"residual shape {residual.shape} != input shape "
-                       f"{x.shape}.")
+    check_norm_inputs(self.activation, x, residual)
     y = super().__call__(x)
     if residual is not None:
       y = y + residual.astype(y.dtype)
