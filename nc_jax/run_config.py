@@ -80,6 +80,8 @@ def with_missing_fields(d: dict) -> dict:
   return out
 # Keys of config.json that are records, not config fields.
 RECORD_KEYS = ("resolved", "resolved_before")
+# Fields that tell one seed of an experiment from another.
+SEED_FIELDS = ("seed", "num_seeds")
 KERNEL_CHANGE_FLAG = "--config.allow_kernel_change=True"
 
 
@@ -90,6 +92,21 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
       out.update(_flatten(v, f"{prefix}{k}."))
     return out
   return {prefix[:-1]: d}
+
+
+def recipe_of(config_json: dict) -> dict[str, Any]:
+  """What a run computes, its seeds aside: `config.json`'s fields (flat
+  names; those it predates filled in as they ran, `MISSING_MEANS`) less
+  the records, the fields a resume may change (`RESUMABLE_CHANGES`) but
+  `data_dir`, and `SEED_FIELDS`. Runs with equal recipes are seeds of one
+  experiment. `data_dir` stays: a resume may find the same data at
+  another path, but runs on other data (a JPEG export of CIFAR-10 and the
+  original release) are no seeds of one experiment."""
+  fields = {k: v for k, v in config_json.items() if k not in RECORD_KEYS}
+  flat = {**MISSING_MEANS, **_flatten(fields)}
+  return {k: v for k, v in flat.items()
+          if k == "data_dir" or (k not in RESUMABLE_CHANGES
+                                 and k not in SEED_FIELDS)}
 
 
 def config_to_dict(config: ConfigDict) -> dict[str, Any]:

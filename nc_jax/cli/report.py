@@ -10,7 +10,10 @@ r"""Figures and a comparison table for finished (or running) training runs.
                           (unfinished runs too, as far as they got)
   nc_metrics.png          neural-collapse statistics over training (when the
                           runs logged them, config.nc_metrics=True)
-  report.md               a markdown table comparing the runs
+  report.md               a markdown table comparing the runs and, where
+                          several runs (or vmapped replicas) are seeds of
+                          one experiment, a table pooling them: mean, std
+                          and range over the seeds
 A workdir of `benchmarks/reference_run.py` (the authors' code) is read the
 same way. A figure with nothing to show is not written. A workdir that
 does not exist, is no run directory, or has not logged anything yet stops
@@ -34,6 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nc_jax import run_config  # noqa: E402
 from nc_jax.cli import app as cli  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_multi_string("workdir", None, "Run directories.")
@@ -124,6 +128,81 @@ def table(runs: list[dict]) -> str:
         f"{_fmt(fin, fstd, 'medium')} | {_fmt(fin, fstd, 'tail')} | "
         f"{_fmt(fin, fstd, 'ece')} | {_fmt(best, bstd, 'top1')} |")
   return "\n".join(rows) + "\n"
+
+
+def _seeds_of(run: dict) -> list[tuple[str, dict, dict]]:
+  """(label, final, best) of each seed a finished run trained: its `seed`,
+  or `seed/r` for replica r of a vmapped run (`num_seeds` > 1)."""
+  res, seed = run["results"], run["config"].get("seed", 0)
+  if res.get("per_seed"):
+    return [(f"{seed}/{r}", p["final"], p["best"])
+            for r, p in enumerate(res["per_seed"])]
+  return [(str(seed), res["final"], res["best"])]
+
+
+def seed_groups(runs: list[dict]) -> list[dict]:
+  """Finished runs that compute the same thing but for their seeds
+  (`run_config.recipe_of`), pooled, in the order of their first runs.
+
+  Each group: `runs` (their names), `seeds` (labels), `final` and `best`
+  (one block per seed) and `repeats` (a seed met again in another run of
+  the group: counted once, from its first run).
+  """
+  groups: dict[str, dict] = {}
+  for run in runs:
+    if not run["results"]:
+      continue
+    key = json.dumps(run_config.recipe_of(run["config"]), sort_keys=True,
+                     default=str)
+    g = groups.setdefault(key, {"config": run["config"], "runs": [],
+                                "seeds": [], "final": [], "best": [],
+                                "repeats": []})
+    g["runs"].append(run["name"])
+    for label, final, best in _seeds_of(run):
+      if label in g["seeds"]:
+        g["repeats"].append(f"seed {label} in {run['name']}")
+        continue
+      g["seeds"].append(label)
+      g["final"].append(final)
+      g["best"].append(best)
+  return list(groups.values())
+
+
+def _stats(blocks: list[dict], key: str) -> str:
+  """`mean ± std (min-max)` of `key` over the seeds (std with n - 1)."""
+  vals = [b[key] for b in blocks if b.get(key) is not None]
+  if not vals:
+    return "-"
+  m = sum(vals) / len(vals)
+  sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+  return f"{m:.3f} ± {sd:.2f} ({min(vals):.2f}-{max(vals):.2f})"
+
+
+def seeds_table(runs: list[dict]) -> str | None:
+  """Markdown table of the experiments with two or more seeds; None when
+  there is none."""
+  groups = [g for g in seed_groups(runs) if len(g["seeds"]) > 1]
+  if not groups:
+    return None
+  rows = ["| runs | dataset | r | method | seeds | final top-1 | best top-1 "
+          "| final head | final medium | final tail |", "|" + "---|" * 10]
+  notes = []
+  for g in groups:
+    c = g["config"]
+    rows.append(
+        f"| {', '.join(g['runs'])} | {c['dataset']} | {c['imb_factor']} | "
+        f"{c.get('method')} | {', '.join(g['seeds'])} | "
+        f"{_stats(g['final'], 'top1')} | {_stats(g['best'], 'top1')} | "
+        + " | ".join(_stats(g["final"], k) for k in ("head", "medium", "tail"))
+        + " |")
+    notes += [f"- {r}: a repeat, left out" for r in g["repeats"]]
+  return "\n".join(
+      ["## Seeds pooled", "",
+       "Runs whose configs differ only in their seeds (as a resume compares "
+       "configs, and with the same data_dir): mean ± std over the seeds "
+       "(n - 1 in the denominator), and their range. \"best\" is each "
+       "seed's own best evaluation.", "",
+       *rows, "", *notes]) + "\n"
 
 
 def plot_accuracy_by_class_size(runs: list[dict], path: pathlib.Path) -> bool:
@@ -273,6 +352,9 @@ def write_report(workdirs: list[str], out: str | pathlib.Path) -> list[pathlib.P
            "only, no final numbers" for run in runs if not run["results"]]
   if notes:
     md += notes + [""]
+  pooled = seeds_table(runs)
+  if pooled:
+    md += [pooled]
   md += [f"![{p.stem}]({p.name})" for p in written]
   (out / "report.md").write_text("\n".join(md) + "\n")
   written.append(out / "report.md")
