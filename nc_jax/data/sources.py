@@ -1,21 +1,16 @@
 """What a `data_dir` holds, for the small datasets and the streamed ones.
 
-`data_dir` is one of: the CIFAR python release (`cifar_release.py`: the
-original pixels in the release's order); an image-folder tree
-`{train,test}/<class>/<image>` (`folders.py`: class folders sorted by name
-give the labels, files in natural order); a data pack (`pack.py`); a tfds
-data directory holding the prepared dataset; or None, tfds's default data
-directory (`tfds_prepare.prepare_tfds` downloads there). `check_data_dir`
-names the form (a `Source`), `check_source` makes the cheap checks before
-any work (a listing and a decoded sample, a release's md5s).
-
-Labels are read first, without decoding, in the dataset's canonical order
-(`split_index`); the long-tailed selection is computed in numpy as the
-reference does, and only the selected images are decoded
-(`decode_images`). What every dataset implementation shares (`splits_key`,
-`check_dataset_data`, `dataset_class_names`) lives here, not in the
-`datasets` interface. TensorFlow is imported only where it is used (tfds
-sources), so image folders and packs run on a host without it.
+`data_dir` is the CIFAR python release (`cifar_release.py`, the release's
+order), an image-folder tree `{train,test}/<class>/<image>` (`folders.py`:
+sorted class folders give the labels), a data pack (`pack.py`), a tfds
+data directory, or None (tfds's default; `tfds_prepare` downloads there).
+`check_data_dir` names the form (a `Source`); `check_source` makes the
+cheap checks before any work. Labels are read first, undecoded, in the
+canonical order (`split_index`); the long-tailed selection is made in
+numpy as the reference does, and only the selected images are decoded
+(`decode_images`). What every dataset shares (`splits_key`,
+`check_dataset_data`, `dataset_class_names`) lives here. TensorFlow is
+imported only for tfds sources, so folders and packs run without it.
 """
 
 from __future__ import annotations
@@ -94,10 +89,6 @@ def accepted_forms(info: datasets.DatasetInfo, *, unset: bool = True) -> str:
           f"holding a prepared {info.tfds_name}/{unset}.")
 
 
-def _expected(info: datasets.DatasetInfo) -> str:
-  return accepted_forms(info)
-
-
 def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
   """Finds out what `data_dir` holds for dataset `name`, or raises.
 
@@ -122,15 +113,15 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
     if info.name not in IN_MEMORY:
       raise ValueError(f"data_dir {root} is a data pack; packs hold the "
                        f"small datasets ({', '.join(IN_MEMORY)}), not "
-                       f"{name!r}. " + _expected(info))
+                       f"{name!r}. " + accepted_forms(info))
     pack.check_pack(root, name)
     return Source("pack", root, info)
   if os.path.isfile(root):
     raise ValueError(f"data_dir {root} is a file, not a folder or an archive "
-                     "(.tar.gz, .tgz, .tar, .zip). " + _expected(info))
+                     "(.tar.gz, .tgz, .tar, .zip). " + accepted_forms(info))
   if not os.path.isdir(root):
     raise FileNotFoundError(f"data_dir {root} does not exist. "
-                            + _expected(info))
+                            + accepted_forms(info))
   found = cifar_release.find(root, name)
   if found is not None:
     release, folder = found
@@ -151,7 +142,7 @@ def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> Source:
   if os.path.isdir(os.path.join(root, info.tfds_name)):
     return Source("tfds", root, info)
   raise ValueError(f"data_dir {root} holds neither an image-folder tree nor "
-                   f"a tfds dataset for {name!r}. " + _expected(info))
+                   f"a tfds dataset for {name!r}. " + accepted_forms(info))
 
 
 # How many images per class and split `check_source` decodes.
