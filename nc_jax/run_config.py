@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 
 from nc_jax import checkpoint as ckpt_lib
 from nc_jax import kernels
+from nc_jax import methods as methods_lib
 from nc_jax import schedule_fit
 from nc_jax import workdir as workdir_lib
 
@@ -82,6 +83,8 @@ def with_missing_fields(d: dict) -> dict:
 RECORD_KEYS = ("resolved", "resolved_before")
 # Fields that tell one seed of an experiment from another.
 SEED_FIELDS = ("seed", "num_seeds")
+# Fields of the fixed classifier: a method that learns its own reads none.
+ETF_FIELDS = ("etf_rotation", "etf_seed")
 KERNEL_CHANGE_FLAG = "--config.allow_kernel_change=True"
 
 
@@ -104,9 +107,14 @@ def recipe_of(config_json: dict) -> dict[str, Any]:
   original release) are no seeds of one experiment."""
   fields = {k: v for k, v in config_json.items() if k not in RECORD_KEYS}
   flat = {**MISSING_MEANS, **_flatten(fields)}
+  unused = ()
+  if config_json.get("method") in methods_lib.METHODS and not (
+      methods_lib.get_method(config_json["method"]).fixed_classifier):
+    unused = ETF_FIELDS  # (whose default changed: CE's seeds still pool)
   return {k: v for k, v in flat.items()
           if k == "data_dir" or (k not in RESUMABLE_CHANGES
-                                 and k not in SEED_FIELDS)}
+                                 and k not in SEED_FIELDS
+                                 and k not in unused)}
 
 
 def config_to_dict(config: ConfigDict) -> dict[str, Any]:

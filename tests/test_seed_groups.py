@@ -113,6 +113,18 @@ def test_recipe_keeps_what_is_computed():
   )["etf_rotation"] == "gaussian"
 
 
+def test_a_learnt_classifier_ignores_the_etf_fields(tmp_path):
+  """CE written before etf_rotation was a field (it meant the Gaussian
+  draw, which CE never used) pools with CE written after; ETF + DR does
+  not."""
+  for method, pooled in (("ce", True), ("etf_dr", False)):
+    runs = [report.load_run(_run(tmp_path, f"{method}{s}", final=70.0 + s,
+                                 best=71.0 + s, seed=s, method=method,
+                                 etf_rotation=rot))
+            for s, rot in ((0, None), (1, "uniform01"))]
+    assert len(report.seed_groups(runs)) == (1 if pooled else 2), method
+
+
 def test_the_committed_r001_seeds():
   """The README's 77.045: the two Gaussian-draw seeds pooled, apart from
   the `uniform01` run and the authors' code."""
