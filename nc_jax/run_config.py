@@ -100,21 +100,24 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def recipe_of(config_json: dict) -> dict[str, Any]:
   """What a run computes, its seeds aside: `config.json`'s fields (flat
   names; those it predates filled in as they ran, `MISSING_MEANS`) less
-  the records, the fields a resume may change (`RESUMABLE_CHANGES`) but
-  `data_dir`, and `SEED_FIELDS`. Runs with equal recipes are seeds of one
-  experiment. `data_dir` stays: a resume may find the same data at
-  another path, but runs on other data (a JPEG export of CIFAR-10 and the
-  original release) are no seeds of one experiment."""
+  the records, the fields a resume may change (`RESUMABLE_CHANGES`),
+  `SEED_FIELDS` and, for a method that learns its classifier,
+  `ETF_FIELDS`; but with the name of `data_dir`'s file or folder. Runs
+  with equal recipes are seeds of one experiment: the same data may sit
+  at other paths on other machines, but runs on other data (a JPEG export
+  of CIFAR-10 and the original release) are no seeds of one experiment."""
   fields = {k: v for k, v in config_json.items() if k not in RECORD_KEYS}
   flat = {**MISSING_MEANS, **_flatten(fields)}
   unused = ()
   if config_json.get("method") in methods_lib.METHODS and not (
       methods_lib.get_method(config_json["method"]).fixed_classifier):
     unused = ETF_FIELDS  # (whose default changed: CE's seeds still pool)
-  return {k: v for k, v in flat.items()
-          if k == "data_dir" or (k not in RESUMABLE_CHANGES
-                                 and k not in SEED_FIELDS
-                                 and k not in unused)}
+  recipe = {k: v for k, v in flat.items()
+            if k not in RESUMABLE_CHANGES and k not in SEED_FIELDS
+            and k not in unused}
+  if flat.get("data_dir"):
+    recipe["data_dir"] = pathlib.PurePath(str(flat["data_dir"])).name
+  return recipe
 
 
 def config_to_dict(config: ConfigDict) -> dict[str, Any]:

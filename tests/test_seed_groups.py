@@ -56,7 +56,8 @@ def test_seeds_pool_and_other_recipes_stay_apart(tmp_path):
   dirs = [
       _run(tmp_path, "s0", final=70.0, best=71.0),
       _run(tmp_path, "s1", final=72.0, best=72.5, seed=1,
-           log_every_steps=50, conv_impl="xla"),  # how it ran, not what
+           log_every_steps=50, conv_impl="xla",  # how it ran, not what
+           data_dir="/elsewhere/cifar10/"),  # the same data, moved
       # Written before etf_rotation was a field: it ran the Gaussian draw.
       _run(tmp_path, "old", final=60.0, best=61.0, etf_rotation=None),
       # Written before crop_min_area was a field: it ran with 0.08.
@@ -105,7 +106,7 @@ def test_recipe_keeps_what_is_computed():
   a = run_config.recipe_of({**BASE, "resolved": {"conv_impl": "xla"}})
   assert "seed" not in a and "num_seeds" not in a and "resolved" not in a
   assert "log_every_steps" not in a
-  assert a["data_dir"] == "/data/cifar10" and a["optim.lr"] == 0.1
+  assert a["data_dir"] == "cifar10" and a["optim.lr"] == 0.1
   assert a["etf_rotation"] == "uniform01"
   # A field the config predates means what it ran with.
   assert run_config.recipe_of(

@@ -199,7 +199,7 @@ def seeds_table(runs: list[dict]) -> str | None:
   return "\n".join(
       ["## Seeds pooled", "",
        "Runs whose configs differ only in their seeds (as a resume compares "
-       "configs, and with the same data_dir): mean ± std over the seeds "
+       "configs, on data_dirs of the same name): mean ± std over the seeds "
        "(n - 1 in the denominator), and their range. \"best\" is each "
        "seed's own best evaluation.", "",
        *rows, "", *notes]) + "\n"
