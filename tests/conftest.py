@@ -56,6 +56,24 @@ def _share_compilations() -> None:
       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
+def _compile_quickly() -> None:
+  """LLVM at -O0 for the suite's own processes, unless XLA_FLAGS is set.
+
+  The suite's programs are tiny and run for a few steps, so XLA's CPU
+  compilation is most of their time, and most of that is LLVM's
+  optimisation: -O0 compiles the tiny ResNet's init about 5x faster and
+  its train step about 2x (docs/performance.md, 2026-12-07). Results
+  change only in float rounding (no fused multiply-adds), and every
+  comparison in the suite is between programs compiled alike. The
+  subprocesses that run nc_jax's commands drop XLA_FLAGS from their
+  environment, so the commands are tested with the flags users get
+  (`nc_jax.kernels.xla_setup`). Set XLA_FLAGS (even to "") to compile as
+  XLA does by default.
+  """
+  os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+
+_compile_quickly()  # before jax starts its backends, in _share_compilations
 _share_compilations()
 RELEASE_VARIABLE = "NC_JAX_CIFAR10_RELEASE"
 REAL_DATA = "real_data"

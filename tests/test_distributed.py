@@ -25,8 +25,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env(**extra):
+  """The suite's environment for a child. It keeps the suite's XLA_FLAGS
+  (tests/conftest.py: quick compilation): these tests compare runs with
+  each other, all compiled alike; tests/test_cli.py runs the commands with
+  the flags users get."""
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=str(REPO))
   env.update(extra)
@@ -36,9 +39,11 @@ def _env(**extra):
 def test_eight_fake_devices_match_one():
   """The fixed-ETF method and a learnt head, in one process."""
   methods = ["etf_dr", "ce"]
+  flags = " ".join([os.environ.get("XLA_FLAGS", ""),
+                    "--xla_force_host_platform_device_count=8"]).strip()
   out = subprocess.run(
       [sys.executable, str(REPO / "tests" / "multidevice_step.py"), *methods],
-      env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+      env=_env(XLA_FLAGS=flags),
       capture_output=True, text=True, timeout=600, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = [json.loads(l) for l in out.stdout.strip().splitlines()
