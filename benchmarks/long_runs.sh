@@ -35,8 +35,8 @@ run() {  # NAME CONFIG_ARG [--config.FIELD=VALUE ...]
 }
 
 # r = 0.005 (issue 32). Committed under results/cifar10_lt_r0.005_original_pixels/:
-# c10_r0.005_etf_dr_s0 (etf_dr), c10_r0.005_ce_s0 (ce; cifar10_r0.005_ce).
-run c10_r0.005_etf_dr_s1 cifar10_r0.005_etf_dr,seed=1
+# c10_r0.005_etf_dr_s0 (etf_dr), c10_r0.005_ce_s0 (ce; cifar10_r0.005_ce),
+# c10_r0.005_etf_dr_s1 (etf_dr_seed1; cifar10_r0.005_etf_dr,seed=1).
 run c10_r0.005_ce_s1 cifar10_r0.005_ce,seed=1
 run c10_r0.005_erm_s0 cifar10_r0.005_ce --config.mixup_alpha=0
 # r = 0.01, the third seed of each method.
