@@ -63,11 +63,12 @@ def _compile_quickly() -> None:
   compilation is most of their time, and most of that is LLVM's
   optimisation: -O0 compiles the tiny ResNet's init about 5x faster and
   its train step about 2x (docs/performance.md, 2026-12-07). Results
-  change only in float rounding (no fused multiply-adds), and every
-  comparison in the suite is between programs compiled alike. The
-  subprocesses that run nc_jax's commands drop XLA_FLAGS from their
-  environment, so the commands are tested with the flags users get
-  (`nc_jax.kernels.xla_setup`). Set XLA_FLAGS (even to "") to compile as
+  differ from XLA's default compilation in float rounding only (the tiny
+  step's loss in the 8th digit). Children inherit the flag, except the
+  command tests of test_cli, test_runs and test_xla_setup, which drop
+  XLA_FLAGS so that the commands run with the flags users get
+  (`nc_jax.kernels.xla_setup`); where those compare with the suite's own
+  runs they compare accuracies. Set XLA_FLAGS (even to "") to compile as
   XLA does by default.
   """
   os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
