@@ -132,6 +132,8 @@ def test_a_damaged_release_names_the_file(release, tmp_path):
     data.check_data("cub200", str(tmp_path / "c" / cub.FOLDER / "images"))
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 def test_balanced_train_input_resumes_exactly(release):
   kw = dict(data_dir=str(release), imb_factor=1.0, batch_size=8, seed=3,
             mesh=MESH, options={"crop_min_area": 0.2, "color_jitter": 0.0})

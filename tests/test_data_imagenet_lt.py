@@ -69,6 +69,8 @@ def mock_imagenet(tmp_path):
     yield str(tmp_path), str(lst)
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 def test_tfds_imagenet_lt_train_stream(mock_imagenet):
   root, lst = mock_imagenet
   kw = dict(data_dir=root, imb_factor=1.0, batch_size=4, seed=2, mesh=MESH,
@@ -150,6 +152,8 @@ def _folder_tree(root) -> str:
   return str(lst)
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 def test_folder_imagenet_lt(tmp_path):
   lst = _folder_tree(tmp_path)
   kw = dict(data_dir=tmp_path, imb_factor=1.0, batch_size=3, seed=0,

@@ -63,6 +63,8 @@ def test_cifar100_mock(tfds_dir):
   assert sum(int(x["mask"].sum()) for x in evs) == 600
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 def test_svhn_mock_concatenates_train_and_extra(tfds_dir):
   with tfds.testing.mock_data(num_examples=300):
     source = sources.check_data_dir("svhn", tfds_dir)
@@ -90,6 +92,8 @@ def test_svhn_mock_concatenates_train_and_extra(tfds_dir):
     np.testing.assert_array_equal(x["image"], y["image"])
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 def test_stl10_mock_keeps_96x96(tfds_dir):
   with tfds.testing.mock_data(num_examples=120):
     source = sources.check_data_dir("stl10", tfds_dir)

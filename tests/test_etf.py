@@ -27,6 +27,8 @@ def test_etf_properties(k, d):
   _check_etf(m, k, d, atol=2e-6)
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 def test_etf_large_imagenet_size():
   k, d = 1000, 4096
   m = np.asarray(etf_lib.simplex_etf(k, d, seed=0))

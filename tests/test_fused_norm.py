@@ -143,6 +143,8 @@ def test_bad_arguments_raise():
         jax.random.PRNGKey(0), x, res[:, :2])
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,head", [("resnet8", "etf"),
                                            ("resnet8", "linear")])
 def test_models_with_either_batchnorm_share_checkpoints_and_numbers(backbone,

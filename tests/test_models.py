@@ -127,6 +127,8 @@ def _bottleneck_resnet_count(planes, blocks=(3, 4, 6, 3)) -> int:
   return total
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 @pytest.mark.parametrize("wide,dim", [(True, 4096), (False, 2048)])
 def test_resnet50_param_count_and_shapes(wide, dim):
   # The linear head: building a K = 1000 ETF takes seconds (its QR); the
@@ -174,8 +176,9 @@ def test_resnet32_forward_shapes(shape, head):
 @pytest.mark.parametrize("head", ["linear", "etf"])
 @pytest.mark.parametrize("name,k,dim", [
     ("resnet32_c100", 100, 128),
-    ("densenet_bc", 10, 510),
-    ("resnet50", 100, 4096),
+    # The two big backbones are heavy for the fast tier (setup.cfg's `slow`).
+    pytest.param("densenet_bc", 10, 510, marks=pytest.mark.slow),
+    pytest.param("resnet50", 100, 4096, marks=pytest.mark.slow),
 ])
 def test_other_backbones_output_shapes(name, k, dim, head):
   # Shapes only (eval_shape traces the whole network without compiling);
@@ -197,6 +200,8 @@ def test_other_backbones_output_shapes(name, k, dim, head):
                                        variables["batch_stats"])
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 def test_small_densenet_forward_matches_its_feature_dim():
   model = densenet.DenseNet(depth=16, growth_rate=4, reduction=0.5)
   images = _images((2, 8, 8, 3))

@@ -135,6 +135,8 @@ def test_state_dict_is_torchvisions_layout(case):
   assert layers.BN_EPSILON == TORCH_BN_EPS
 
 
+# Heavy for the fast tier (setup.cfg's `slow`); the full suite runs it.
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_loaded_model_matches_torch_forward(case, suffix):
   images, sd = case["images"], case["sd"]
