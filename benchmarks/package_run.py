@@ -10,6 +10,10 @@ DEST and writes `DEST/RUN.md`: the command (with `--config.data_dir` and
 `--workdir` cut to their last component, since they were paths on the
 machine that ran it), commit, versions, machine, dates, wall time, resumes,
 the training subset and a table of the final and best evaluations.
+A workdir of the authors' code (`benchmarks/reference_run.py`, whose
+results.json names that program) is packaged alike, with its `train.log`
+in place of `train_subset.json` (its subset is `train_counts` in
+results.json) and the commit of their checkout in RUN.md.
 
 Before writing anything it recomputes from `metrics.jsonl` what RUN.md
 states: the final evaluation (the last), the best (the first evaluation
@@ -32,6 +36,14 @@ import sys
 from datetime import datetime, timezone
 
 FILES = ("results.json", "metrics.jsonl", "config.json", "train_subset.json")
+REFERENCE_FILES = ("results.json", "metrics.jsonl", "config.json",
+                   "train.log")
+REFERENCE_PROGRAM = "the authors' code"
+
+
+def is_reference(results: dict) -> bool:
+  """Whether results.json is benchmarks/reference_run.py's."""
+  return results.get("program", "").startswith(REFERENCE_PROGRAM)
 
 
 def fail(msg: str) -> None:
@@ -93,8 +105,12 @@ def check_against_results(summary: dict, results: dict) -> None:
 def public_command(command: str) -> str:
   """The command with machine paths cut to their last component."""
   def cut(m: re.Match) -> str:
-    return f"{m.group(1)}={os.path.basename(m.group(2).rstrip('/'))}"
-  command = re.sub(r"(--config\.data_dir)=(\S+)", cut, command)
+    return (f"{m.group(1)}{m.group(2)}"
+            f"{os.path.basename(m.group(3).rstrip('/'))}")
+  command = re.sub(r"(--config\.data_dir|--data_dir|--reference)([= ])(\S+)",
+                   cut, command)
+  if command.startswith("reference_run.py"):  # its argv[0], run from the root
+    command = "PYTHONPATH=. python benchmarks/" + command
   return re.sub(r"(--workdir) (\S+)",
                 lambda m: f"{m.group(1)} ~/nc_jax_runs/"
                 f"{os.path.basename(m.group(2).rstrip('/'))}", command)
@@ -108,7 +124,11 @@ def default_machine(provenance: dict) -> str:
       if line.startswith("model name"):
         model = line.split(":", 1)[1].strip()
         break
-  platform = provenance.get("devices", {}).get("platform", "?")
+  platform = provenance.get("devices", {}).get(
+      "platform", provenance.get("device", "?"))
+  if platform != "cpu":  # then this machine's CPU is not the run's
+    fail(f"the run used {platform}, not this machine's CPU: pass --machine "
+         "to describe the machine that ran it")
   return (f"a {os.cpu_count()}-core {provenance.get('machine', '?')} "
           f"development VM ({model}), {platform.upper()} only")
 
@@ -129,9 +149,29 @@ def run_md(args, results: dict, summary: dict, n_train: int) -> str:
                        if k != "nc_jax")
   counts = results["train_counts"]
   final, best = summary["final"], summary["best"]
+  ref = is_reference(results)
   finished = args.finished or iso_mtime(args.workdir / "results.json")
-  started = args.started or (iso_mtime(args.workdir / "train_subset.json")
-                             + " (file time)")
+  first = "config.json" if ref else "train_subset.json"
+  started = args.started or (iso_mtime(args.workdir / first) + " (file time)")
+  if ref:
+    program = [
+        f"- nc_jax commit (the script): {prov['commit'][:7]} "
+        "(`provenance.commit`).",
+        "- The authors' code: a checkout of "
+        "NeuralCollapseApplications/ImbalancedLearning at "
+        f"{prov['reference_commit']} (`provenance.reference_commit`), "
+        "imported unmodified; the recipe from its "
+        f"`{results['config']['reference_yaml']}`.",
+        f"- Versions: {versions}; Python {prov['python']}; "
+        f"{prov.get('threads', '?')} torch threads.",
+    ]
+    subset = "(`train_counts` in results.json; nc_jax's selection)"
+  else:
+    program = [
+        f"- nc_jax commit: {prov['commit'][:7]} (`provenance.commit`).",
+        f"- Versions: {versions}; Python {prov['python']}.",
+    ]
+    subset = "(`train_subset.json`)"
   lines = [
       f"# {args.title}", "",
       "Command (from a `git worktree` of the repository at the commit below, "
@@ -139,17 +179,18 @@ def run_md(args, results: dict, summary: dict, n_train: int) -> str:
       "original CIFAR-10 python release (`config.json` records where it was "
       "on the machine that ran it):", "",
       f"    {public_command(prov['command'])}", "",
-      f"- nc_jax commit: {prov['commit'][:7]} (`provenance.commit`).",
-      f"- Versions: {versions}; Python {prov['python']}.",
+      *program,
       f"- Machine: {args.machine or default_machine(prov)}.",
       f"- Dates (UTC): started {started}, finished {finished}.",
-      f"- Wall time: {prov['wall_s']:,.0f} s of training (`provenance.wall_s`)"
+      f"- Wall time: {prov['wall_s']:,.0f} s "
+      + ("of training and evaluation" if ref else "of training")
+      + " (`provenance.wall_s`)"
       + (f"; {args.wall_note}" if args.wall_note else "") + ".",
       f"- Resumed: {prov.get('resumes', 0)} time(s) (`provenance.resumes`). "
       f"`metrics.jsonl` holds {n_train} train records and "
       f"{len(summary['epochs'])} evaluations, each step once.",
       f"- Training subset: {sum(counts)} images, per class {counts} "
-      "(`train_subset.json`).", "",
+      f"{subset}.", "",
       "| | top-1 | head | medium | tail | epoch |",
       "|---|---|---|---|---|---|",
   ]
@@ -171,7 +212,8 @@ def run_md(args, results: dict, summary: dict, n_train: int) -> str:
   lines += [tail, ""]
   for note in args.note:
     lines += [note, ""]
-  lines.append("Not committed: the checkpoints and TensorBoard files.")
+  lines.append("Not committed: the checkpoint"
+               + ("." if ref else "s and TensorBoard files."))
   return "\n".join(lines) + "\n"
 
 
@@ -192,10 +234,15 @@ def main(argv=None) -> None:
   if not (args.workdir / "results.json").is_file():
     fail(f"{args.workdir} has no results.json: the run has not finished; "
          "rerun its command to finish it first")
-  for f in FILES:
+  results = json.loads((args.workdir / "results.json").read_text())
+  files = REFERENCE_FILES if is_reference(results) else FILES
+  for f in files:
     if not (args.workdir / f).is_file():
       fail(f"{args.workdir} has no {f}")
-  results = json.loads((args.workdir / "results.json").read_text())
+  for key in ("command", "commit"):
+    if key not in results["provenance"]:
+      fail(f"{args.workdir}/results.json records no provenance.{key}: it "
+           "was written by an older version; package it by hand")
   config = json.loads((args.workdir / "config.json").read_text())
   train, evals = read_metrics(args.workdir / "metrics.jsonl")
   if not evals:
@@ -205,7 +252,7 @@ def main(argv=None) -> None:
   check_against_results(summary, results)
   text = run_md(args, results, summary, len(train))
   args.dest.mkdir(parents=True, exist_ok=True)
-  for f in FILES:
+  for f in files:
     shutil.copyfile(args.workdir / f, args.dest / f)
   (args.dest / "RUN.md").write_text(text)
   seed = config.get("seed")

@@ -72,3 +72,50 @@ def test_refuses_an_unfinished_run(workdir, tmp_path, capsys):
   with pytest.raises(SystemExit):
     package_run.main([str(workdir), str(tmp_path / "out"), "--title", "T"])
   assert "has not finished" in capsys.readouterr().err
+
+
+REF_RUN = (REPO / "results" / "cifar10_lt_r0.01_original_pixels" /
+           "authors_code_ce")
+
+
+@pytest.fixture
+def reference_workdir(tmp_path):
+  w = tmp_path / "ref_run"
+  shutil.copytree(REF_RUN, w)
+  (w / "RUN.md").unlink()
+  (w / "checkpoint.pt").write_bytes(b"")  # must not travel
+  return w
+
+
+def test_packages_a_run_of_the_authors_code(reference_workdir, tmp_path):
+  dest = tmp_path / "out"
+  r = json.loads((reference_workdir / "results.json").read_text())
+  r["provenance"]["device"] = "cuda"
+  (reference_workdir / "results.json").write_text(json.dumps(r))
+  # A run on a GPU: this machine's CPU is not its machine, so it is named.
+  with pytest.raises(SystemExit):
+    package_run.main([str(reference_workdir), str(dest), "--title", "T"])
+  assert not dest.exists()
+  package_run.main([str(reference_workdir), str(dest), "--title", "T",
+                    "--machine", "an H100", "--paper", "70.4"])
+  assert sorted(p.name for p in dest.iterdir()) == sorted(
+      package_run.REFERENCE_FILES + ("RUN.md",))
+  text = (dest / "RUN.md").read_text()
+  assert ("PYTHONPATH=. python benchmarks/reference_run.py --reference "
+          "ref-ImbalancedLearning --data_dir cifar-10-python.tar.gz") in text
+  assert "ImbalancedLearning at 2ebb309dddcd0ac8b18222fd06357099260bc169" in text
+  assert "`config/cifar10/Res_cifar10_imb001.yaml`" in text
+  assert "| final | 72.40 | 94.97 | 73.45 | 48.43 | 200 |" in text
+  assert "| best (test-selected) | 74.05 | 94.40 | 74.25 | 53.43 | 174 |" in text
+  assert "Machine: an H100." in text and "/work/" not in text
+
+
+def test_refuses_results_without_their_command(reference_workdir, tmp_path,
+                                               capsys):
+  r = json.loads((reference_workdir / "results.json").read_text())
+  del r["provenance"]["command"]
+  (reference_workdir / "results.json").write_text(json.dumps(r))
+  with pytest.raises(SystemExit):
+    package_run.main([str(reference_workdir), str(tmp_path / "out"),
+                      "--title", "T", "--machine", "m"])
+  assert "no provenance.command" in capsys.readouterr().err
