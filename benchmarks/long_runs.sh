@@ -53,8 +53,8 @@ run() {  # NAME CONFIG_ARG [--config.FIELD=VALUE ...]
 
 # r = 0.005 (issue 32). Committed under results/cifar10_lt_r0.005_original_pixels/:
 # c10_r0.005_etf_dr_s0 (etf_dr), c10_r0.005_ce_s0 (ce; cifar10_r0.005_ce),
-# c10_r0.005_etf_dr_s1 (etf_dr_seed1; cifar10_r0.005_etf_dr,seed=1).
-run c10_r0.005_ce_s1 cifar10_r0.005_ce,seed=1
+# c10_r0.005_etf_dr_s1 (etf_dr_seed1; cifar10_r0.005_etf_dr,seed=1),
+# c10_r0.005_ce_s1 (ce_seed1; cifar10_r0.005_ce,seed=1).
 # The authors' code at r = 0.005: the measurement issue 32 asks for, since
 # the two ETF + DR seeds' best-epoch mean (71.065) is below its 71.4 bar.
 ref_run() {  # NAME METHOD IMB SEED
