@@ -9,12 +9,28 @@ that names `--config.data_dir` and the forms it accepts.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 from absl import logging
 
 from nc_jax.data import datasets
 from nc_jax.data import sources
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+  """Hides absl warnings for the block.
+
+  Looking a dataset up in a data directory where it is absent makes tfds log
+  a warning per missing variant folder; nc_jax's own error says what to do.
+  """
+  before = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(before)
 
 
 def unreachable(builder) -> str | None:
@@ -68,9 +84,11 @@ def prepare_tfds(name: str, *,
 
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder = tfds.builder(info.tfds_name)
+    with _quiet_absl():
+      builder = tfds.builder(info.tfds_name)
+      prepared = builder.is_prepared()
     where = str(builder.data_dir).split(f"/{info.tfds_name}/")[0]
-    if builder.is_prepared():
+    if prepared:
       return sources.Source("tfds", None, info)
   except Exception as e:  # pylint: disable=broad-except
     raise refuse(f"{type(e).__name__}: {str(e)[:300]}") from e
