@@ -243,8 +243,19 @@ def _override(name: str, value: Any) -> str | None:
   return f"--config.{name}={value}"
 
 
+def check_finished(workdir: pathlib.Path, config: ConfigDict) -> None:
+  """Raises ValueError if the finished run in `workdir` (its results.json
+  is there) was trained with another config than `config`, the request
+  (its schedule not yet fitted to the run's length). Read-only."""
+  path = workdir / "config.json"
+  if path.exists():
+    _compare(workdir, {k: v for k, v in _read_config_json(path).items()
+                       if k not in RECORD_KEYS},
+             config_to_dict(config), ignore=SCHEDULE_FIELDS, finished=True)
+
+
 def _compare(workdir: pathlib.Path, old: dict, new: dict, *,
-             ignore: tuple[str, ...] = ()) -> None:
+             ignore: tuple[str, ...] = (), finished: bool = False) -> None:
   a, b = {**MISSING_MEANS, **_flatten(old)}, _flatten(new)
   diff = sorted(k for k in set(a) | set(b)
                 if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
@@ -258,9 +269,15 @@ def _compare(workdir: pathlib.Path, old: dict, new: dict, *,
         parts.append(f"{k}'s default was {a.get(k)!r} until "
                      f"{CHANGED_DEFAULTS[k][1]}: this run was trained with it")
     flags = [_override(k, a.get(k)) for k in diff if k in b]
-    fix = ("Resume it with the same config"
-           + (f" ({' '.join(flags)})" if flags and None not in flags else "")
-           + ", or start the new run in another --workdir.")
+    same = f" ({' '.join(flags)})" if flags and None not in flags else ""
+    if finished:
+      raise ValueError(
+          f"{workdir} holds a finished run of a different config "
+          f"({'; '.join(parts)}); its results are kept. Train the new config "
+          f"in another --workdir; the finished run's own config{same} only "
+          "reads its results.json again.")
+    fix = (f"Resume it with the same config{same}, or start the new run in "
+           "another --workdir.")
     raise ValueError(
         f"{workdir} holds a run with a different config ({'; '.join(parts)})."
         f" {fix}")

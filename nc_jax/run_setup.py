@@ -19,6 +19,7 @@ extras.require(__name__)  # before the imports it checks
 
 import contextlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any
@@ -58,6 +59,26 @@ class Setup:
   layers: Any  # kernels.Layers, as validation resolved them
   built: builder_lib.Built
   started: float = 0.0  # perf_counter() when train_and_evaluate began
+
+
+def finished_results(config: ConfigDict, workdir: pathlib.Path) -> dict:
+  """The results.json of the finished run in `workdir`, if it ran `config`
+  (a rerun of a finished command has nothing to do)."""
+  path = workdir / "results.json"
+  try:
+    run_config.check_finished(workdir, config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  try:
+    results = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError):
+    raise ConfigError(
+        f"{path} is not a results file of nc_jax (not valid JSON); the "
+        "run's checkpoints are untouched. Restore it, or move it away to "
+        "have the rerun write it again from the checkpoints.") from None
+  say(f"{workdir} already holds a finished run ({path}); nothing to do. "
+      "Use another --workdir to train again.")
+  return results
 
 
 def check_workdir(config: ConfigDict, workdir: pathlib.Path,

@@ -299,8 +299,11 @@ def export(path: str | os.PathLike, out: str | os.PathLike,
   out = pathlib.Path(out).expanduser().resolve()
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-  tmp.write_bytes(flax.serialization.msgpack_serialize(blob))
-  os.replace(tmp, out)
+  try:
+    tmp.write_bytes(flax.serialization.msgpack_serialize(blob))
+    os.replace(tmp, out)
+  finally:
+    tmp.unlink(missing_ok=True)  # (gone after a successful rename)
   return out
 
 

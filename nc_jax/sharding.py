@@ -33,14 +33,13 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   """
   coordinator_address = coordinator_address or os.environ.get(
       "NC_JAX_COORDINATOR")
-  if not coordinator_address:
+  if num_processes is None:
+    num_processes = _env_int("NC_JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("NC_JAX_PROCESS_ID")
+  check_distributed_args(coordinator_address, num_processes, process_id)
+  if not coordinator_address or jax.distributed.is_initialized():
     return
-  if jax.distributed.is_initialized():
-    return
-  if num_processes is None and "NC_JAX_NUM_PROCESSES" in os.environ:
-    num_processes = int(os.environ["NC_JAX_NUM_PROCESSES"])
-  if process_id is None and "NC_JAX_PROCESS_ID" in os.environ:
-    process_id = int(os.environ["NC_JAX_PROCESS_ID"])
   # CPU processes need a collectives implementation to talk to each other.
   # Set unconditionally: asking for the backend here would initialise it,
   # which jax.distributed forbids, and the option only affects CPU devices.
@@ -51,6 +50,49 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id)
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None or not value.strip():
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"${name}={value!r} is not a whole number.") from None
+
+
+def check_distributed_args(coordinator_address: str | None,
+                           num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Raises ValueError, naming the flags to pass, unless the arguments
+  describe one process of a multi-process run (or a single-process run:
+  all three unset, or `num_processes` 1 alone)."""
+  flags = ("--coordinator_address=HOST:PORT (the same on every process), "
+           "--num_processes=N and --process_id=0..N-1 (this process's "
+           "index); or --coordinator_address=auto alone on Cloud TPU pods "
+           "and SLURM")
+  if not coordinator_address:
+    if (num_processes or 1) > 1 or process_id not in (None, 0):
+      raise ValueError(
+          f"--num_processes={num_processes} --process_id={process_id} "
+          f"without --coordinator_address: a multi-process run needs {flags}.")
+    return
+  if coordinator_address == "auto":
+    return
+  host, _, port = coordinator_address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"--coordinator_address={coordinator_address!r} is not "
+                     f"HOST:PORT. Pass {flags}.")
+  if num_processes is None or process_id is None:
+    missing = [f for f, v in (("--num_processes", num_processes),
+                              ("--process_id", process_id)) if v is None]
+    raise ValueError(f"--coordinator_address={coordinator_address} needs "
+                     f"{' and '.join(missing)} too. Pass {flags}.")
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(
+        f"--process_id={process_id} with --num_processes={num_processes}: "
+        f"process ids run from 0 to num_processes - 1. Pass {flags}.")
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -16,7 +16,6 @@ from nc_jax import extras
 extras.require(__name__)  # before the imports it checks
 
 import contextlib
-import json
 import pathlib
 import time
 from typing import Any
@@ -76,12 +75,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path, *,
     # `validated`: the `kernels.Layers` of a caller that has validated this
     # config already (`nc-jax-paper-table` checks every cell first).
     layers = validated or validation.validate_config(config)
+    if workdir is None or not str(workdir).strip():
+      raise ConfigError("--workdir is empty: pass the folder for this run "
+                        "(a new one, or the folder of a run to resume).")
     workdir = workdir_lib.resolve_path(workdir)
-    results_path = workdir / "results.json"
-    if results_path.is_file():
-      say(f"{workdir} already holds a finished run ({results_path}); nothing "
-          "to do. Use another --workdir to train again.")
-      return json.loads(results_path.read_text())
+    if (workdir / "results.json").is_file():
+      return run_setup.finished_results(config, workdir)
     run_setup.check_workdir(config, workdir, layers)
     saved = ckpt_lib.saved_steps(workdir / "checkpoints")
     if saved:  # a stop before the restore says where the rerun resumes

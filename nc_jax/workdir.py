@@ -235,6 +235,21 @@ def resolve_path(workdir: str | os.PathLike) -> pathlib.Path:
           else pathlib.Path(workdir).expanduser().resolve())
 
 
+def check_creatable(path: pathlib.Path, flag: str) -> None:
+  """Raises ValueError, naming `flag`, unless the missing `path` can be
+  created: its nearest existing ancestor is a folder this process may
+  write in."""
+  parent = path.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f"{flag} {path} cannot be created: {parent} is a file. "
+                     "Pass a path under a folder.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag} {path} cannot be created: {parent} is not "
+                     "writable. Pass a folder you can write to.")
+
+
 def check_target(workdir: pathlib.Path,
                  check_run: Callable[[pathlib.Path], None]) -> None:
   """Read-only checks that `workdir` can take a run (nothing written).
@@ -255,15 +270,7 @@ def check_target(workdir: pathlib.Path,
         f"--workdir {workdir} is an existing file, not a directory. Pass a "
         "new folder (it is created) or the folder of a run to resume.")
   if not workdir.exists():
-    parent = workdir.parent
-    while not parent.exists():
-      parent = parent.parent
-    if not parent.is_dir():
-      raise ValueError(f"--workdir {workdir} cannot be created: {parent} is "
-                        "a file. Pass a path under a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-      raise ValueError(f"--workdir {workdir} cannot be created: {parent} is "
-                        "not writable. Pass a folder you can write to.")
+    check_creatable(workdir, "--workdir")
     return
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise ValueError(f"--workdir {workdir} is not writable. Pass a folder "

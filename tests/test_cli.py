@@ -219,6 +219,21 @@ def test_unset_data_dir_offline_names_the_fix(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_multi_process_flag_mistakes_stop_before_any_work(tmp_path):
+  """--num_processes without a coordinator would train one process alone;
+  a process id out of range would fail inside jax.distributed."""
+  for flags, fragment in [
+      (["--num_processes=2", "--process_id=1"],
+       "without --coordinator_address"),
+      (["--coordinator_address=127.0.0.1:1", "--num_processes=2",
+        "--process_id=5"], "--process_id=5 with --num_processes=2"),
+  ]:
+    out = _run([*TINY, "--config.data_dir=nowhere", "--workdir", "w",
+                *flags], cwd=tmp_path)
+    _assert_clean_error(out, fragment, "--coordinator_address=HOST:PORT")
+  assert not (tmp_path / "w").exists()
+
+
 # --------------------------------------------------------- entry points
 def _console_scripts() -> dict[str, str]:
   cfg = configparser.ConfigParser()

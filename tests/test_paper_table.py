@@ -99,3 +99,40 @@ def test_cli_errors_before_any_work(tmp_path, args, message):
   assert out.returncode == 2, out.stderr
   assert message in out.stderr and "Traceback" not in out.stderr
   assert not (tmp_path / "root").exists()
+
+
+def _paper_table(tmp_path, *args):
+  return subprocess.run(
+      [sys.executable, "-m", "nc_jax.cli.paper_table", *map(str, args)],
+      capture_output=True, text=True, timeout=120, cwd=tmp_path,
+      env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def _one_error(out) -> str:
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, out.stderr
+  return errors[0]
+
+
+def test_cli_errors_name_the_cell_and_this_commands_flags(
+    tiny_image_folder, tmp_path):
+  """The cell at fault is named (not the first), and the fix in this
+  command's flags: --data_dir, --root."""
+  error = _one_error(_paper_table(
+      tmp_path, "--root", tmp_path / "root", "--cells",
+      "cifar10_r0.01_etf_dr,cifar100_r0.01_etf_dr", "--steps", "2",
+      "--data_dir", tmp_path / "nowhere"))
+  assert error.startswith("error: cell cifar10_r0.01_etf_dr: data_dir ")
+  assert "--config.data_dir" not in error and "--data_dir=" in error
+  error = _one_error(_paper_table(
+      tmp_path, "--root", tmp_path / "root", "--cells",
+      "cifar10_r0.01_etf_dr,cifar100_r0.01_etf_dr", "--steps", "2",
+      "--data_dir", tiny_image_folder))
+  assert error.startswith("error: cell cifar100_r0.01_etf_dr: "), error
+  (tmp_path / "afile").write_text("x")
+  error = _one_error(_paper_table(
+      tmp_path, "--root", tmp_path / "afile" / "r", "--cells",
+      "cifar10_r0.01_etf_dr", "--steps", "2"))
+  assert "--root" in error and "afile is a file" in error, error
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

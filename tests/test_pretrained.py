@@ -15,6 +15,7 @@ import sys
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -330,3 +331,29 @@ def test_every_replica_starts_from_the_file(case):
   head = jax.tree.leaves(state.params["head"])[0]
   np.testing.assert_array_equal(head, jax.tree.leaves(fresh.params["head"])[0])
   assert not np.array_equal(head[0], head[1])
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("w.pth", b"not weights at all", "not a PyTorch file"),
+    ("w.safetensors", b"\xff" * 8 + b"{}", "not a safetensors file"),
+    ("w.safetensors", b"", "not a safetensors file"),
+])
+def test_a_wrong_file_is_refused_before_the_run_starts(tmp_path, name,
+                                                       content, match):
+  """`check_request` (run before the workdir is written) reads the first
+  bytes: a file of another kind stops the run there."""
+  path = tmp_path / name
+  path.write_bytes(content)
+  config = ml_collections.ConfigDict({"pretrained": str(path),
+                                      "pretrained_required": False})
+  with pytest.raises(PretrainedError, match=match):
+    pretrained.check_request(config)
+
+
+def test_real_files_pass_the_header_check(tmp_path):
+  torch_path = tmp_path / "w.pth"
+  torch.save({"w": torch.zeros(2)}, torch_path)
+  st_path = tmp_path / "w.safetensors"
+  safetensors.numpy.save_file({"w": np.zeros(2, np.float32)}, str(st_path))
+  for path in (torch_path, st_path):
+    assert pretrained.check_file(path) == path

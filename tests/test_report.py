@@ -88,6 +88,26 @@ def test_runs_with_the_same_folder_name_are_told_apart(tmp_path):
   assert "| original/etf_dr (unfinished) |" in md
 
 
+def test_a_partial_last_line_is_what_a_live_run_leaves(tmp_path):
+  """The last line of metrics.jsonl may be half-written (a run killed
+  mid-write, or writing now): it is left out. A damaged line before it,
+  or a damaged results.json, is named."""
+  wd = _unfinished_run(tmp_path / "half")
+  with open(wd / "metrics.jsonl", "a") as f:
+    f.write('{"step": 16, "kind": "tr')
+  run = report.load_run(wd)
+  assert len(run["train"]) == 15 and len(run["eval"]) == 1
+  lines = (wd / "metrics.jsonl").read_text().splitlines()
+  (wd / "metrics.jsonl").write_text("\n".join(["{oops", *lines]) + "\n")
+  with pytest.raises(report.ReportError, match="line 1 is not JSON"):
+    report.load_run(wd)
+  (wd / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+  (wd / "results.json").write_bytes(b"\x93NUMPY")
+  with pytest.raises(report.ReportError, match="results.json is not valid "
+                     "JSON"):
+    report.load_run(wd)
+
+
 def test_report_with_nothing_to_show_writes_nothing(tmp_path):
   wd = _unfinished_run(tmp_path / "fresh", logged=False)
   with pytest.raises(report.ReportError, match="nothing to report yet"):
@@ -99,6 +119,8 @@ def test_report_with_nothing_to_show_writes_nothing(tmp_path):
     (lambda p: None, "does not exist"),
     (lambda p: p.mkdir(), "has no config.json"),
     (lambda p: _unfinished_run(p, logged=False), "nothing to report yet"),
+    (lambda p: (_unfinished_run(p), (p.parent / "out").write_text("x")),
+     "--out out is a file"),
 ])
 def test_report_cli_mistakes_are_one_line(tmp_path, make, fragment):
   make(tmp_path / "run")
@@ -110,4 +132,4 @@ def test_report_cli_mistakes_are_one_line(tmp_path, make, fragment):
   assert "Traceback" not in out.stderr, out.stderr[-2000:]
   errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and fragment in errors[0], out.stderr[-2000:]
-  assert not (tmp_path / "out").exists()
+  assert not (tmp_path / "out").is_dir()

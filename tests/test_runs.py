@@ -297,6 +297,38 @@ def test_evaluate_command_errors(trained, tmp_path):
   assert not (tmp_path / "o").exists()
 
 
+def test_evaluate_output_mistakes_leave_everything_as_it_was(trained,
+                                                             tmp_path):
+  """--export never replaces a file it did not write (a run's
+  results.json), nor writes into a folder or under a file; --out is
+  checked before the evaluation. Nothing is left behind."""
+  wd, _ = trained
+  run = tmp_path / "run"
+  shutil.copytree(wd, run)
+  results = (run / "results.json").read_bytes()
+  (tmp_path / "afile").write_text("x")
+  (tmp_path / "adir").mkdir()
+  for args, fragments in [
+      (["--export", run / "results.json"],
+       ["is not a file written by --export", "left as it is"]),
+      (["--export", tmp_path / "adir"], ["is a directory", "file name"]),
+      (["--export", tmp_path / "afile" / "m.msgpack"], ["afile is a file"]),
+      (["--out", tmp_path / "afile" / "sub"], ["afile is a file"]),
+  ]:
+    _assert_clean_error(_evaluate(["--workdir", run, *args], tmp_path),
+                        *fragments)
+  assert (run / "results.json").read_bytes() == results
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile",
+                                                        "run"]
+  assert not list((tmp_path / "adir").iterdir())
+  # An earlier export is replaced (the same command, run again).
+  for _ in range(2):
+    out = _evaluate(["--workdir", run, "--export", "m.msgpack"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "adir", "afile", "m.msgpack", "run"]
+
+
 def test_readme_snippet_runs(trained, tmp_path, monkeypatch):
   code = readme_snippet("use-run").replace("runs/c10_r0.01_etf_dr",
                                            str(trained[0]))

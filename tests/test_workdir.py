@@ -200,3 +200,51 @@ def test_config_mismatch_names_the_flags_that_resume(tmp_path):
   assert "--config.mixup_alpha=0.0" in msg
   assert "'--config.optim.decay_epochs=(160, 180)'" in msg
   assert "default was" not in msg
+
+
+def _finished_workdir(path, config, results=None):
+  """A workdir as a finished run leaves it (no checkpoints needed here)."""
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps(
+      run_config.config_to_dict(config)))
+  (path / "results.json").write_text(
+      json.dumps({"final": {"top1": 12.5}}) if results is None else results)
+  return path
+
+
+def test_a_finished_run_is_returned_only_for_its_own_config(
+    tiny_image_folder, tmp_path):
+  """Rerunning a finished command returns its results.json; another config
+  there (a typo in --config, another seed) is refused, not reported as
+  done, and the finished run's files stay as they were."""
+  config = tiny_config(tiny_image_folder)
+  wd = _finished_workdir(tmp_path / "done", config)
+  before = {p.name: p.read_bytes() for p in wd.iterdir()}
+  assert train.train_and_evaluate(config, wd) == {"final": {"top1": 12.5}}
+  other = tiny_config(tiny_image_folder, seed=3, method="ce")
+  with pytest.raises(train.ConfigError,
+                     match=r"holds a finished run of a different config "
+                     r"\(method: 'etf_dr' in the workdir, 'ce' now; seed: 0 "
+                     r"in the workdir, 3 now\); its results are kept\. "
+                     r"Train the new config in another --workdir"):
+    train.train_and_evaluate(other, wd)
+  assert {p.name: p.read_bytes() for p in wd.iterdir()} == before
+
+
+def test_a_damaged_results_json_is_named(tiny_image_folder, tmp_path):
+  config = tiny_config(tiny_image_folder)
+  wd = _finished_workdir(tmp_path / "done", config, results="\x00\xff")
+  with pytest.raises(train.ConfigError,
+                     match="results.json is not a results file of nc_jax"):
+    train.train_and_evaluate(config, wd)
+
+
+@pytest.mark.parametrize("workdir", ["", "  ", None])
+def test_an_empty_workdir_is_refused(tiny_image_folder, tmp_path,
+                                    monkeypatch, workdir):
+  """`--workdir=` (an unset shell variable) would otherwise train into
+  the working directory."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(train.ConfigError, match="--workdir is empty"):
+    train.train_and_evaluate(tiny_config(tiny_image_folder), workdir)
+  assert not list(tmp_path.iterdir())

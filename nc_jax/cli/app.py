@@ -176,6 +176,50 @@ def run_app(main: Callable[[list[str]], None],
   app.run(guarded, argv=argv, flags_parser=parse_flags)
 
 
+def check_output(path: str | os.PathLike, flag: str, *,
+                 kind: str = "dir") -> pathlib.Path:
+  """Checks, before any work, that the output `path` of `flag` can be
+  written (nothing is created).
+
+  Args:
+    path: the flag's value.
+    flag: the flag, for the message (`--out`).
+    kind: "dir" (a folder, created if missing) or "file" (a new file, or
+      one that `may_replace` allows to be replaced).
+
+  Returns:
+    The path, `~` expanded.
+
+  Raises:
+    UsageProblem: empty, the wrong kind of thing, under a file, or in a
+      folder that is not writable.
+  """
+  if not str(path).strip():
+    raise UsageProblem(f"{flag} is empty: pass a path.")
+  p = pathlib.Path(path).expanduser()
+  if p.exists():
+    if kind == "dir" and not p.is_dir():
+      raise UsageProblem(f"{flag} {p} is a file; pass a directory.")
+    if kind == "file" and p.is_dir():
+      raise UsageProblem(f"{flag} {p} is a directory; pass a file name "
+                         f"(e.g. {p / 'run.msgpack'}).")
+  # (numpy and the standard library only: jax is not started here.)
+  from nc_jax import workdir  # pylint: disable=g-import-not-at-top
+  try:
+    if p.is_dir():
+      if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {p} is not writable. Pass a folder you "
+                         "can write to.")
+    elif not p.exists():
+      workdir.check_creatable(p, flag)
+    elif not os.access(p.parent, os.W_OK | os.X_OK):
+      raise ValueError(f"{flag} {p} cannot be replaced: {p.parent} is not "
+                       "writable. Pass a folder you can write to.")
+  except ValueError as e:
+    raise UsageProblem(str(e)) from None
+  return p
+
+
 def _exit_after_stop(code: int) -> None:
   """Ends the process right after a stopped run's line.
 

@@ -78,6 +78,24 @@ def _run_config(path: pathlib.Path) -> dict | None:
   return None
 
 
+def _check_export_target(target: pathlib.Path, format_name: str) -> None:
+  """An existing file is replaced only if it is an earlier export: anything
+  else (a run's results.json, someone's data) is kept."""
+  if not target.is_file():
+    return
+  try:
+    import msgpack  # pylint: disable=g-import-not-at-top
+    with open(target, "rb") as f:
+      blob = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+    ours = isinstance(blob, dict) and blob.get("format") == format_name
+  except Exception:  # pylint: disable=broad-except
+    ours = False
+  if not ours:
+    raise cli.UsageProblem(
+        f"--export {target} exists and is not a file written by --export; "
+        "it is left as it is. Pass a new file name (e.g. run.msgpack).")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageProblem(
@@ -87,9 +105,9 @@ def main(argv: list[str]) -> None:
     raise cli.UsageProblem(
         "nothing to do: pass --out DIR (evaluate on the test set) and/or "
         "--export FILE (write the portable file).")
-  out = pathlib.Path(_OUT.value).expanduser() if _OUT.value else None
-  if out is not None and out.exists() and not out.is_dir():
-    raise cli.UsageProblem(f"--out {out} is a file; pass a directory.")
+  out = cli.check_output(_OUT.value, "--out") if _OUT.value else None
+  export = (cli.check_output(_EXPORT.value, "--export", kind="file")
+            if _EXPORT.value else None)
   which = _WHICH.value.strip().lower()
   if which not in ("final", "best") and not which.isdigit():
     raise cli.UsageProblem(
@@ -107,10 +125,12 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   from nc_jax import runs  # pylint: disable=g-import-not-at-top
   which = runs.parse_which(which)
+  if export is not None:
+    _check_export_target(export, runs.FORMAT)
 
-  if _EXPORT.value:
+  if export is not None:
     try:
-      written = runs.export(path, _EXPORT.value, which, replica=_REPLICA.value)
+      written = runs.export(path, export, which, replica=_REPLICA.value)
     except ValueError as e:  # a --replica out of range
       raise cli.UsageProblem(str(e).replace("replica=", "--replica=")
                              ) from None

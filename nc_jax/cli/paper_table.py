@@ -212,6 +212,17 @@ def write_tables(root: pathlib.Path, cells: list[str]) -> dict[str, Any]:
   return table
 
 
+def _in_own_flags(message: str) -> str:
+  """A trainer's message in this command's flags: --data_dir for
+  --config.data_dir, and the cell's folder under --root for --workdir."""
+  message = message.replace("--config.data_dir", "--data_dir")
+  if "--workdir" in message:
+    message = (message.replace("another --workdir", "another --root")
+               .replace("--workdir", "the cell folder")
+               + " (--root holds one folder per cell.)")
+  return message
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -231,18 +242,20 @@ def main(argv: list[str]) -> None:
   from nc_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from nc_jax import train  # pylint: disable=g-import-not-at-top
   from nc_jax import validation  # pylint: disable=g-import-not-at-top
-  root = pathlib.Path(_ROOT.value).expanduser().resolve()
+  root = cli.check_output(_ROOT.value, "--root").resolve()
   cell = cells[0]
   try:
     # Every cell is checked before any trains, once.
-    layers = {c: validation.validate_config(configs[c]) for c in cells}
+    layers = {}
+    for cell in cells:
+      layers[cell] = validation.validate_config(configs[cell])
     for i, cell in enumerate(cells):
       print(f"== cell {i + 1}/{len(cells)}: {cell} -> {root / cell}",
             flush=True)
       train.train_and_evaluate(configs[cell], root / cell,
                                validated=layers[cell])
   except (train.ConfigError, checkpoint.CheckpointError) as e:
-    print(f"error: cell {cell}: {e}", file=sys.stderr)
+    print(f"error: cell {cell}: {_in_own_flags(str(e))}", file=sys.stderr)
     sys.exit(2)
   table = write_tables(root, cells)
   print(markdown(table))

@@ -75,19 +75,35 @@ def load_run(workdir: str | pathlib.Path) -> dict[str, Any]:
         "before it started training.")
   records = []
   if met_path.exists():
-    records = [json.loads(l) for l in met_path.read_text().splitlines() if l]
+    lines = [l for l in met_path.read_text().splitlines() if l.strip()]
+    for i, line in enumerate(lines):
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        if i < len(lines) - 1:
+          raise ReportError(f"{met_path} line {i + 1} is not JSON: the "
+                            "file is damaged.") from None
+        # The last line of a run killed mid-write (or being written now).
   subset = wd / "train_subset.json"
   subset_size = None
   if subset.exists():
-    subset_size = sum(len(c) for c in json.loads(subset.read_text())["images"])
+    subset_size = sum(len(c) for c in _read_json(subset)["images"])
   return {
       "name": wd.name,
-      "config": json.loads(cfg_path.read_text()),
-      "results": json.loads(res_path.read_text()) if res_path.exists() else None,
+      "config": _read_json(cfg_path),
+      "results": _read_json(res_path) if res_path.exists() else None,
       "train": [r for r in records if r["kind"] == "train"],
       "eval": [r for r in records if r["kind"] == "eval"],
       "subset_size": subset_size,
   }
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ReportError(f"{path} is not valid JSON ({type(e).__name__}): "
+                      "restore it, or leave this run out.") from None
 
 
 def _distinct_names(runs: list[dict], workdirs: list[str]) -> None:
@@ -364,6 +380,7 @@ def write_report(workdirs: list[str], out: str | pathlib.Path) -> list[pathlib.P
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageProblem(f"unexpected arguments: {' '.join(argv[1:])}.")
+  cli.check_output(_OUT.value, "--out")
   try:
     written = write_report(_WORKDIRS.value, _OUT.value)
   except ReportError as e:

@@ -63,9 +63,12 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   from nc_jax import sharding
   from nc_jax import train
-  sharding.maybe_initialize_distributed(_COORDINATOR.value,
-                                        _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+  try:
+    sharding.maybe_initialize_distributed(_COORDINATOR.value,
+                                          _NUM_PROCESSES.value,
+                                          _PROCESS_ID.value)
+  except ValueError as e:  # the flags (checked before any connection)
+    raise cli.UsageProblem(str(e)) from None
   # Configuration, input, workdir and checkpoint problems (train.ConfigError,
   # checkpoint.CheckpointError) end as one `error:` line with exit status 2
   # (cli.run_app); anything else is a bug and keeps its traceback.
