@@ -243,15 +243,37 @@ def _override(name: str, value: Any) -> str | None:
   return f"--config.{name}={value}"
 
 
-def check_finished(workdir: pathlib.Path, config: ConfigDict) -> None:
-  """Raises ValueError if the finished run in `workdir` (its results.json
-  is there) was trained with another config than `config`, the request
-  (its schedule not yet fitted to the run's length). Read-only."""
+def check_finished(workdir: pathlib.Path, config: ConfigDict,
+                   results: dict) -> None:
+  """Raises ValueError if the finished run in `workdir` was trained with
+  another config than `config` (read-only).
+
+  `config` is the request; it is fitted to the run's length (from
+  `results`, the run's results.json) as training fitted it, so that a
+  changed warm-up or decay counts. The ETF's fields do not count for a
+  method that learns its classifier, nor (as on a resume) do
+  `RESUMABLE_CHANGES`, `data_dir` among them.
+  """
   path = workdir / "config.json"
-  if path.exists():
-    _compare(workdir, {k: v for k, v in _read_config_json(path).items()
-                       if k not in RECORD_KEYS},
-             config_to_dict(config), ignore=SCHEDULE_FIELDS, finished=True)
+  if not path.exists():
+    return
+  old = {k: v for k, v in _read_config_json(path).items()
+         if k not in RECORD_KEYS}
+  history = results.get("history") or [{}]
+  epochs = history[-1].get("epoch", (results.get("final") or {}).get("epoch"))
+  ignore: tuple[str, ...] = SCHEDULE_FIELDS
+  if isinstance(epochs, (int, float)) and config.method in methods_lib.METHODS:
+    try:
+      config, _ = schedule_fit.fit_schedule(
+          config, float(epochs),
+          epoch_options=methods_lib.get_method(config.method).epoch_options)
+      ignore = ()
+    except ValueError:
+      pass  # a request that cannot be fitted differs anyway: compared as is
+  if old.get("method") in methods_lib.METHODS and not (
+      methods_lib.get_method(old["method"]).fixed_classifier):
+    ignore += ETF_FIELDS
+  _compare(workdir, old, config_to_dict(config), ignore=ignore, finished=True)
 
 
 def _compare(workdir: pathlib.Path, old: dict, new: dict, *,

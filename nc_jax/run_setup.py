@@ -66,16 +66,16 @@ def finished_results(config: ConfigDict, workdir: pathlib.Path) -> dict:
   (a rerun of a finished command has nothing to do)."""
   path = workdir / "results.json"
   try:
-    run_config.check_finished(workdir, config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  try:
     results = json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError):
     raise ConfigError(
         f"{path} is not a results file of nc_jax (not valid JSON); the "
         "run's checkpoints are untouched. Restore it, or move it away to "
         "have the rerun write it again from the checkpoints.") from None
+  try:
+    run_config.check_finished(workdir, config, results)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   say(f"{workdir} already holds a finished run ({path}); nothing to do. "
       "Use another --workdir to train again.")
   return results
@@ -90,9 +90,8 @@ def check_workdir(config: ConfigDict, workdir: pathlib.Path,
   try:
     workdir_lib.check_target(workdir, lambda wd: run_config.check_resume(
         wd, config, layers.record(), why=layers.note, before_fit=True))
-    if "://" not in str(workdir):
-      workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
-                           "use the workdir")
+    workdir_lib.on_chief(lambda: workdir_lib.check_free(workdir),
+                         "use the workdir")
     # A resume restores its checkpoint: only a fresh run needs the file.
     if not ckpt_lib.has_checkpoint(workdir):
       pretrained_lib.check_request(config)
@@ -151,10 +150,9 @@ def set_up(config: ConfigDict, workdir: pathlib.Path, layers: Any,
   # workdir.
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    if "://" not in str(workdir):
-      workdir_lib.on_chief(
-          lambda: held.enter_context(workdir_lib.hold(workdir)),
-          "take the workdir's lock")
+    workdir_lib.on_chief(
+        lambda: held.enter_context(workdir_lib.hold(workdir)),
+        "take the workdir's lock")
     fresh = not ckpt_lib.has_checkpoint(workdir)
     kernel_record = run_config.record(workdir, config, layers.record(),
                                       why=layers.note)

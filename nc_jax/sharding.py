@@ -65,33 +65,33 @@ def _env_int(name: str) -> int | None:
 def check_distributed_args(coordinator_address: str | None,
                            num_processes: int | None,
                            process_id: int | None) -> None:
-  """Raises ValueError, naming the flags to pass, unless the arguments
-  describe one process of a multi-process run (or a single-process run:
-  all three unset, or `num_processes` 1 alone)."""
+  """Raises ValueError, naming the flags, for arguments that cannot start
+  the run they describe: a process count or id without a coordinator
+  (nothing would connect), an address that is not HOST:PORT, an id outside
+  `0..num_processes-1`. What is left unset with a coordinator is for
+  `jax.distributed` to find (SLURM, Open MPI, TPU pods)."""
   flags = ("--coordinator_address=HOST:PORT (the same on every process), "
            "--num_processes=N and --process_id=0..N-1 (this process's "
-           "index); or --coordinator_address=auto alone on Cloud TPU pods "
-           "and SLURM")
+           "index), or $NC_JAX_COORDINATOR, $NC_JAX_NUM_PROCESSES, "
+           "$NC_JAX_PROCESS_ID; or --coordinator_address=auto on Cloud TPU "
+           "pods and SLURM")
   if not coordinator_address:
     if (num_processes or 1) > 1 or process_id not in (None, 0):
       raise ValueError(
-          f"--num_processes={num_processes} --process_id={process_id} "
-          f"without --coordinator_address: a multi-process run needs {flags}.")
+          f"num_processes={num_processes}, process_id={process_id} without "
+          f"a coordinator address: a multi-process run needs {flags}.")
     return
-  if coordinator_address == "auto":
-    return
-  host, _, port = coordinator_address.rpartition(":")
-  if not host or not port.isdigit():
-    raise ValueError(f"--coordinator_address={coordinator_address!r} is not "
-                     f"HOST:PORT. Pass {flags}.")
-  if num_processes is None or process_id is None:
-    missing = [f for f, v in (("--num_processes", num_processes),
-                              ("--process_id", process_id)) if v is None]
-    raise ValueError(f"--coordinator_address={coordinator_address} needs "
-                     f"{' and '.join(missing)} too. Pass {flags}.")
-  if num_processes < 1 or not 0 <= process_id < num_processes:
+  if coordinator_address != "auto":
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+      raise ValueError(f"coordinator address {coordinator_address!r} is not "
+                       f"HOST:PORT. Pass {flags}.")
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"num_processes={num_processes}: pass {flags}.")
+  if process_id is not None and not 0 <= process_id < (num_processes
+                                                       or process_id + 1):
     raise ValueError(
-        f"--process_id={process_id} with --num_processes={num_processes}: "
+        f"process_id={process_id} with num_processes={num_processes}: "
         f"process ids run from 0 to num_processes - 1. Pass {flags}.")
 
 

@@ -68,6 +68,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path, *,
     preemption.Diverged: training produced non-finite numbers.
   """
   started = time.perf_counter()
+  try:
+    workdir = workdir_lib.resolve_path(workdir)
+  except ValueError as e:  # empty, or a URL
+    raise ConfigError(str(e)) from None
   with contextlib.ExitStack() as held:
     stop = held.enter_context(preemption.StopSignals(
         grace_seconds=config.get("preemption_grace_seconds", 25.0),
@@ -75,10 +79,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path, *,
     # `validated`: the `kernels.Layers` of a caller that has validated this
     # config already (`nc-jax-paper-table` checks every cell first).
     layers = validated or validation.validate_config(config)
-    if workdir is None or not str(workdir).strip():
-      raise ConfigError("--workdir is empty: pass the folder for this run "
-                        "(a new one, or the folder of a run to resume).")
-    workdir = workdir_lib.resolve_path(workdir)
     if (workdir / "results.json").is_file():
       return run_setup.finished_results(config, workdir)
     run_setup.check_workdir(config, workdir, layers)

@@ -111,8 +111,9 @@ def _installed(package: str) -> bool:
 
 
 def check_file(path: str | os.PathLike[str]) -> pathlib.Path:
-  """What can be known of a weights file without reading it: it exists,
-  its suffix is known and the package that reads it is installed.
+  """What can be known of a weights file without reading its tensors: it
+  exists, its suffix is known, the package that reads it is installed and
+  its first bytes are those of its kind (`_check_header`).
 
   Returns:
     The path.

@@ -16,7 +16,7 @@ Before any of that, `check_target` checks (reading only) that a path can
 take a run: a new folder it can create, or the folder of a run to resume.
 
 Multi-host runs: process 0 holds the lock for all processes (the others take
-none). Work directories given as URLs (gs://...) are not locked.
+none). A workdir is a path (a bucket through a mount), never a URL.
 """
 
 from __future__ import annotations
@@ -229,10 +229,25 @@ RUN_FILES = frozenset({
     "results.json", "train_subset.json", "best", "damaged", LOCK_NAME})
 
 
-def resolve_path(workdir: str | os.PathLike) -> pathlib.Path:
-  """The absolute workdir path (orbax needs one); URLs (gs://...) as given."""
-  return (pathlib.Path(workdir) if "://" in str(workdir)
-          else pathlib.Path(workdir).expanduser().resolve())
+def resolve_path(workdir: str | os.PathLike | None) -> pathlib.Path:
+  """The absolute workdir path (orbax needs one).
+
+  Raises:
+    ValueError: empty (`--workdir=` from an unset shell variable would be
+      the working directory), or a URL: the workdir is written through the
+      file system (config.json, metrics.jsonl, the lock), so a bucket is
+      used through a mount. (A `pathlib.Path("")` is "." already and is
+      taken as the working directory.)
+  """
+  if workdir is None or not str(workdir).strip():
+    raise ValueError("--workdir is empty: pass the folder for this run (a "
+                     "new one, or the folder of a run to resume).")
+  if "://" in str(workdir):
+    raise ValueError(
+        f"--workdir {workdir} is a URL; nc_jax writes its workdir through the "
+        "file system. Mount the bucket (e.g. gcsfuse for gs://) or use a "
+        "shared file system, and pass that path.")
+  return pathlib.Path(workdir).expanduser().resolve()
 
 
 def check_creatable(path: pathlib.Path, flag: str) -> None:
@@ -263,8 +278,6 @@ def check_target(workdir: pathlib.Path,
     ValueError: `workdir` is a file, cannot be created or written, holds
       files of something else, or `check_run` refuses it.
   """
-  if "://" in str(workdir):
-    return
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(
         f"--workdir {workdir} is an existing file, not a directory. Pass a "

@@ -224,9 +224,9 @@ def test_multi_process_flag_mistakes_stop_before_any_work(tmp_path):
   a process id out of range would fail inside jax.distributed."""
   for flags, fragment in [
       (["--num_processes=2", "--process_id=1"],
-       "without --coordinator_address"),
+       "without a coordinator address"),
       (["--coordinator_address=127.0.0.1:1", "--num_processes=2",
-        "--process_id=5"], "--process_id=5 with --num_processes=2"),
+        "--process_id=5"], "process_id=5 with num_processes=2"),
   ]:
     out = _run([*TINY, "--config.data_dir=nowhere", "--workdir", "w",
                 *flags], cwd=tmp_path)

@@ -48,23 +48,23 @@ def test_check_output_refuses_an_unwritable_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args", [
     (None, None, None), (None, 1, None), (None, 1, 0), ("auto", None, None),
     ("127.0.0.1:1234", 2, 1), ("host.example:80", 1, 0),
+    # Left for jax.distributed to find (SLURM, Open MPI, TPU pods).
+    ("127.0.0.1:1234", None, None), ("127.0.0.1:1234", None, 3),
+    ("127.0.0.1:1234", 4, None),
 ])
 def test_distributed_arguments_that_work(args):
   sharding.check_distributed_args(*args)
 
 
 @pytest.mark.parametrize("args,match", [
-    ((None, 2, None), "without --coordinator_address"),
-    ((None, None, 1), "without --coordinator_address"),
+    ((None, 2, None), "without a coordinator address"),
+    ((None, None, 1), "without a coordinator address"),
     (("127.0.0.1", 2, 0), "'127.0.0.1' is not HOST:PORT"),
     (("127.0.0.1:x", 2, 0), "is not HOST:PORT"),
-    (("127.0.0.1:1234", None, 0), "needs --num_processes too"),
-    (("127.0.0.1:1234", 2, None), "needs --process_id too"),
-    (("127.0.0.1:1234", None, None), "needs --num_processes and "
-     "--process_id too"),
-    (("127.0.0.1:1234", 2, 5), "--process_id=5 with --num_processes=2"),
+    (("127.0.0.1:1234", 2, 5), "process_id=5 with num_processes=2"),
     (("127.0.0.1:1234", 2, -1), "process ids run from 0"),
-    (("127.0.0.1:1234", 0, 0), "--num_processes=0"),
+    (("127.0.0.1:1234", None, -1), "process ids run from 0"),
+    (("127.0.0.1:1234", 0, 0), "num_processes=0"),
 ])
 def test_distributed_mistakes_name_the_flags(args, match):
   with pytest.raises(ValueError, match=match) as e:
@@ -86,3 +86,11 @@ def test_paper_table_messages_name_its_own_flags():
   assert "--workdir" not in msg and "--config.data_dir" not in msg
   assert "the cell folder /r/cell" in msg and "--data_dir= one of" in msg
   assert "another --root" in msg and "--root holds one folder" in msg
+  msg = paper_table._in_own_flags(  # pylint: disable=protected-access
+      "x holds a run with a different config (num_seeds: 3 in the workdir, "
+      "1 now). Resume it with the same config (--config.num_seeds=3 "
+      "--config.num_epochs=200.0), or start the new run elsewhere.")
+  assert "(--seeds 3 --epochs 200.0)" in msg and "--config." not in msg
+  msg = paper_table._in_own_flags(  # pylint: disable=protected-access
+      "x (--config.etf_rotation=gaussian)")
+  assert "trains the presets as they are" in msg

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from nc_jax import run_config
+from nc_jax import run_setup
 from nc_jax import train
 from nc_jax import workdir as workdir_lib
 from tests.test_train import tiny_config
@@ -248,3 +249,53 @@ def test_an_empty_workdir_is_refused(tiny_image_folder, tmp_path,
   with pytest.raises(train.ConfigError, match="--workdir is empty"):
     train.train_and_evaluate(tiny_config(tiny_image_folder), workdir)
   assert not list(tmp_path.iterdir())
+
+
+def test_a_finished_runs_schedule_and_classifier_are_compared_as_trained(
+    tiny_image_folder, tmp_path):
+  """The request is fitted to the finished run's length before the
+  comparison: the same short command matches the fitted schedule it
+  recorded, a changed warm-up does not; a learnable classifier's run
+  ignores the ETF's fields."""
+  from nc_jax import validation  # pylint: disable=g-import-not-at-top
+  from nc_jax.configs import cifar_lt  # pylint: disable=g-import-not-at-top
+
+  def request(arg, **over):
+    c = cifar_lt.get_config(arg)
+    with c.unlocked():
+      c.data_dir = str(tiny_image_folder)
+      for k, v in over.items():
+        *path, last = k.split(".")
+        target = c
+        for p in path:
+          target = target[p]
+        target[last] = v
+    return c
+
+  spe = 96
+  short = request("cifar10_r0.01_etf_dr,epochs=20")
+  fitted, total, note = validation.validate_length(short, spe)
+  assert note and fitted.optim.decay_epochs != short.optim.decay_epochs
+  results = {"final": {"top1": 1.0},
+             "history": [{"epoch": total / spe, "step": total}]}
+  wd = _finished_workdir(tmp_path / "short", fitted,
+                         results=json.dumps(results))
+  run_setup.finished_results(short, wd)
+  with pytest.raises(train.ConfigError, match="optim.warmup_epochs"):
+    run_setup.finished_results(
+        request("cifar10_r0.01_etf_dr,epochs=20", **{"optim.warmup_epochs": 2}),
+        wd)
+  full = request("cifar10_r0.01_ce")
+  results["history"][-1]["epoch"] = 200.0
+  wd = _finished_workdir(tmp_path / "ce", full, results=json.dumps(results))
+  with pytest.raises(train.ConfigError, match="optim.decay_epochs"):
+    run_setup.finished_results(
+        request("cifar10_r0.01_ce", **{"optim.decay_epochs": (120, 160)}), wd)
+  run_setup.finished_results(request("cifar10_r0.01_ce",
+                                     etf_rotation="gaussian"), wd)
+
+
+@pytest.mark.parametrize("workdir", ["gs://bucket/run", "s3://b/r"])
+def test_a_url_workdir_is_refused_with_the_way_to_use_a_bucket(workdir):
+  with pytest.raises(ValueError, match="is a URL.*Mount the bucket"):
+    workdir_lib.resolve_path(workdir)

@@ -83,11 +83,18 @@ def _check_export_target(target: pathlib.Path, format_name: str) -> None:
   else (a run's results.json, someone's data) is kept."""
   if not target.is_file():
     return
+  ours = False
   try:
     import msgpack  # pylint: disable=g-import-not-at-top
     with open(target, "rb") as f:
-      blob = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
-    ours = isinstance(blob, dict) and blob.get("format") == format_name
+      # The top-level map's keys, the values skipped: any other file fails
+      # at its first bytes, without being read whole.
+      unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
+      for _ in range(min(unpacker.read_map_header(), 64)):
+        if unpacker.unpack() == "format":
+          ours = unpacker.unpack() == format_name
+          break
+        unpacker.skip()
   except Exception:  # pylint: disable=broad-except
     ours = False
   if not ours:

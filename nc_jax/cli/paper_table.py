@@ -29,6 +29,7 @@ import difflib
 import json
 import os
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -216,10 +217,17 @@ def _in_own_flags(message: str) -> str:
   """A trainer's message in this command's flags: --data_dir for
   --config.data_dir, and the cell's folder under --root for --workdir."""
   message = message.replace("--config.data_dir", "--data_dir")
+  for field, flag in (("num_seeds", "--seeds"), ("num_epochs", "--epochs"),
+                      ("num_steps", "--steps")):
+    message = re.sub(rf"--config\.{field}=(\S+?)([,;)\s]|$)",
+                     rf"{flag} \1\2", message)
   if "--workdir" in message:
     message = (message.replace("another --workdir", "another --root")
                .replace("--workdir", "the cell folder")
                + " (--root holds one folder per cell.)")
+  if "--config." in message:
+    message += (" nc-jax-paper-table trains the presets as they are: give "
+                "it another --root, or rerun this cell with nc-jax-train.")
   return message
 
 

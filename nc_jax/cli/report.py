@@ -380,14 +380,14 @@ def write_report(workdirs: list[str], out: str | pathlib.Path) -> list[pathlib.P
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageProblem(f"unexpected arguments: {' '.join(argv[1:])}.")
-  cli.check_output(_OUT.value, "--out")
+  out = cli.check_output(_OUT.value, "--out")
   try:
-    written = write_report(_WORKDIRS.value, _OUT.value)
+    written = write_report(_WORKDIRS.value, out)
   except ReportError as e:
     raise cli.UsageProblem(str(e)) from e
   for p in written:
     print(f"wrote {p}")
-  print((pathlib.Path(_OUT.value) / "report.md").read_text())
+  print((out / "report.md").read_text())
 
 
 def run(argv: list[str] | None = None) -> None:
